@@ -1,0 +1,76 @@
+"""Errors raised by every bus backend alike."""
+
+from __future__ import annotations
+
+
+class BusError(Exception):
+    """Base class of every bus error."""
+
+
+class BusClosed(BusError):
+    """The bus (or subscription) is closed or draining, so it cannot do this."""
+
+    def __init__(self, what: str = "bus") -> None:
+        super().__init__(f"{what} is closed")
+        self.what = what
+
+
+class InvalidSubject(BusError, ValueError):
+    """A subject that NATS would refuse (empty tokens, spaces, misplaced wildcards)."""
+
+    def __init__(self, subject: str, reason: str) -> None:
+        super().__init__(f"invalid subject {subject!r}: {reason}")
+        self.subject = subject
+        self.reason = reason
+
+
+class InvalidHeader(BusError, ValueError):
+    """A header name that cannot go on the wire (not an RFC 7230 token)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"invalid header name {key!r}")
+        self.key = key
+
+
+class PayloadTooLarge(BusError, ValueError):
+    """A message body larger than the server accepts (NATS `max_payload`, 1 MiB by default)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"payload of {size} bytes exceeds the {limit}-byte limit")
+        self.size = size
+        self.limit = limit
+
+
+class NoResponders(BusError):
+    """A request found nobody subscribed to its subject."""
+
+    def __init__(self, subject: str) -> None:
+        super().__init__(f"no responders on {subject!r}")
+        self.subject = subject
+
+
+class RequestTimeout(BusError, TimeoutError):
+    """No reply (or message) arrived within the deadline."""
+
+    def __init__(self, subject: str, timeout: float) -> None:
+        super().__init__(f"no reply on {subject!r} within {timeout:g}s")
+        self.subject = subject
+        self.timeout = timeout
+
+
+class SlowConsumer(BusError):
+    """A subscription's pending buffer was full, so a message was dropped."""
+
+    def __init__(self, subject: str, dropped: int) -> None:
+        super().__init__(f"slow consumer on {subject!r}: {dropped} message(s) dropped")
+        self.subject = subject
+        self.dropped = dropped
+
+
+class BusConnectError(BusError):
+    """The bus could not be reached (e.g. no NATS server at the configured URL)."""
+
+    def __init__(self, url: str, cause: str) -> None:
+        super().__init__(f"cannot connect to NATS at {url}: {cause}")
+        self.url = url
+        self.cause = cause

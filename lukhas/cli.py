@@ -1,0 +1,229 @@
+"""The `lukhas` command: run the stack or a worker, call the slices, watch MATRIZ.
+
+Process wiring lives in `workers/`; its modules are imported inside the commands that need
+them, so `lukhas --help` and the client commands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+import anyio
+
+from lukhas import __version__
+from lukhas.config import Settings
+from lukhas.errors import ConfigError
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+DEFAULT_PORT = 4222
+
+EPILOG = """\
+environment: LUKHAS_DRY_RUN_MODE, LUKHAS_OFFLINE, NATS_URL, FEATURE_* flags and more; see
+README.md. Examples:
+  lukhas up                                  # embedded nats-server + slices + observability
+  lukhas request lukhas.governance.consent.record '{"user_id":"u1","scope":"gmail.read"}'
+  lukhas matriz tail 'matriz.CONSENT.>'
+"""
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def _client_url(args: argparse.Namespace, settings: Settings) -> str:
+    return args.nats_url or settings.nats_url or DEFAULT_NATS_URL
+
+
+def _client_settings(args: argparse.Namespace, settings: Settings) -> Settings:
+    from dataclasses import replace
+
+    return replace(settings, nats_url=_client_url(args, settings), dry_run=False, offline=False)
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.stack import run_up
+
+    port = DEFAULT_PORT if args.port is None else args.port
+    anyio.run(
+        lambda: run_up(
+            settings, ready=_print, port=port, data_dir=args.data_dir,
+            metrics_port=args.metrics_port,
+        ),
+        backend="asyncio",
+    )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.stack import run_worker
+
+    if settings.nats_url is None and not settings.uses_memory_bus:
+        raise ConfigError("NATS_URL", "", "the URL of the NATS server this worker joins")
+    anyio.run(lambda: run_worker(settings, args.name, ready=_print), backend="asyncio")
+    return 0
+
+
+def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.client import request_json
+
+    try:
+        body = json.loads(args.body)
+    except json.JSONDecodeError as exc:
+        _print(f"error: the request body is not JSON: {exc}")
+        return 2
+    reply = anyio.run(
+        lambda: request_json(_client_settings(args, settings), args.subject, body, args.timeout),
+        backend="asyncio",
+    )
+    _print(json.dumps(reply, indent=2 if args.pretty else None))
+    return 0 if reply.get("ok", True) is not False else 1
+
+
+def cmd_matriz(args: argparse.Namespace, settings: Settings) -> int:
+    from workers import client
+
+    client_settings = _client_settings(args, settings)
+    if args.matriz_command == "tail":
+        anyio.run(
+            lambda: client.tail_matriz(client_settings, args.filter, args.count, _print),
+            backend="asyncio",
+        )
+        return 0
+    snapshot = anyio.run(
+        lambda: client.request_json(client_settings, "lukhas.observability.stats", {}, args.timeout),
+        backend="asyncio",
+    )
+    if args.json:
+        _print(json.dumps(snapshot, indent=2))
+    else:
+        client.print_stats_table(snapshot)
+    return 0
+
+
+def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.client import ping_service
+
+    count = anyio.run(
+        lambda: ping_service(_client_settings(args, settings), args.timeout), backend="asyncio"
+    )
+    _print(f"{count} slice service instance(s) answered" if count else "no slice service answered")
+    return 0 if count else 1
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.demo import run_demo
+
+    ok = anyio.run(
+        lambda: run_demo(settings, nats_url=args.nats_url, out=_print), backend="asyncio"
+    )
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lukhas",
+        description="LUKHAS slices (consent ledger, passkey verify, context handoff) over NATS.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"lukhas {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser(
+        "up", help="run the whole stack: embedded nats-server (unless NATS_URL), slices, "
+        "observability; prints 'ready' when serving",
+    )
+    up.add_argument("--port", type=int, default=None,
+                    help=f"embedded nats-server port (default {DEFAULT_PORT}; 0 = any free port)")
+    up.add_argument("--data-dir", default=None,
+                    help="where the embedded server keeps JetStream data (default LUKHAS_DATA_DIR "
+                    "or ./.lukhas)")
+    up.add_argument("--metrics-port", type=int, default=None,
+                    help="Prometheus /metrics port (default LUKHAS_METRICS_PORT or 9464; 0 = free)")
+    up.set_defaults(func=cmd_up)
+
+    worker = commands.add_parser("worker", help="run one worker against NATS_URL (containers)")
+    worker.add_argument("name", choices=["slices", "observability"])
+    worker.set_defaults(func=cmd_worker)
+
+    def client_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--nats-url", default=None,
+                       help=f"NATS server (default NATS_URL or {DEFAULT_NATS_URL})")
+        p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+
+    request = commands.add_parser(
+        "request", help="send one JSON request, print the reply; exit 1 on an error reply"
+    )
+    request.add_argument("subject", help="e.g. lukhas.governance.consent.record")
+    request.add_argument("body", help="the JSON request body")
+    request.add_argument("--pretty", action="store_true", help="indent the reply")
+    client_options(request)
+    request.set_defaults(func=cmd_request)
+
+    matriz = commands.add_parser("matriz", help="watch the MATRIZ stream")
+    matriz_commands = matriz.add_subparsers(dest="matriz_command", required=True, metavar="WHAT")
+    tail = matriz_commands.add_parser("tail", help="print nodes as they are emitted")
+    tail.add_argument("filter", nargs="?", default="matriz.>",
+                      help="subject filter (default matriz.>)")
+    tail.add_argument("--count", type=int, default=None, help="stop after this many nodes")
+    client_options(tail)
+    stats = matriz_commands.add_parser("stats", help="table of the observability snapshot")
+    stats.add_argument("--json", action="store_true", help="print the raw JSON snapshot")
+    client_options(stats)
+    matriz.set_defaults(func=cmd_matriz)
+
+    health = commands.add_parser("health", help="exit 0 when the slice service answers pings")
+    client_options(health)
+    health.set_defaults(func=cmd_health)
+
+    demo = commands.add_parser(
+        "demo", help="exercise every slice against a running stack (or an embedded one), "
+        "then print the MATRIZ stats",
+    )
+    demo.add_argument("--nats-url", default=None,
+                      help="a running stack (default NATS_URL; none: start an embedded one)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"lukhas: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args, settings))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # the command-line boundary: one clear line, no traceback
+        from bus import BusError
+        from lukhas.errors import LukhasError
+
+        cause = _single_cause(exc)
+        if isinstance(cause, BusError | LukhasError | OSError | TimeoutError):
+            print(f"lukhas: {cause}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _single_cause(exc: BaseException) -> BaseException:
+    """The one real error inside (possibly nested) single-member exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

@@ -1,0 +1,200 @@
+"""All settings, read once from the environment.
+
+Every variable is documented in the README. A bad value raises `ConfigError` naming it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+from lukhas.errors import ConfigError
+
+T = TypeVar("T")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool = False) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(name, raw, "true or false")
+
+
+def _number(
+    env: Mapping[str, str], name: str, default: T, parse: Callable[[str], T], *, minimum: float
+) -> T:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = parse(raw.strip())
+    except ValueError:
+        raise ConfigError(name, raw, f"a {parse.__name__} >= {minimum:g}") from None
+    if value < minimum:  # type: ignore[operator]
+        raise ConfigError(name, raw, f"a {parse.__name__} >= {minimum:g}")
+    return value
+
+
+def _text(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name)
+    return raw.strip() or None if raw is not None else None
+
+
+#: Every variable `Settings.from_env` reads; compose.yaml and the README are checked against it.
+KNOWN_VARIABLES: tuple[str, ...] = (
+    "LUKHAS_DRY_RUN_MODE",
+    "LUKHAS_OFFLINE",
+    "NATS_URL",
+    "NATS_USER",
+    "NATS_PASSWORD",
+    "NATS_TOKEN",
+    "NATS_CREDS",
+    "NATS_NKEY_SEED",
+    "NATS_TLS_CA",
+    "NATS_TLS_CERT",
+    "NATS_TLS_KEY",
+    "FEATURE_GOVERNANCE_LEDGER",
+    "FEATURE_IDENTITY_PASSKEY",
+    "FEATURE_ORCHESTRATION_HANDOFF",
+    "LUKHAS_HANDOFF_RATE",
+    "LUKHAS_HANDOFF_BURST",
+    "LUKHAS_HANDOFF_SOURCE_RATE",
+    "LUKHAS_HANDOFF_SOURCE_BURST",
+    "LUKHAS_HANDOFF_MAX_INFLIGHT",
+    "LUKHAS_HANDOFF_BACKPRESSURE_TIMEOUT_MS",
+    "LUKHAS_HANDOFF_MAX_BYTES",
+    "LUKHAS_WEBAUTHN_RP_ID",
+    "LUKHAS_WEBAUTHN_RP_NAME",
+    "LUKHAS_WEBAUTHN_ORIGINS",
+    "LUKHAS_WEBAUTHN_REQUIRE_UV",
+    "LUKHAS_WEBAUTHN_CHALLENGE_TTL_S",
+    "LUKHAS_PSEUDONYM_KEY",
+    "LUKHAS_TENANT",
+    "LUKHAS_WORKER_CONCURRENCY",
+    "LUKHAS_REQUEST_MAX_BYTES",
+    "LUKHAS_MATRIZ_BUFFER",
+    "LUKHAS_METRICS_PORT",
+    "LUKHAS_DATA_DIR",
+    "LUKHAS_LEDGER_REPLICAS",
+    "LUKHAS_LOG_LEVEL",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The service configuration; build it with `Settings.from_env()`."""
+
+    dry_run: bool = False
+    offline: bool = False
+    nats_url: str | None = None
+    nats_user: str | None = None
+    nats_password: str | None = None
+    nats_token: str | None = None
+    nats_creds: str | None = None
+    nats_nkey_seed: str | None = None
+    nats_tls_ca: str | None = None
+    nats_tls_cert: str | None = None
+    nats_tls_key: str | None = None
+    feature_governance_ledger: bool = False
+    feature_identity_passkey: bool = False
+    feature_orchestration_handoff: bool = False
+    handoff_rate: float = 100.0
+    handoff_burst: int = 200
+    handoff_source_rate: float | None = None
+    handoff_source_burst: int | None = None
+    handoff_max_inflight: int = 1024
+    handoff_backpressure_timeout_ms: int = 250
+    handoff_max_bytes: int = 65_536
+    webauthn_rp_id: str = "localhost"
+    webauthn_rp_name: str = "LUKHAS"
+    webauthn_origins: tuple[str, ...] = ("http://localhost:8000",)
+    webauthn_require_uv: bool = True
+    webauthn_challenge_ttl_s: int = 120
+    pseudonym_key: str | None = None
+    tenant: str = "default"
+    worker_concurrency: int = 256
+    request_max_bytes: int = 1_048_576
+    matriz_buffer: int = 65_536
+    metrics_port: int = 9464
+    data_dir: str = ".lukhas"
+    ledger_replicas: int = 1
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read every setting from `env` (default: `os.environ`).
+
+        Raises:
+            ConfigError: a variable holds a value that cannot be used.
+        """
+        env = os.environ if env is None else env
+        origins = tuple(
+            o.strip() for o in env.get("LUKHAS_WEBAUTHN_ORIGINS", "").split(",") if o.strip()
+        ) or cls.webauthn_origins
+        log_level = (env.get("LUKHAS_LOG_LEVEL") or "INFO").strip().upper()
+        if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ConfigError("LUKHAS_LOG_LEVEL", log_level, "DEBUG, INFO, WARNING or ERROR")
+        replicas = _number(env, "LUKHAS_LEDGER_REPLICAS", 1, int, minimum=1)
+        if replicas > 5:
+            raise ConfigError("LUKHAS_LEDGER_REPLICAS", str(replicas), "an int from 1 to 5")
+        port = _number(env, "LUKHAS_METRICS_PORT", 9464, int, minimum=0)
+        if port > 65535:
+            raise ConfigError("LUKHAS_METRICS_PORT", str(port), "a port from 0 to 65535")
+        return cls(
+            dry_run=_flag(env, "LUKHAS_DRY_RUN_MODE"),
+            offline=_flag(env, "LUKHAS_OFFLINE"),
+            nats_url=_text(env, "NATS_URL"),
+            nats_user=_text(env, "NATS_USER"),
+            nats_password=_text(env, "NATS_PASSWORD"),
+            nats_token=_text(env, "NATS_TOKEN"),
+            nats_creds=_text(env, "NATS_CREDS"),
+            nats_nkey_seed=_text(env, "NATS_NKEY_SEED"),
+            nats_tls_ca=_text(env, "NATS_TLS_CA"),
+            nats_tls_cert=_text(env, "NATS_TLS_CERT"),
+            nats_tls_key=_text(env, "NATS_TLS_KEY"),
+            feature_governance_ledger=_flag(env, "FEATURE_GOVERNANCE_LEDGER"),
+            feature_identity_passkey=_flag(env, "FEATURE_IDENTITY_PASSKEY"),
+            feature_orchestration_handoff=_flag(env, "FEATURE_ORCHESTRATION_HANDOFF"),
+            handoff_rate=_number(env, "LUKHAS_HANDOFF_RATE", 100.0, float, minimum=0.001),
+            handoff_burst=_number(env, "LUKHAS_HANDOFF_BURST", 200, int, minimum=1),
+            handoff_source_rate=_number(
+                env, "LUKHAS_HANDOFF_SOURCE_RATE", None, float, minimum=0.001
+            ),
+            handoff_source_burst=_number(env, "LUKHAS_HANDOFF_SOURCE_BURST", None, int, minimum=1),
+            handoff_max_inflight=_number(env, "LUKHAS_HANDOFF_MAX_INFLIGHT", 1024, int, minimum=1),
+            handoff_backpressure_timeout_ms=_number(
+                env, "LUKHAS_HANDOFF_BACKPRESSURE_TIMEOUT_MS", 250, int, minimum=0
+            ),
+            handoff_max_bytes=_number(env, "LUKHAS_HANDOFF_MAX_BYTES", 65_536, int, minimum=2),
+            webauthn_rp_id=_text(env, "LUKHAS_WEBAUTHN_RP_ID") or "localhost",
+            webauthn_rp_name=_text(env, "LUKHAS_WEBAUTHN_RP_NAME") or "LUKHAS",
+            webauthn_origins=origins,
+            webauthn_require_uv=_flag(env, "LUKHAS_WEBAUTHN_REQUIRE_UV", default=True),
+            webauthn_challenge_ttl_s=_number(
+                env, "LUKHAS_WEBAUTHN_CHALLENGE_TTL_S", 120, int, minimum=1
+            ),
+            pseudonym_key=_text(env, "LUKHAS_PSEUDONYM_KEY"),
+            tenant=_text(env, "LUKHAS_TENANT") or "default",
+            worker_concurrency=_number(env, "LUKHAS_WORKER_CONCURRENCY", 256, int, minimum=1),
+            request_max_bytes=_number(env, "LUKHAS_REQUEST_MAX_BYTES", 1_048_576, int, minimum=64),
+            matriz_buffer=_number(env, "LUKHAS_MATRIZ_BUFFER", 65_536, int, minimum=1),
+            metrics_port=port,
+            data_dir=_text(env, "LUKHAS_DATA_DIR") or ".lukhas",
+            ledger_replicas=replicas,
+            log_level=log_level,
+        )
+
+    @property
+    def uses_memory_bus(self) -> bool:
+        """OFFLINE always, and DRY_RUN unless a NATS_URL is given, run on the in-memory bus."""
+        return self.offline or (self.dry_run and self.nats_url is None)

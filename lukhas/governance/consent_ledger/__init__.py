@@ -1,0 +1,1 @@
+"""Governance slice: the consent ledger."""

@@ -1,0 +1,1 @@
+"""Builtin consent providers: safe, local, no network."""

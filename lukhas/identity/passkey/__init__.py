@@ -1,0 +1,1 @@
+"""Identity slice: passkey (WebAuthn) verification."""

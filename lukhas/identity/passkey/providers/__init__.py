@@ -1,0 +1,1 @@
+"""Builtin passkey providers: safe, local, no network."""

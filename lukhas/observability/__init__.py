@@ -1,0 +1,1 @@
+"""MATRIZ observability: nodes, the emitter, the `@instrument` decorator, pseudonyms, tracing."""

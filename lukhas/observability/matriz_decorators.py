@@ -1,0 +1,201 @@
+"""`@instrument`: one MATRIZ node per public API call.
+
+The node carries the call's outcome and latency, the trace id bound by the worker edge (or a
+fresh one), and the data subject only as a keyed pseudonym. Every decorated function is
+recorded in `EMIT_POINTS`, so the acceptance gate can compare code with manifests.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
+
+from lukhas.observability.matriz_emit import Outcome, make_node
+from lukhas.observability.tracing import new_trace_id, trace_id_var
+from lukhas.runtime import bound_runtime
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_REFUSALS: frozenset[str] = frozenset({"rate_limited", "backpressure"})
+
+
+@dataclass(frozen=True, slots=True)
+class EmitPoint:
+    """Where a public API emits: `<node_type>:<label>`, e.g. `CONSENT:governance:record`."""
+
+    node_type: str
+    label: str
+    module: str
+    function: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.node_type}:{self.label}"
+
+
+#: Every instrumented function, by `module.qualname`.
+EMIT_POINTS: dict[str, EmitPoint] = {}
+
+
+@dataclass(slots=True)
+class _CallNotes:
+    subject: str | None = None
+    labels: list[str] = field(default_factory=list)
+
+
+_notes: ContextVar[_CallNotes | None] = ContextVar("lukhas_matriz_notes", default=None)
+
+
+def annotate(*, subject: str | None = None, label: str | None = None) -> None:
+    """Add to the node of the instrumented call in progress.
+
+    `subject` is a raw user id: only its keyed pseudonym reaches the node. `label` is an
+    extra namespaced label such as `reason:counter_regression`.
+    """
+    notes = _notes.get()
+    if notes is None:
+        return
+    if subject is not None:
+        notes.subject = subject
+    if label is not None:
+        notes.labels.append(label)
+
+
+def outcome_of(result: object) -> Outcome:
+    """Classify a reply dict: ok, or refused with a reason (rate_limited, backpressure...)."""
+    if isinstance(result, Mapping):
+        if result.get("ok") is True:
+            return "ok"
+        reason = result.get("reason")
+        if reason in _REFUSALS:
+            return reason  # type: ignore[return-value]
+        return "refused"
+    return "ok"
+
+
+def instrument(
+    node_type: str,
+    *,
+    label: str,
+    salience: float = 0.5,
+    urgency: float = 0.5,
+    subject_arg: str | None = None,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Emit one MATRIZ node per call of the decorated (async or sync) function.
+
+    Args:
+        node_type: the MATRIZ node type, e.g. `CONSENT`, `DECISION`, `CONTEXT`.
+        label: the emit point label, e.g. `governance:record`.
+        subject_arg: the parameter holding the raw user id, pseudonymized into the node.
+    """
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        point = EmitPoint(node_type, label, fn.__module__, fn.__qualname__)
+        EMIT_POINTS[f"{fn.__module__}.{fn.__qualname__}"] = point
+        capability = fn.__name__
+        subject_index = _positional_index(fn, subject_arg)
+
+        def begin(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+            notes = _CallNotes(subject=_subject_from(args, kwargs, subject_arg, subject_index))
+            trace = trace_id_var.get()
+            trace_token = trace_id_var.set(new_trace_id()) if trace is None else None
+            return notes, _notes.set(notes), trace_token, time.perf_counter()
+
+        def end(state: tuple[Any, ...], outcome: Outcome) -> None:
+            notes, notes_token, trace_token, started = state
+            latency_ms = (time.perf_counter() - started) * 1000.0
+            trace_id = trace_id_var.get()
+            _notes.reset(notes_token)
+            if trace_token is not None:
+                trace_id_var.reset(trace_token)
+            _emit(point, capability, salience, urgency, outcome, latency_ms, trace_id, notes)
+
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                state = begin(args, kwargs)
+                outcome: Outcome = "error"
+                try:
+                    result = await fn(*args, **kwargs)  # type: ignore[misc]
+                    outcome = outcome_of(result)
+                    return result
+                finally:
+                    end(state, outcome)
+
+            wrapper: Callable[..., Any] = async_wrapper
+        else:
+
+            @functools.wraps(fn)
+            def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                state = begin(args, kwargs)
+                outcome: Outcome = "error"
+                try:
+                    result = fn(*args, **kwargs)
+                    outcome = outcome_of(result)
+                    return result
+                finally:
+                    end(state, outcome)
+
+            wrapper = sync_wrapper
+        wrapper.__matriz_emit_point__ = point  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _positional_index(fn: Callable[..., Any], name: str | None) -> int | None:
+    if name is None:
+        return None
+    params = list(inspect.signature(fn).parameters)
+    if name not in params:
+        raise TypeError(f"{fn.__qualname__} has no parameter {name!r} to pseudonymize")
+    return params.index(name)
+
+
+def _subject_from(
+    args: tuple[Any, ...], kwargs: dict[str, Any], name: str | None, index: int | None
+) -> str | None:
+    if name is None:
+        return None
+    value = kwargs.get(name) if name in kwargs else (
+        args[index] if index is not None and index < len(args) else None
+    )
+    return value if isinstance(value, str) else None
+
+
+def _emit(
+    point: EmitPoint,
+    capability: str,
+    salience: float,
+    urgency: float,
+    outcome: Outcome,
+    latency_ms: float,
+    trace_id: str | None,
+    notes: _CallNotes,
+) -> None:
+    runtime = bound_runtime()
+    if runtime is None:
+        return  # not inside a runtime (e.g. a plain unit call): nothing to emit to
+    node = make_node(
+        point.node_type,
+        point.label,
+        outcome=outcome,
+        latency_ms=latency_ms,
+        trace_id=trace_id or new_trace_id(),
+        producer=f"{runtime.producer}:{point.module}",
+        capability=capability,
+        tenant=runtime.settings.tenant,
+        salience=salience,
+        urgency=urgency,
+        confidence=0.0 if outcome == "error" else 1.0,
+        subject_pseudonym=runtime.pseudonymize(notes.subject) if notes.subject else None,
+        labels=tuple(notes.labels),
+    )
+    runtime.emitter.emit(node)

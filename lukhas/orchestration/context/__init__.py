@@ -1,0 +1,1 @@
+"""Orchestration slice: context handoff over the bus."""

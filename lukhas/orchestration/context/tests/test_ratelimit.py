@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from lukhas.orchestration.context.ratelimit import (
+    FlushConfirmer,
+    HandoffLimiter,
+    InflightGate,
+    TokenBucket,
+)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_bucket_allows_the_burst_then_refuses() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(rate=10, burst=5, clock=clock)
+    for _ in range(5):
+        assert bucket.wait_time() == 0
+        bucket.take()
+    assert bucket.wait_time() == pytest.approx(0.1)
+
+
+def test_retry_after_is_exactly_the_time_until_a_token() -> None:
+    clock = FakeClock()
+    limiter = HandoffLimiter(rate=4, burst=1, clock=clock)
+    assert limiter.decide("a").allowed
+    refused = limiter.decide("a")
+    assert not refused.allowed
+    assert refused.retry_after_s == pytest.approx(0.25)
+    clock.advance(0.1)
+    assert limiter.decide("a").retry_after_s == pytest.approx(0.15)
+    clock.advance(0.15 - 1e-9)
+    assert not limiter.decide("a").allowed
+    clock.advance(2e-9)
+    assert limiter.decide("a").allowed
+
+
+def test_refill_never_exceeds_the_burst() -> None:
+    clock = FakeClock()
+    limiter = HandoffLimiter(rate=100, burst=3, clock=clock)
+    clock.advance(3600)
+    allowed = sum(limiter.decide("a").allowed for _ in range(10))
+    assert allowed == 3
+
+
+def test_accepted_over_time_is_rate_times_t_plus_burst() -> None:
+    clock = FakeClock()
+    limiter = HandoffLimiter(rate=100, burst=20, clock=clock)
+    accepted = 0
+    for _ in range(5000):  # 10x the rate for 5 s, in 1 ms steps of 1 offer each
+        accepted += limiter.decide("a").allowed
+        clock.advance(0.001)
+    assert accepted == pytest.approx(100 * 5 + 20, abs=1)
+
+
+def test_keys_are_isolated_but_share_the_global_bucket() -> None:
+    clock = FakeClock()
+    limiter = HandoffLimiter(rate=1000, burst=10, key_rate=1, key_burst=2, clock=clock)
+    assert [limiter.decide("a").allowed for _ in range(3)] == [True, True, False]
+    assert [limiter.decide("b").allowed for _ in range(3)] == [True, True, False]
+    tight = HandoffLimiter(rate=1, burst=3, key_rate=10, key_burst=10, clock=clock)
+    assert [tight.decide(k).allowed for k in "abcd"] == [True, True, True, False]
+
+
+def test_a_refusal_by_one_bucket_spends_nothing_from_the_other() -> None:
+    clock = FakeClock()
+    limiter = HandoffLimiter(rate=1, burst=2, key_rate=1, key_burst=1, clock=clock)
+    assert limiter.decide("a").allowed
+    assert not limiter.decide("a").allowed  # key bucket empty: global keeps its token
+    assert limiter.decide("b").allowed
+
+
+def test_idle_full_keys_are_forgotten_to_bound_memory() -> None:
+    clock = FakeClock()
+    limiter = HandoffLimiter(rate=1000, burst=1000, key_rate=10, key_burst=1, max_keys=3,
+                             clock=clock)
+    for key in "abc":
+        limiter.decide(key)
+    limiter.decide("d")  # a, b, c all owe a token: none may be forgotten yet
+    assert limiter.tracked_keys == 4
+    clock.advance(1)
+    for key in "efgh":
+        limiter.decide(key)
+    assert limiter.tracked_keys <= 4
+
+
+async def test_concurrent_callers_never_exceed_the_burst() -> None:
+    clock = FakeClock()
+    limiter = HandoffLimiter(rate=1, burst=50, clock=clock)
+    results: list[bool] = []
+
+    async def caller() -> None:
+        await anyio.lowlevel.checkpoint()
+        results.append(limiter.decide("k").allowed)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(200):
+            tg.start_soon(caller)
+    assert results.count(True) == 50
+
+
+async def test_gate_refuses_after_the_timeout_at_the_bound() -> None:
+    gate = InflightGate(max_in_flight=2, timeout_s=0.01)
+    assert await gate.enter() and await gate.enter()
+    assert not await gate.enter()
+    assert gate.statistics() == (2, 2, 1)
+    gate.leave()
+    assert await gate.enter()
+
+
+async def test_gate_admits_a_waiter_when_a_slot_frees() -> None:
+    gate = InflightGate(max_in_flight=1, timeout_s=5)
+    assert await gate.enter()
+    admitted = anyio.Event()
+
+    async def waiter() -> None:
+        if await gate.enter():
+            admitted.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await anyio.wait_all_tasks_blocked()
+        assert not admitted.is_set()
+        gate.leave()
+    assert admitted.is_set()
+
+
+async def test_flush_confirmer_group_commits() -> None:
+    flushes = 0
+    release = anyio.Event()
+
+    async def flush() -> None:
+        nonlocal flushes
+        flushes += 1
+        await release.wait()
+
+    confirmer = FlushConfirmer(flush)
+    done: list[int] = []
+
+    async def handoff() -> None:
+        seq = confirmer.published()
+        await confirmer.confirmed(seq)
+        done.append(seq)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(handoff)
+        await anyio.wait_all_tasks_blocked()
+        assert flushes == 1 and done == []
+        release.set()
+    assert sorted(done) == list(range(1, 11))
+    assert flushes == 1

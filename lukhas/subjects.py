@@ -1,0 +1,47 @@
+"""Every subject name the service uses, in one place (the public wire contract)."""
+
+from __future__ import annotations
+
+CONSENT_RECORD = "lukhas.governance.consent.record"
+CONSENT_REVOKE = "lukhas.governance.consent.revoke"
+CONSENT_STATUS = "lukhas.governance.consent.status"
+CONSENT_HISTORY = "lukhas.governance.consent.history"
+CONSENT_VERIFY = "lukhas.governance.consent.verify"
+
+PASSKEY_VERIFY = "lukhas.identity.passkey.verify"
+PASSKEY_REGISTER_OPTIONS = "lukhas.identity.passkey.register.options"
+PASSKEY_REGISTER_VERIFY = "lukhas.identity.passkey.register.verify"
+PASSKEY_CHALLENGE = "lukhas.identity.passkey.challenge"
+
+CONTEXT_HANDOFF = "lukhas.orchestration.context.handoff"
+#: Handoffs are delivered on `lukhas.context.<target>`.
+CONTEXT_TARGET_PREFIX = "lukhas.context"
+
+MATRIZ_PREFIX = "matriz"
+MATRIZ_ALL = "matriz.>"
+#: Emitters publish their dropped-node counters here, one message per flush that dropped.
+MATRIZ_DROPS = "lukhas.observability.matriz.drops"
+
+OBSERVABILITY_STATS = "lukhas.observability.stats"
+ALERTS_PREFIX = "lukhas.observability.alerts"
+
+#: Queue group every slice worker joins, so N workers split the load.
+SLICE_QUEUE_GROUP = "lukhas-slices"
+SERVICE_NAME = "lukhas-slices"
+
+
+def context_target(target: str) -> str:
+    """The subject a handoff to `target` is published on."""
+    return f"{CONTEXT_TARGET_PREFIX}.{target}"
+
+
+def matriz_subject(node_type: str, label: str) -> str:
+    """`matriz.<TYPE>.<label tokens>`: a label `governance:record` gives `governance.record`."""
+    tokens = [t for t in label.replace(":", ".").split(".") if t]
+    return ".".join([MATRIZ_PREFIX, node_type, *tokens])
+
+
+def alert_subject(emit_point: str) -> str:
+    """`lukhas.observability.alerts.<emit point tokens>` for `TYPE:area:name`."""
+    tokens = [t for t in emit_point.replace(":", ".").split(".") if t]
+    return ".".join([ALERTS_PREFIX, *tokens])

@@ -1,0 +1,1 @@
+"""Long-running processes: the slice service, the observability worker, runtime wiring."""

@@ -1,0 +1,109 @@
+"""What an outside user does over NATS: requests, MATRIZ tail, stats, pings (for the CLI)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import msgspec
+from rich.console import Console
+from rich.table import Table
+
+from bus import connect
+from lukhas.config import Settings
+from lukhas.observability.tracing import make_traceparent
+from workers import discovery
+
+_encoder = msgspec.json.Encoder()
+
+
+async def request_json(
+    settings: Settings, subject: str, body: Any, timeout: float = 5.0
+) -> dict[str, Any]:
+    """Send `body` as JSON with a fresh traceparent; return the decoded reply.
+
+    Raises:
+        NoResponders: no worker serves `subject`.
+        RequestTimeout: no reply within `timeout`.
+    """
+    async with connect(settings) as bus:
+        reply = await bus.request(
+            subject, _encoder.encode(body),
+            headers={"traceparent": make_traceparent()}, timeout=timeout,
+        )
+    return msgspec.json.decode(reply.data)
+
+
+async def ping_service(settings: Settings, timeout: float = 2.0) -> int:
+    """How many slice service instances answer `$SRV.PING.<name>` within `timeout`."""
+    from lukhas.subjects import SERVICE_NAME
+
+    async with connect(settings) as bus:
+        inbox = f"_INBOX.health.{time.monotonic_ns()}"
+        async with bus.subscribe(inbox) as sub:
+            await bus.publish(discovery.control_subject("PING", SERVICE_NAME), b"", reply=inbox)
+            seen = 0
+            with anyio.move_on_after(timeout):
+                while True:
+                    await sub.next()
+                    seen += 1
+            return seen
+
+
+def format_node(subject: str, node: dict[str, Any]) -> str:
+    """One readable line per node: time, subject, outcome, latency, trace."""
+    state = node.get("state", {})
+    created = node.get("timestamps", {}).get("created_ts", 0) / 1000
+    stamp = time.strftime("%H:%M:%S", time.localtime(created)) + f".{int(created * 1000) % 1000:03d}"
+    trace = node.get("provenance", {}).get("trace_id", "")[:16]
+    extra = " ".join(label for label in node.get("labels", [])[2:])
+    return (
+        f"{stamp} {subject:<48} {state.get('outcome', '?'):<12} "
+        f"{state.get('latency_ms', 0):8.3f} ms  trace={trace} {extra}".rstrip()
+    )
+
+
+async def tail_matriz(
+    settings: Settings, subject_filter: str, count: int | None, out: Callable[[str], None]
+) -> None:
+    """Print live nodes matching `subject_filter` until `count` nodes (or forever)."""
+    async with connect(settings) as bus, bus.subscribe(subject_filter) as sub:
+        seen = 0
+        async for env in sub:
+            try:
+                out(format_node(env.subject, msgspec.json.decode(env.data)))
+            except msgspec.DecodeError:
+                out(f"{env.subject} <not a MATRIZ node: {env.data[:80]!r}>")
+            seen += 1
+            if count is not None and seen >= count:
+                return
+
+
+def stats_table(snapshot: dict[str, Any]) -> Table:
+    """The observability snapshot as a table: one row per emit point."""
+    table = Table(title="MATRIZ emit points")
+    for column in ("emit point", "count", "errors", "refused", "p50 ms", "p95 ms", "p99 ms",
+                   "SLA p95 ms", "SLA"):
+        table.add_column(column, justify="left" if column == "emit point" else "right")
+    for name, point in sorted(snapshot.get("emit_points", {}).items()):
+        outcomes = point.get("outcomes", {})
+        refused = sum(v for k, v in outcomes.items() if k not in ("ok", "error"))
+        sla = point.get("sla_p95_ms")
+        table.add_row(
+            name, str(point.get("count", 0)), str(point.get("errors", 0)), str(refused),
+            f"{point.get('p50_ms', 0):.2f}", f"{point.get('p95_ms', 0):.2f}",
+            f"{point.get('p99_ms', 0):.2f}", "-" if sla is None else f"{sla:g}",
+            "-" if sla is None else ("ok" if point.get("sla_ok", True) else "BREACH"),
+        )
+    table.caption = (
+        f"dropped nodes: {snapshot.get('dropped_nodes', 0)}  "
+        f"invalid nodes: {snapshot.get('invalid_nodes', 0)}  alerts: {snapshot.get('alerts', 0)}"
+    )
+    return table
+
+
+def print_stats_table(snapshot: dict[str, Any]) -> None:
+    Console().print(stats_table(snapshot))
+

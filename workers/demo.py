@@ -1,0 +1,107 @@
+"""`lukhas demo`: exercise every slice like a user would, then show the MATRIZ stats."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+from rich.console import Console
+
+from bus import BusConnectError, connect
+from lukhas import subjects
+from lukhas.config import Settings
+from workers.client import request_json, stats_table
+from workers.observability import ObservabilityWorker
+from workers.slices import SliceService
+from workers.stack import embedded_server, open_worker_runtime
+
+Out = Callable[[str], None]
+
+
+async def _calls(settings: Settings, out: Out) -> bool:
+    """Every slice, a rate-limited burst and an invalid request; True if all went as expected."""
+    good = True
+
+    async def call(subject: str, body: Any, expect_ok: bool | None = True) -> dict[str, Any]:
+        nonlocal good
+        reply = await request_json(settings, subject, body)
+        ok = reply.get("ok")
+        mark = "ok " if expect_ok is None or ok is expect_ok else "!! "
+        good = good and mark == "ok "
+        out(f"{mark} {subject:<44} -> {_summary(reply)}")
+        return reply
+
+    await call(subjects.CONSENT_RECORD,
+               {"user_id": "demo-user", "scope": "gmail.read", "metadata": {"via": "demo"}})
+    await call(subjects.CONSENT_STATUS, {"user_id": "demo-user", "scope": "gmail.read"}, None)
+    await call(subjects.CONSENT_REVOKE, {"user_id": "demo-user", "scope": "gmail.read"})
+    await call(subjects.PASSKEY_VERIFY, {"challenge": "demo-challenge"}, None)
+    await call(subjects.CONTEXT_HANDOFF, {"ctx": {"task": "plan"}, "target": "planner"})
+    await call(subjects.CONSENT_RECORD, {"user_id": 42}, expect_ok=False)
+    limited = 0
+    async with anyio.create_task_group() as tg:
+        async def one() -> None:
+            nonlocal limited
+            reply = await request_json(settings, subjects.CONTEXT_HANDOFF, {"ctx": {"n": 1}})
+            limited += reply.get("reason") == "rate_limited"
+        for _ in range(settings.handoff_burst + 20):
+            tg.start_soon(one)
+    out(f"{'ok ' if limited else '!! '} {settings.handoff_burst + 20} handoffs at once "
+        f"-> {limited} rate_limited")
+    return good and limited > 0
+
+
+def _summary(reply: dict[str, Any]) -> str:
+    if "error" in reply:
+        return f"error {reply['error']['code']}: {reply['error']['message'][:60]}"
+    keys = ("provider", "mode", "status", "reason", "challenge")
+    return "ok=" + str(reply.get("ok")) + "".join(
+        f" {k}={reply[k]}" for k in keys if k in reply
+    )
+
+
+async def _show_stats(settings: Settings) -> None:
+    snapshot = await request_json(settings, subjects.OBSERVABILITY_STATS, {})
+    Console().print(stats_table(snapshot))
+
+
+async def _reachable(settings: Settings) -> bool:
+    try:
+        async with connect(settings):
+            return True
+    except BusConnectError:
+        return False
+
+
+async def run_demo(settings: Settings, *, nats_url: str | None, out: Out) -> bool:
+    """Run against `nats_url` (or NATS_URL) if it answers, else an embedded stack."""
+    url = nats_url or settings.nats_url
+    client = dataclasses.replace(settings, nats_url=url, dry_run=False, offline=False)
+    if url and await _reachable(client):
+        out(f"demo against the stack at {url}")
+        good = await _calls(client, out)
+        await _show_stats(client)
+        return good
+    # A small handoff budget so the burst shows rate limiting; DRY_RUN so passkeys accept.
+    local = dataclasses.replace(
+        settings, nats_url=None, dry_run=True, offline=False,
+        handoff_rate=5.0, handoff_burst=5, metrics_port=0,
+    )
+    with tempfile.TemporaryDirectory(prefix="lukhas-demo-") as data_dir:
+        async with embedded_server(local, port=0, data_dir=data_dir, force=True) as served:
+            out(f"demo against an embedded stack at {served.nats_url}")
+            async with open_worker_runtime(served, producer="lukhas-demo") as runtime:
+                slices = SliceService(runtime)
+                observability = ObservabilityWorker(runtime.bus, served, metrics_port=0)
+                async with anyio.create_task_group() as tg:
+                    await tg.start(slices.run)
+                    await tg.start(observability.run)
+                    good = await _calls(served, out)
+                    await runtime.emitter.flush()
+                    await _show_stats(served)
+                    await slices.stop()
+                    await observability.stop()
+    return good

@@ -1,0 +1,103 @@
+"""The NATS service-discovery protocol (`$SRV.PING|INFO|STATS[.<name>[.<id>]]`).
+
+Shapes follow nats-py's `nats.micro` (`io.nats.micro.v1.*_response`), so `nats micro ls`
+and any micro client list this service with per-endpoint request/error counts and timings.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+PREFIX = "$SRV"
+VERBS = ("PING", "INFO", "STATS")
+
+PING_TYPE = "io.nats.micro.v1.ping_response"
+INFO_TYPE = "io.nats.micro.v1.info_response"
+STATS_TYPE = "io.nats.micro.v1.stats_response"
+
+
+def control_subject(verb: str, name: str | None = None, service_id: str | None = None) -> str:
+    """`$SRV.<verb>`, `$SRV.<verb>.<name>` or `$SRV.<verb>.<name>.<id>`."""
+    return ".".join(part for part in (PREFIX, verb, name, service_id) if part)
+
+
+@dataclass(slots=True)
+class EndpointCounters:
+    """Requests, errors and processing time of one endpoint (nats.micro's EndpointStats)."""
+
+    num_requests: int = 0
+    num_errors: int = 0
+    processing_time_ns: int = 0
+    last_error: str = ""
+
+    def record(self, elapsed_ns: int, error: str | None) -> None:
+        self.num_requests += 1
+        self.processing_time_ns += elapsed_ns
+        if error is not None:
+            self.num_errors += 1
+            self.last_error = error
+
+
+@dataclass(slots=True)
+class ServiceIdentity:
+    name: str
+    id: str
+    version: str
+    description: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    started_monotonic: float = field(default_factory=time.monotonic)
+
+    def base(self, kind: str) -> dict[str, Any]:
+        return {
+            "type": kind, "name": self.name, "id": self.id,
+            "version": self.version, "metadata": self.metadata,
+        }
+
+
+def ping_response(identity: ServiceIdentity) -> dict[str, Any]:
+    return identity.base(PING_TYPE)
+
+
+def info_response(
+    identity: ServiceIdentity, endpoints: list[tuple[str, str, str]]
+) -> dict[str, Any]:
+    """`endpoints` are (name, subject, queue group)."""
+    return {
+        **identity.base(INFO_TYPE),
+        "description": identity.description,
+        "endpoints": [
+            {"name": name, "subject": subject, "queue_group": queue, "metadata": {}}
+            for name, subject, queue in endpoints
+        ],
+    }
+
+
+def stats_response(
+    identity: ServiceIdentity, endpoints: list[tuple[str, str, str, EndpointCounters]]
+) -> dict[str, Any]:
+    """`endpoints` are (name, subject, queue group, counters)."""
+    started = identity.started.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return {
+        **identity.base(STATS_TYPE),
+        "started": started,
+        "endpoints": [
+            {
+                "name": name,
+                "subject": subject,
+                "queue_group": queue,
+                "num_requests": c.num_requests,
+                "num_errors": c.num_errors,
+                "last_error": c.last_error,
+                "processing_time": c.processing_time_ns,
+                "average_processing_time": (
+                    c.processing_time_ns // c.num_requests if c.num_requests else 0
+                ),
+                "data": None,
+            }
+            for name, subject, queue, c in endpoints
+        ],
+    }
