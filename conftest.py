@@ -35,7 +35,8 @@ def _audit_matriz_nodes() -> Iterator[None]:
     problems = []
     for node in _emitted:
         encoded = msgspec.json.encode(node)
-        problems += [f"{node.id}: {e.message}" for e in validator.iter_errors(msgspec.json.decode(encoded))]
+        decoded = msgspec.json.decode(encoded)
+        problems += [f"{node.id}: {e.message}" for e in validator.iter_errors(decoded)]
         if RAW_USER_PREFIX.encode() in encoded:
             problems.append(f"{node.id}: raw user id in node: {encoded!r}")
     assert not problems, f"{len(problems)} bad MATRIZ node(s) of {len(_emitted)}:\n" + "\n".join(

@@ -17,6 +17,7 @@ import anyio
 from lukhas import __version__
 from lukhas.config import Settings
 from lukhas.errors import ConfigError
+from lukhas.subjects import OBSERVABILITY_STATS
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_PORT = 4222
@@ -94,7 +95,7 @@ def cmd_matriz(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 0
     snapshot = anyio.run(
-        lambda: client.request_json(client_settings, "lukhas.observability.stats", {}, args.timeout),
+        lambda: client.request_json(client_settings, OBSERVABILITY_STATS, {}, args.timeout),
         backend="asyncio",
     )
     if args.json:

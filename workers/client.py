@@ -56,7 +56,8 @@ def format_node(subject: str, node: dict[str, Any]) -> str:
     """One readable line per node: time, subject, outcome, latency, trace."""
     state = node.get("state", {})
     created = node.get("timestamps", {}).get("created_ts", 0) / 1000
-    stamp = time.strftime("%H:%M:%S", time.localtime(created)) + f".{int(created * 1000) % 1000:03d}"
+    millis = int(created * 1000) % 1000
+    stamp = time.strftime("%H:%M:%S", time.localtime(created)) + f".{millis:03d}"
     trace = node.get("provenance", {}).get("trace_id", "")[:16]
     extra = " ".join(label for label in node.get("labels", [])[2:])
     return (

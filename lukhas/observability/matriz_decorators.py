@@ -47,16 +47,20 @@ EMIT_POINTS: dict[str, EmitPoint] = {}
 class _CallNotes:
     subject: str | None = None
     labels: list[str] = field(default_factory=list)
+    consent_scopes: list[str] = field(default_factory=list)
 
 
 _notes: ContextVar[_CallNotes | None] = ContextVar("lukhas_matriz_notes", default=None)
 
 
-def annotate(*, subject: str | None = None, label: str | None = None) -> None:
+def annotate(
+    *, subject: str | None = None, label: str | None = None, consent_scope: str | None = None
+) -> None:
     """Add to the node of the instrumented call in progress.
 
     `subject` is a raw user id: only its keyed pseudonym reaches the node. `label` is an
-    extra namespaced label such as `reason:counter_regression`.
+    extra namespaced label such as `reason:counter_regression`; `consent_scope` goes to the
+    node's `provenance.consent_scopes`.
     """
     notes = _notes.get()
     if notes is None:
@@ -65,6 +69,8 @@ def annotate(*, subject: str | None = None, label: str | None = None) -> None:
         notes.subject = subject
     if label is not None:
         notes.labels.append(label)
+    if consent_scope is not None:
+        notes.consent_scopes.append(consent_scope)
 
 
 def outcome_of(result: object) -> Outcome:
@@ -196,6 +202,7 @@ def _emit(
         urgency=urgency,
         confidence=0.0 if outcome == "error" else 1.0,
         subject_pseudonym=runtime.pseudonymize(notes.subject) if notes.subject else None,
+        consent_scopes=notes.consent_scopes,
         labels=tuple(notes.labels),
     )
     runtime.emitter.emit(node)

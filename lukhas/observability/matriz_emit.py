@@ -44,7 +44,7 @@ class Provenance(msgspec.Struct, frozen=True, omit_defaults=True):
     capabilities: list[str]
     tenant: str
     trace_id: str
-    consent_scopes: list[str] = []
+    consent_scopes: list[str]
     subject_pseudonym: str | None = None
 
 

@@ -1,4 +1,4 @@
-"""Keyed pseudonyms: the only form in which a data subject may appear in logs, subjects or MATRIZ."""
+"""Keyed pseudonyms: the only form a data subject may take in logs, subjects or MATRIZ."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from lukhas.governance.consent_ledger.messages import (
     RevokeConsent,
     VerifyConsentChain,
 )
-from lukhas.observability.matriz_decorators import instrument
+from lukhas.observability.matriz_decorators import annotate, instrument
 from lukhas.observability.tracing import current_trace_id, new_trace_id
 from lukhas.runtime import current_runtime
 
@@ -56,6 +56,7 @@ async def record_consent(
         {"user_id": user_id, "scope": scope, "metadata": metadata or {},
          "idempotency_key": idempotency_key},
     )
+    annotate(consent_scope=cmd.scope)
     provider = registry.get_provider(current_runtime().settings)
     entry = _entry(cmd.user_id, cmd.scope, cmd.metadata, "grant")
     return await provider.record(entry, idempotency_key=cmd.idempotency_key)
@@ -71,6 +72,7 @@ async def revoke_consent(
     cmd = convert(
         RevokeConsent, {"user_id": user_id, "scope": scope, "idempotency_key": idempotency_key}
     )
+    annotate(consent_scope=cmd.scope)
     provider = registry.get_provider(current_runtime().settings)
     entry = _entry(cmd.user_id, cmd.scope, {}, "revoke")
     return await provider.revoke(entry, idempotency_key=cmd.idempotency_key)
@@ -82,6 +84,7 @@ async def revoke_consent(
 async def consent_status(user_id: str, scope: str) -> dict[str, Any]:
     """Current state of `scope` for `user_id`: granted, revoked, expired or none."""
     query = convert(ConsentStatusQuery, {"user_id": user_id, "scope": scope})
+    annotate(consent_scope=query.scope)
     provider = registry.get_provider(current_runtime().settings)
     return await provider.status(query.user_id, query.scope)
 

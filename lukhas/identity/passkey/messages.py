@@ -22,7 +22,7 @@ class AssertionResponse(msgspec.Struct, frozen=True):
     userHandle: B64Url | None = None  # noqa: N815
 
 
-class AuthenticationResponse(msgspec.Struct, frozen=True, tag="passkey.verify"):
+class AuthenticationResponse(msgspec.Struct, frozen=True):
     """AuthenticationResponseJSON, as a browser's `PublicKeyCredential.toJSON()` gives it."""
 
     id: B64Url

@@ -88,7 +88,8 @@ class HandoffLimiter:
         bucket = self._keys.get(key)
         if bucket is None:
             self._evict()
-            bucket = self._keys[key] = TokenBucket(self._key_rate, self._key_burst, clock=self._clock)
+            bucket = TokenBucket(self._key_rate, self._key_burst, clock=self._clock)
+            self._keys[key] = bucket
         else:
             self._keys.move_to_end(key)
         wait = max(self._global.wait_time(), bucket.wait_time())

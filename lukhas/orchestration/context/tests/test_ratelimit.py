@@ -149,16 +149,44 @@ async def test_flush_confirmer_group_commits() -> None:
     confirmer = FlushConfirmer(flush)
     done: list[int] = []
 
-    async def handoff() -> None:
-        seq = confirmer.published()
+    async def confirm(seq: int) -> None:
+        await confirmer.confirmed(seq)
+        done.append(seq)
+
+    seqs = [confirmer.published() for _ in range(10)]
+    async with anyio.create_task_group() as tg:
+        for seq in seqs:
+            tg.start_soon(confirm, seq)
+        await anyio.wait_all_tasks_blocked()
+        assert flushes == 1 and done == []
+        release.set()
+    assert sorted(done) == seqs
+    assert flushes == 1
+
+
+async def test_a_publish_during_a_flush_waits_for_the_next_flush() -> None:
+    gates = [anyio.Event(), anyio.Event()]
+    flushes = 0
+
+    async def flush() -> None:
+        nonlocal flushes
+        flushes += 1
+        await gates[flushes - 1].wait()
+
+    confirmer = FlushConfirmer(flush)
+    done: list[int] = []
+
+    async def confirm(seq: int) -> None:
         await confirmer.confirmed(seq)
         done.append(seq)
 
     async with anyio.create_task_group() as tg:
-        for _ in range(10):
-            tg.start_soon(handoff)
+        tg.start_soon(confirm, confirmer.published())
         await anyio.wait_all_tasks_blocked()
-        assert flushes == 1 and done == []
-        release.set()
-    assert sorted(done) == list(range(1, 11))
-    assert flushes == 1
+        tg.start_soon(confirm, confirmer.published())  # published while flush 1 is running
+        await anyio.wait_all_tasks_blocked()
+        gates[0].set()
+        await anyio.wait_all_tasks_blocked()
+        assert done == [1] and flushes == 2
+        gates[1].set()
+    assert done == [1, 2]
