@@ -1,0 +1,183 @@
+"""The slice service on the memory bus and on a real nats-server: replies, errors, discovery."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from bus import Bus, Envelope
+from lukhas import subjects
+from lukhas.observability.tracing import make_traceparent
+from lukhas.runtime import Runtime
+from lukhas.testing import MatrizRecorder, dry_run_settings, open_test_runtime
+from tests.conftest import BusFactory
+from workers.slices import SliceService
+
+
+@asynccontextmanager
+async def serving(
+    bus: Bus, **overrides: Any
+) -> AsyncIterator[tuple[Runtime, MatrizRecorder, SliceService]]:
+    async with open_test_runtime(dry_run_settings(**overrides), bus=bus) as (runtime, matriz):
+        service = SliceService(runtime, concurrency=8)
+        async with anyio.create_task_group() as tg:
+            await tg.start(service.run)
+            yield runtime, matriz, service
+            await service.stop()
+
+
+async def call(bus: Bus, subject: str, body: Any, **headers: str) -> dict[str, Any]:
+    data = body if isinstance(body, bytes) else msgspec.json.encode(body)
+    reply = await bus.request(subject, data, headers=headers or None, timeout=5)
+    return msgspec.json.decode(reply.data)
+
+
+async def test_every_slice_answers_with_the_documented_shape(open_bus: BusFactory) -> None:
+    async with open_bus() as bus, serving(bus) as (_, matriz, _service):
+        consent = await call(bus, subjects.CONSENT_RECORD,
+                             {"user_id": "usr_1", "scope": "gmail.read"})
+        passkey = await call(bus, subjects.PASSKEY_VERIFY, {"challenge": "xyz"})
+        handoff = await call(bus, subjects.CONTEXT_HANDOFF,
+                             {"ctx": {"a": 1}, "target": "planner"})
+        nodes = await matriz.take(3)
+    assert consent["ok"] is True and consent["provider"] == "null"
+    assert consent["entry"]["user_id"] == "usr_1"
+    assert passkey == {"ok": True, "provider": "null", "challenge": "xyz"}
+    assert handoff["ok"] is True and handoff["mode"] == "dryrun"
+    assert sorted(n["type"] for n in nodes) == ["CONSENT", "CONTEXT", "DECISION"]
+
+
+async def test_traceparent_header_becomes_the_node_trace_id(open_bus: BusFactory) -> None:
+    traceparent = make_traceparent()
+    async with open_bus() as bus, serving(bus) as (_, matriz, _service):
+        reply = await call(bus, subjects.CONSENT_RECORD,
+                           {"user_id": "usr_1", "scope": "s"}, traceparent=traceparent)
+        [node] = await matriz.take(1)
+    trace_id = traceparent.split("-")[1]
+    assert reply["entry"]["trace_id"] == trace_id == node["provenance"]["trace_id"]
+
+
+BAD_REQUESTS = [
+    (subjects.CONSENT_RECORD, b"not json", "invalid_request"),
+    (subjects.CONSENT_RECORD, b"[1,2]", "invalid_request"),
+    (subjects.CONSENT_RECORD, b'{"scope":"s"}', "invalid_request"),
+    (subjects.CONSENT_RECORD, b'{"user_id":1,"scope":"s"}', "invalid_request"),
+    (subjects.CONSENT_RECORD, b'{"user_id":"usr_1","scope":"s","metadata":' + b'"x"}',
+     "invalid_request"),
+    (subjects.CONSENT_RECORD, b'{"user_id":"' + b"a" * 20_000 + b'","scope":"s"}',
+     "payload_too_large"),
+    (subjects.PASSKEY_VERIFY, b"\xff\xfe", "invalid_request"),
+    (subjects.PASSKEY_VERIFY, b'"just a string"', "invalid_request"),
+    (subjects.CONTEXT_HANDOFF, b'{"ctx":{},"target":"a.>"}', "invalid_request"),
+    (subjects.CONTEXT_HANDOFF, b'{"ctx":[]}', "invalid_request"),
+    (subjects.CONTEXT_HANDOFF, b"", "invalid_request"),
+]
+
+
+@pytest.mark.parametrize(("subject", "body", "code"), BAD_REQUESTS)
+async def test_bad_input_gets_a_clear_error_and_the_service_keeps_serving(
+    open_bus: BusFactory, subject: str, body: bytes, code: str
+) -> None:
+    async with open_bus() as bus, serving(bus) as (_, _matriz, service):
+        reply_env = await bus.request(subject, body, timeout=5)
+        reply = msgspec.json.decode(reply_env.data)
+        after = await call(bus, subjects.CONSENT_RECORD, {"user_id": "usr_1", "scope": "s"})
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == code
+    assert reply["error"]["message"]
+    assert "Traceback" not in reply["error"]["message"]
+    assert reply_env.headers.get("Nats-Service-Error-Code") in {"400", "413"}
+    assert after["ok"] is True
+    assert service.statistics().errors == 1
+
+
+async def test_an_unexpected_exception_is_internal_with_no_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lukhas.governance.consent_ledger.providers.null_provider import NullConsentProvider
+
+    async def explode(self: object, entry: object, *, idempotency_key: object) -> None:
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(NullConsentProvider, "record", explode)
+    async with open_test_runtime() as (runtime, _), anyio.create_task_group() as tg:
+        service = SliceService(runtime)
+        await tg.start(service.run)
+        reply = await call(runtime.bus, subjects.CONSENT_RECORD, {"user_id": "usr_1", "scope": "s"})
+        await service.stop()
+    assert reply["ok"] is False and reply["error"]["code"] == "internal"
+    assert "secret" not in reply["error"]["message"]
+    assert "reference" in reply["error"]["message"]
+
+
+async def test_discovery_ping_info_stats(open_bus: BusFactory) -> None:
+    async with open_bus() as bus, serving(bus) as (_, _matriz, service):
+        await call(bus, subjects.CONSENT_RECORD, {"user_id": "usr_1", "scope": "s"})
+        await bus.request(subjects.CONSENT_RECORD, b"nope", timeout=5)
+        ping = await call(bus, "$SRV.PING", b"")
+        info = await call(bus, f"$SRV.INFO.{subjects.SERVICE_NAME}", b"")
+        stats = await call(bus, f"$SRV.STATS.{subjects.SERVICE_NAME}.{service.identity.id}", b"")
+    assert ping["type"] == "io.nats.micro.v1.ping_response"
+    assert ping["name"] == subjects.SERVICE_NAME and ping["id"] == service.identity.id
+    assert {e["subject"] for e in info["endpoints"]} >= {
+        subjects.CONSENT_RECORD, subjects.PASSKEY_VERIFY, subjects.CONTEXT_HANDOFF
+    }
+    record = next(e for e in stats["endpoints"] if e["subject"] == subjects.CONSENT_RECORD)
+    assert record["num_requests"] == 2 and record["num_errors"] == 1
+    assert record["processing_time"] > 0 and record["last_error"]
+
+
+@pytest.mark.nats
+async def test_nats_micro_client_types_parse_our_discovery(nats_url: str) -> None:
+    from nats.micro.service import ServiceInfo, ServicePing, ServiceStats
+
+    from bus import open_nats_bus
+
+    async with open_nats_bus(nats_url) as bus, serving(bus) as (_, _matriz, service):
+        ping = ServicePing.from_dict(await call(bus, "$SRV.PING.lukhas-slices", b""))
+        info = ServiceInfo.from_dict(await call(bus, "$SRV.INFO.lukhas-slices", b""))
+        stats = ServiceStats.from_dict(await call(bus, "$SRV.STATS.lukhas-slices", b""))
+    assert ping.id == info.id == stats.id == service.identity.id
+    assert len(info.endpoints) == len(service.endpoints)
+
+
+async def test_stop_finishes_in_flight_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests already taken are answered after stop(); none is lost."""
+    from lukhas.governance.consent_ledger.providers.null_provider import NullConsentProvider
+
+    release = anyio.Event()
+    entered = 0
+    original = NullConsentProvider.record
+
+    async def slow(self: NullConsentProvider, entry: Any, *, idempotency_key: Any) -> Any:
+        nonlocal entered
+        entered += 1
+        await release.wait()
+        return await original(self, entry, idempotency_key=idempotency_key)
+
+    monkeypatch.setattr(NullConsentProvider, "record", slow)
+    replies: list[Envelope] = []
+    async with open_test_runtime() as (runtime, _):
+        bus = runtime.bus
+        service = SliceService(runtime, concurrency=4)
+        async with anyio.create_task_group() as tg:
+            await tg.start(service.run)
+
+            async def client(i: int) -> None:
+                body = msgspec.json.encode({"user_id": f"usr_{i}", "scope": "s"})
+                replies.append(await bus.request(subjects.CONSENT_RECORD, body, timeout=10))
+
+            async with anyio.create_task_group() as clients:
+                for i in range(4):
+                    clients.start_soon(client, i)
+                await anyio.wait_all_tasks_blocked()
+                assert entered == 4
+                await service.stop()
+                release.set()
+    assert len(replies) == 4
+    assert all(msgspec.json.decode(r.data)["ok"] for r in replies)
