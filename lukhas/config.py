@@ -84,6 +84,7 @@ KNOWN_VARIABLES: tuple[str, ...] = (
     "LUKHAS_REQUEST_MAX_BYTES",
     "LUKHAS_MATRIZ_BUFFER",
     "LUKHAS_METRICS_PORT",
+    "LUKHAS_METRICS_ADDR",
     "LUKHAS_DATA_DIR",
     "LUKHAS_LEDGER_REPLICAS",
     "LUKHAS_LOG_LEVEL",
@@ -126,6 +127,7 @@ class Settings:
     request_max_bytes: int = 1_048_576
     matriz_buffer: int = 65_536
     metrics_port: int = 9464
+    metrics_addr: str = "127.0.0.1"
     data_dir: str = ".lukhas"
     ledger_replicas: int = 1
     log_level: str = "INFO"
@@ -189,6 +191,7 @@ class Settings:
             request_max_bytes=_number(env, "LUKHAS_REQUEST_MAX_BYTES", 1_048_576, int, minimum=64),
             matriz_buffer=_number(env, "LUKHAS_MATRIZ_BUFFER", 65_536, int, minimum=1),
             metrics_port=port,
+            metrics_addr=_text(env, "LUKHAS_METRICS_ADDR") or "127.0.0.1",
             data_dir=_text(env, "LUKHAS_DATA_DIR") or ".lukhas",
             ledger_replicas=replicas,
             log_level=log_level,

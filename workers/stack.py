@@ -114,6 +114,7 @@ async def run_up(
             observability = ObservabilityWorker(
                 runtime.bus, settings,
                 metrics_port=settings.metrics_port if metrics_port is None else metrics_port,
+                metrics_addr=settings.metrics_addr,
             )
             where = settings.nats_url or "the in-memory bus"
             await serve(
@@ -131,5 +132,8 @@ async def run_worker(settings: Settings, name: str, *, ready: Ready) -> None:
         if name == "slices":
             service = SliceService(runtime)
         else:
-            service = ObservabilityWorker(runtime.bus, settings, metrics_port=settings.metrics_port)
+            service = ObservabilityWorker(
+                runtime.bus, settings,
+                metrics_port=settings.metrics_port, metrics_addr=settings.metrics_addr,
+            )
         await serve([service], ready, lambda: f"ready: {name} worker on {settings.nats_url}")

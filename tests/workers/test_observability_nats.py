@@ -1,0 +1,185 @@
+"""The observability worker on a real nats-server: the MATRIZ stream and its durable consumer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import msgspec
+import nats.js.errors
+import pytest
+from nats.js import JetStreamContext
+
+from bus import NatsServer, open_nats_bus
+from bus.nats import NatsBus
+from lukhas.observability.matriz_emit import MatrizNode, make_node
+from lukhas.subjects import OBSERVABILITY_STATS, alert_subject
+from lukhas.testing import dry_run_settings
+from workers.observability import DURABLE_NAME, ObservabilityWorker, SlaAlert, StatsSnapshot
+from workers.streams import MATRIZ_STREAM, ensure_matriz_stream
+
+pytestmark = pytest.mark.nats
+
+_snapshot_decoder = msgspec.json.Decoder(StatsSnapshot)
+RECORD = "CONSENT:governance:record"  # SLA p95 50 ms in its manifest
+
+
+def node(latency_ms: float = 2.0) -> MatrizNode:
+    return make_node(
+        "CONSENT", "governance:record", outcome="ok", latency_ms=latency_ms,
+        trace_id="0" * 32, producer="tests", capability="record_consent",
+    )
+
+
+async def publish_nodes(bus: NatsBus, count: int, latency_ms: float = 2.0) -> None:
+    for _ in range(count):
+        n = node(latency_ms)
+        await bus.publish(n.subject, msgspec.json.encode(n))
+    await bus.flush()
+
+
+async def wait_stats(
+    bus: NatsBus, done: Callable[[StatsSnapshot], bool], timeout: float = 15.0
+) -> StatsSnapshot:
+    """Ask for stats until `done` holds; every try is a real request/reply round trip."""
+    with anyio.fail_after(timeout):
+        while True:
+            reply = await bus.request(OBSERVABILITY_STATS, b"{}", timeout=5.0)
+            snap = _snapshot_decoder.decode(reply.data)
+            if done(snap):
+                return snap
+
+
+def count(snap: StatsSnapshot) -> int:
+    return snap.emit_points[RECORD].count
+
+
+async def wait_consumer_settled(js: JetStreamContext, timeout: float = 10.0) -> Any:
+    """Wait until the durable consumer has nothing pending and nothing awaiting an ack."""
+    with anyio.fail_after(timeout):
+        while True:
+            info = await js.consumer_info(MATRIZ_STREAM, DURABLE_NAME)
+            if info.num_pending == 0 and info.num_ack_pending == 0:
+                return info
+
+
+@asynccontextmanager
+async def fresh_matriz(nats_url: str) -> AsyncIterator[tuple[NatsBus, JetStreamContext]]:
+    """A client connection with no MATRIZ stream (nor consumer) left by another test."""
+    async with open_nats_bus(nats_url) as bus:
+        js = bus.jetstream()
+        await _delete_stream(js)
+        try:
+            yield bus, js
+        finally:
+            await _delete_stream(js)
+
+
+async def _delete_stream(js: JetStreamContext) -> None:
+    try:
+        await js.delete_stream(MATRIZ_STREAM)
+    except nats.js.errors.NotFoundError:
+        pass
+
+
+def worker_on(bus: NatsBus, **options: Any) -> ObservabilityWorker:
+    options.setdefault("metrics_port", None)
+    options.setdefault("fetch_timeout_s", 0.2)  # bounds how long a graceful stop waits
+    return ObservabilityWorker(bus, dry_run_settings(), **options)
+
+
+async def test_stream_setup_is_idempotent(nats_url: str) -> None:
+    async with fresh_matriz(nats_url) as (_bus, js):
+        first = await ensure_matriz_stream(js, max_age_s=3600, max_bytes=8 * 1024 * 1024)
+        again = await ensure_matriz_stream(js, max_age_s=60, max_bytes=1024)
+        assert first.config.subjects == again.config.subjects == ["matriz.>"]
+        # An existing stream keeps its limits.
+        assert (again.config.max_age, again.config.max_bytes) == (3600, 8 * 1024 * 1024)
+        with pytest.raises(ValueError):
+            await ensure_matriz_stream(js, max_age_s=0, max_bytes=1)
+
+
+async def test_durable_consumer_loses_nothing_and_counts_nothing_twice(nats_url: str) -> None:
+    async with fresh_matriz(nats_url) as (client, js), open_nats_bus(nats_url) as worker_bus:
+        # Published before any worker runs: the stream keeps them.
+        await ensure_matriz_stream(js)
+        await publish_nodes(client, 30)
+
+        first = worker_on(worker_bus)
+        async with anyio.create_task_group() as tg:
+            await tg.start(first.run)
+            assert first.source == "jetstream"
+            snap = await wait_stats(client, lambda s: count(s) == 30)
+            assert snap.source == "jetstream"
+            await publish_nodes(client, 10)
+            await wait_stats(client, lambda s: count(s) == 40)
+            await first.stop()
+        assert first.statistics().acked == 40
+        await wait_consumer_settled(js)
+
+        # Published while no worker runs.
+        await publish_nodes(client, 15)
+
+        second = worker_on(worker_bus)
+        async with anyio.create_task_group() as tg:
+            await tg.start(second.run)
+            await wait_stats(client, lambda s: count(s) >= 15)
+            info = await wait_consumer_settled(js)
+            # Settled, so nothing more can arrive: one more round trip shows the final count.
+            snap = await wait_stats(client, lambda s: True)
+            await second.stop()
+
+    assert count(snap) == 15  # only what the first worker had not acked
+    assert info.delivered.stream_seq == 55
+    assert second.statistics().acked == 15
+
+
+async def test_sla_alert_over_nats(nats_url: str) -> None:
+    async with (
+        fresh_matriz(nats_url) as (client, _js),
+        open_nats_bus(nats_url) as worker_bus,
+        client.subscribe(alert_subject(RECORD)) as alerts,
+    ):
+        worker = worker_on(worker_bus, check_interval_s=3600)
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run)
+            await publish_nodes(client, 25, latency_ms=120.0)
+            await wait_stats(client, lambda s: count(s) == 25)
+            assert len(await worker.check_slas()) == 1
+            alert = msgspec.json.decode((await alerts.next(timeout=5.0)).data, type=SlaAlert)
+            await worker.stop()
+    assert (alert.emit_point, alert.sla_p95_ms, alert.samples) == (RECORD, 50.0, 25)
+    assert alert.p95_ms == pytest.approx(120.0, rel=1e-3)
+
+
+async def test_without_jetstream_it_subscribes() -> None:
+    async with NatsServer(jetstream=False) as server, open_nats_bus(server.url) as bus:
+        worker = worker_on(bus)
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run)
+            assert worker.source == "subscription"
+            await publish_nodes(bus, 5)
+            snap = await wait_stats(bus, lambda s: count(s) == 5)
+            await worker.stop()
+    assert snap.source == "subscription"
+
+
+async def test_deleted_consumer_resumes_after_the_last_ack(nats_url: str) -> None:
+    async with fresh_matriz(nats_url) as (client, js), open_nats_bus(nats_url) as worker_bus:
+        worker = worker_on(worker_bus)
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run)
+            await publish_nodes(client, 10)
+            await client.publish("matriz.CONSENT.governance.record", b"not a node")
+            await wait_stats(client, lambda s: count(s) == 10 and s.invalid_nodes == 1)
+            await wait_consumer_settled(js)  # the invalid message was acked too
+
+            await js.delete_consumer(MATRIZ_STREAM, DURABLE_NAME)
+            await publish_nodes(client, 5)
+            await wait_stats(client, lambda s: count(s) >= 15)
+            await wait_consumer_settled(js)
+            snap = await wait_stats(client, lambda s: True)
+            await worker.stop()
+    assert (count(snap), snap.invalid_nodes) == (15, 1)  # nothing replayed from the start

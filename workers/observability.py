@@ -1,0 +1,438 @@
+"""The observability worker: consumes MATRIZ nodes, aggregates them, checks SLAs, reports.
+
+Sources. On a NATS bus with JetStream the worker reads the `MATRIZ` stream (created if
+missing) through the durable pull consumer `observability`, acking each batch only after it
+is aggregated: a restart resumes where the last one stopped, losing nothing and counting
+nothing twice in normal operation (a crash between aggregating and acking replays that
+batch). On the memory bus, or a server without JetStream, it is a plain subscription to
+`matriz.>`, which sees only what is published while it runs.
+
+Outputs. A stats snapshot on request (`lukhas.observability.stats`), Prometheus text on
+`/metrics`, and an alert on `lukhas.observability.alerts.<emit point tokens>` when the p95 of
+an emit point's current window exceeds the SLA in its module's MODULE_MANIFEST.json — once
+per window per emit point. Emitters' dropped-node reports (`MATRIZ_DROPS`) are folded in.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextlib import AsyncExitStack
+from typing import Any, NamedTuple
+
+import anyio
+import msgspec
+import nats.errors
+import nats.js.errors
+from anyio.abc import TaskStatus
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from bus import Bus, BusError, Subscription
+from lukhas.config import Settings
+from lukhas.subjects import MATRIZ_ALL, MATRIZ_DROPS, OBSERVABILITY_STATS, alert_subject
+from workers._aggregate import (
+    Aggregator,
+    EmitPointStats,
+    SlaAlert,
+    Source,
+    StatsSnapshot,
+)
+from workers._manifests import load_manifests, sla_by_emit_point
+from workers._metrics import MetricsServer
+from workers.streams import MATRIZ_MAX_AGE_S, MATRIZ_MAX_BYTES, MATRIZ_STREAM, ensure_matriz_stream
+
+__all__ = [
+    "DURABLE_NAME",
+    "EmitPointStats",
+    "ObservabilityStatistics",
+    "ObservabilityWorker",
+    "SlaAlert",
+    "StatsSnapshot",
+    "load_manifests",
+    "sla_by_emit_point",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The durable consumer on the MATRIZ stream; a restarted worker resumes from its acks.
+DURABLE_NAME = "observability"
+
+_RETRY_MIN_S = 0.1
+_RETRY_MAX_S = 5.0
+
+
+class ObservabilityStatistics(NamedTuple):
+    """The worker's own counters (the aggregate itself is in `snapshot()`)."""
+
+    source: Source
+    consumed: int
+    acked: int
+    invalid_nodes: int
+    invalid_drop_reports: int
+    stats_requests: int
+    alerts: int
+    #: Nodes the plain subscription lost to a full buffer (0 on JetStream).
+    subscription_dropped: int
+
+
+class ObservabilityWorker:
+    """Aggregates MATRIZ nodes per emit point and reports them; see the module docstring.
+
+    Start it with `await tg.start(worker.run)`; `run` returns after `stop()`.
+
+    Args:
+        bus: the bus to consume from and answer on (JetStream is used when it is NATS).
+        settings: the service configuration.
+        metrics_port: port for `/metrics` (0 picks a free one), or None for no HTTP server.
+        metrics_addr: address the metrics server binds (loopback unless told otherwise).
+        manifests: parsed MODULE_MANIFEST.json objects; default: every one in `lukhas`.
+        window_s: length of the SLA window.
+        min_samples: fewest samples in a window for its p95 to count as a breach.
+        clock: monotonic seconds, for the windows (tests inject their own).
+        check_interval_s: how often the SLAs are checked while running.
+        durable: name of the durable JetStream consumer.
+        stream_max_age_s, stream_max_bytes: limits of the MATRIZ stream if it is created here.
+        fetch_batch, fetch_timeout_s: JetStream pull size, and how long one pull waits; a
+            graceful stop waits for the pull in progress, so this bounds `stop()`.
+        ack_wait_s: how long JetStream waits for an ack before redelivering.
+        max_pending: buffer bound of the plain `matriz.>` subscription.
+
+    Raises:
+        ValueError: a manifest SLA or a numeric argument is out of range.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        settings: Settings,
+        *,
+        metrics_port: int | None,
+        metrics_addr: str = "127.0.0.1",
+        manifests: Iterable[Mapping[str, Any]] | None = None,
+        window_s: float = 60.0,
+        min_samples: int = 20,
+        clock: Callable[[], float] = time.monotonic,
+        check_interval_s: float = 1.0,
+        durable: str = DURABLE_NAME,
+        stream_max_age_s: float = MATRIZ_MAX_AGE_S,
+        stream_max_bytes: int = MATRIZ_MAX_BYTES,
+        fetch_batch: int = 256,
+        fetch_timeout_s: float = 1.0,
+        ack_wait_s: float = 30.0,
+        max_pending: int = 65_536,
+    ) -> None:
+        if metrics_port is not None and not 0 <= metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be 0..65535 or None, not {metrics_port!r}")
+        if check_interval_s <= 0 or fetch_timeout_s <= 0 or ack_wait_s <= 0 or fetch_batch < 1:
+            raise ValueError("intervals, timeouts and the fetch batch must be positive")
+        self._bus = bus
+        self._settings = settings
+        self._requested_port = metrics_port
+        self._metrics_addr = metrics_addr
+        slas = sla_by_emit_point(load_manifests() if manifests is None else manifests)
+        self._aggregate = Aggregator(
+            slas, window_s=window_s, min_samples=min_samples, clock=clock
+        )
+        self._check_interval_s = check_interval_s
+        self._durable = durable
+        self._stream_max_age_s = stream_max_age_s
+        self._stream_max_bytes = stream_max_bytes
+        self._fetch_batch = fetch_batch
+        self._fetch_timeout_s = fetch_timeout_s
+        self._ack_wait_s = ack_wait_s
+        self._max_pending = max_pending
+        self._encoder = msgspec.json.Encoder()
+
+        self._source: Source = "subscription"
+        self._metrics: MetricsServer | None = None
+        self._subs: list[Subscription] = []
+        self._nodes_sub: Subscription | None = None
+        # Created up front so a stop that comes before the check task starts still ends it.
+        self._check_scope = anyio.CancelScope()
+        self._started = False
+        self._stopping = anyio.Event()
+        self._done = anyio.Event()
+        self._consumed = 0
+        self._acked = 0
+        self._next_stream_seq: int | None = None
+        self._stats_requests = 0
+
+    # -- public surface ----------------------------------------------------------------------
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port `/metrics` is bound to (after `run` has started), else None."""
+        return None if self._metrics is None else self._metrics.port
+
+    @property
+    def source(self) -> Source:
+        """`jetstream` or `subscription`: where nodes come from (decided when `run` starts)."""
+        return self._source
+
+    @property
+    def slas(self) -> dict[str, float]:
+        """Emit point → p95 SLA in ms, as read from the manifests."""
+        return self._aggregate.slas()
+
+    def snapshot(self) -> StatsSnapshot:
+        """What the stats request answers: per emit point counts, percentiles and SLA state."""
+        return self._aggregate.snapshot(source=self._source)
+
+    def statistics(self) -> ObservabilityStatistics:
+        invalid_nodes, invalid_reports, alerts = self._aggregate.statistics()
+        nodes_sub = self._nodes_sub
+        return ObservabilityStatistics(
+            source=self._source,
+            consumed=self._consumed,
+            acked=self._acked,
+            invalid_nodes=invalid_nodes,
+            invalid_drop_reports=invalid_reports,
+            stats_requests=self._stats_requests,
+            alerts=alerts,
+            subscription_dropped=0 if nodes_sub is None else nodes_sub.statistics().dropped,
+        )
+
+    async def check_slas(self) -> list[SlaAlert]:
+        """Publish an alert for each emit point whose current window breaches its SLA.
+
+        Each emit point alerts at most once per window; the periodic check in `run` calls
+        this every `check_interval_s`, and tests may call it directly. Returns the alerts.
+        """
+        alerts = self._aggregate.due_alerts()
+        for alert in alerts:
+            logger.warning(
+                "SLA breach at %s: p95 %.3f ms > SLA %g ms over %d samples (window %gs)",
+                alert.emit_point, alert.p95_ms, alert.sla_p95_ms, alert.samples, alert.window_s,
+            )
+            try:
+                await self._bus.publish(
+                    alert_subject(alert.emit_point), self._encoder.encode(alert)
+                )
+            except BusError as exc:
+                logger.error("could not publish the SLA alert for %s: %s", alert.emit_point, exc)
+        return alerts
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Consume, aggregate and report until `stop()`; ready once every subscription is live.
+
+        Raises:
+            RuntimeError: `run` was already called on this worker.
+            OSError: the metrics port cannot be bound.
+        """
+        if self._started:
+            raise RuntimeError("an ObservabilityWorker runs once; create a new one")
+        self._started = True
+        try:
+            async with AsyncExitStack() as stack:
+                if self._requested_port is not None:
+                    self._metrics = await anyio.to_thread.run_sync(
+                        functools.partial(
+                            MetricsServer.start, self.snapshot,
+                            port=self._requested_port, addr=self._metrics_addr,
+                        )
+                    )
+                    stack.push_async_callback(self._close_metrics)
+                drops = await stack.enter_async_context(self._bus.subscribe(MATRIZ_DROPS))
+                stats = await stack.enter_async_context(self._bus.subscribe(OBSERVABILITY_STATS))
+                pull = await self._open_pull()
+                if pull is None:
+                    nodes: Subscription | None = await stack.enter_async_context(
+                        self._bus.subscribe(MATRIZ_ALL, max_pending=self._max_pending)
+                    )
+                    self._nodes_sub = nodes
+                    self._subs = [nodes, drops, stats]
+                else:
+                    nodes = None
+                    self._source = "jetstream"
+                    self._subs = [drops, stats]
+                async with anyio.create_task_group() as tg:
+                    if pull is not None:
+                        tg.start_soon(self._until_done, self._consume_jetstream, pull)
+                    else:
+                        assert nodes is not None
+                        tg.start_soon(self._until_done, self._consume_subscription, nodes)
+                    tg.start_soon(self._until_done, self._consume_drops, drops)
+                    tg.start_soon(self._until_done, self._serve_stats, stats)
+                    tg.start_soon(self._check_periodically)
+                    tg.start_soon(self._stop_when_asked)
+                    logger.info(
+                        "observability worker ready: source=%s, %d SLAs, metrics=%s",
+                        self._source, len(self.slas),
+                        "off" if self._metrics is None
+                        else f"http://{self._metrics_addr}:{self._metrics.port}/metrics",
+                    )
+                    task_status.started()
+        finally:
+            self._done.set()
+
+    async def stop(self) -> None:
+        """Stop gracefully: finish and ack what was taken, drain subscriptions, stop /metrics.
+
+        Returns once `run` has returned (at once if it never started).
+        """
+        self._stopping.set()
+        if self._started:
+            await self._done.wait()
+
+    # -- node sources ------------------------------------------------------------------------
+
+    async def _open_pull(self) -> JetStreamContext.PullSubscription | None:
+        """The durable pull subscription, or None when the bus has no JetStream."""
+        if self._bus.backend != "nats":
+            return None
+        js: JetStreamContext = self._bus.jetstream()  # type: ignore[attr-defined]
+        try:
+            await ensure_matriz_stream(
+                js, max_age_s=self._stream_max_age_s, max_bytes=self._stream_max_bytes
+            )
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as exc:
+            logger.warning(
+                "JetStream is not available (%s): consuming %s with a plain subscription, "
+                "so nodes published while this worker is down are not counted",
+                exc, MATRIZ_ALL,
+            )
+            return None
+        return await self._pull_subscribe(js)
+
+    async def _pull_subscribe(
+        self, js: JetStreamContext, *, start_seq: int | None = None
+    ) -> JetStreamContext.PullSubscription:
+        """Bind to the durable consumer, creating it (from `start_seq`, or the stream's
+        first node) if it does not exist."""
+        policy = DeliverPolicy.ALL if start_seq is None else DeliverPolicy.BY_START_SEQUENCE
+        config = ConsumerConfig(
+            durable_name=self._durable,
+            deliver_policy=policy,
+            opt_start_seq=start_seq,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self._ack_wait_s,
+            max_ack_pending=max(1000, 4 * self._fetch_batch),
+            description="LUKHAS observability worker",
+        )
+        return await js.pull_subscribe(
+            MATRIZ_ALL, durable=self._durable, stream=MATRIZ_STREAM, config=config
+        )
+
+    async def _consume_jetstream(self, pull: JetStreamContext.PullSubscription) -> None:
+        retry_s = _RETRY_MIN_S
+        try:
+            while not self._stopping.is_set():
+                try:
+                    msgs = await pull.fetch(self._fetch_batch, timeout=self._fetch_timeout_s)
+                except TimeoutError:  # nats-py raises its own subclass, or the builtin
+                    continue  # nothing new within the timeout: look at the stop flag, pull again
+                except nats.errors.ConnectionClosedError:
+                    logger.warning("NATS connection closed: the MATRIZ consumer stops")
+                    return
+                except (nats.js.errors.APIError, nats.errors.NoRespondersError) as exc:
+                    # E.g. the stream or consumer was deleted under us: recreate both.
+                    logger.warning("MATRIZ fetch failed (%s); retrying in %.1fs", exc, retry_s)
+                    await anyio.sleep(retry_s)
+                    retry_s = min(retry_s * 2, _RETRY_MAX_S)
+                    pull = await self._reopen_pull(pull)
+                    continue
+                retry_s = _RETRY_MIN_S
+                for msg in msgs:
+                    self._aggregate.ingest(msg.data)
+                self._consumed += len(msgs)
+                try:
+                    for msg in msgs:  # after aggregation: an unacked node is redelivered
+                        await msg.ack()
+                        self._acked += 1
+                        self._next_stream_seq = msg.metadata.sequence.stream + 1
+                except nats.errors.ConnectionClosedError:
+                    logger.warning("NATS connection closed before acking; the batch will replay")
+                    return
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5.0):
+                await self._close_pull(pull)
+
+    async def _reopen_pull(
+        self, pull: JetStreamContext.PullSubscription
+    ) -> JetStreamContext.PullSubscription:
+        await self._close_pull(pull)
+        js: JetStreamContext = self._bus.jetstream()  # type: ignore[attr-defined]
+        try:
+            info = await ensure_matriz_stream(
+                js, max_age_s=self._stream_max_age_s, max_bytes=self._stream_max_bytes
+            )
+            # A consumer deleted under us is recreated after the last node we acked, so
+            # nothing is counted twice; a stream recreated (sequences restarted) from its start.
+            start = self._next_stream_seq
+            if start is not None and info.state.last_seq + 1 < start:
+                start = None
+            return await self._pull_subscribe(js, start_seq=start)
+        except (nats.js.errors.APIError, nats.errors.Error) as exc:
+            logger.warning("could not recreate the MATRIZ consumer: %s", exc)
+            return pull  # the next fetch fails again and retries after a longer pause
+
+    async def _close_pull(self, pull: JetStreamContext.PullSubscription) -> None:
+        """Unsubscribe the pull inbox and flush, so the acks sent so far reach the server."""
+        client = self._bus.client  # type: ignore[attr-defined]
+        if client.is_closed:
+            return
+        try:
+            await pull.unsubscribe()
+            await client.flush(timeout=5)
+        except (nats.errors.Error, ValueError) as exc:
+            logger.debug("closing the MATRIZ pull subscription: %s", exc)
+
+    async def _consume_subscription(self, sub: Subscription) -> None:
+        async for env in sub:
+            self._aggregate.ingest(env.data)
+            self._consumed += 1
+
+    # -- the rest ----------------------------------------------------------------------------
+
+    async def _consume_drops(self, sub: Subscription) -> None:
+        async for env in sub:
+            if not self._aggregate.ingest_drop_report(env.data):
+                logger.debug("malformed drop report on %s skipped", env.subject)
+
+    async def _serve_stats(self, sub: Subscription) -> None:
+        async for env in sub:
+            if env.reply is None:
+                continue
+            self._stats_requests += 1
+            try:
+                await self._bus.publish(env.reply, self._encoder.encode(self.snapshot()))
+            except BusError as exc:
+                logger.warning("could not answer a stats request: %s", exc)
+
+    async def _until_done(self, loop: Callable[[Any], Awaitable[None]], source: Any) -> None:
+        """Run one consuming loop; if it ends without `stop()` (the bus closed under us),
+        stop the rest too, so `run` returns instead of serving half a worker."""
+        try:
+            await loop(source)
+        finally:
+            if not self._stopping.is_set():
+                logger.warning("observability input %s ended: the worker stops", loop.__name__)
+                self._stopping.set()
+
+    async def _check_periodically(self) -> None:
+        with self._check_scope:
+            while True:
+                await anyio.sleep(self._check_interval_s)
+                await self.check_slas()
+
+    async def _stop_when_asked(self) -> None:
+        await self._stopping.wait()
+        self._check_scope.cancel()
+        # Drained subscriptions hand out what they buffered, then their loops end; the
+        # JetStream loop sees the flag after the pull in progress and acks that batch.
+        for sub in self._subs:
+            try:
+                await sub.drain()
+            except BusError as exc:
+                logger.debug("drain %s: %s", sub.subject, exc)
+
+    async def _close_metrics(self) -> None:
+        metrics = self._metrics
+        if metrics is None:
+            return
+        # Shielded: a cancelled `run` must still close the socket and join the thread.
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(metrics.close)
