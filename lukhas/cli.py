@@ -48,7 +48,8 @@ def _client_settings(args: argparse.Namespace, settings: Settings) -> Settings:
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from workers.stack import run_up
 
-    port = DEFAULT_PORT if args.port is None else args.port
+    # 0 asks for any free port, which the launcher picks when given no port.
+    port = DEFAULT_PORT if args.port is None else (args.port or None)
     anyio.run(
         lambda: run_up(
             settings, ready=_print, port=port, data_dir=args.data_dir,

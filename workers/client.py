@@ -47,8 +47,9 @@ async def ping_service(settings: Settings, timeout: float = 2.0) -> int:
             seen = 0
             with anyio.move_on_after(timeout):
                 while True:
-                    await sub.next()
-                    seen += 1
+                    env = await sub.next()
+                    # NATS answers a request nobody serves with an empty 503 status message.
+                    seen += bool(env.data)
             return seen
 
 
@@ -106,5 +107,8 @@ def stats_table(snapshot: dict[str, Any]) -> Table:
 
 
 def print_stats_table(snapshot: dict[str, Any]) -> None:
-    Console().print(stats_table(snapshot))
+    console = Console()
+    if not console.is_terminal:  # piped: no terminal width to fit, keep names whole
+        console = Console(width=160)
+    console.print(stats_table(snapshot))
 

@@ -8,12 +8,11 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
-from rich.console import Console
 
 from bus import BusConnectError, connect
 from lukhas import subjects
 from lukhas.config import Settings
-from workers.client import request_json, stats_table
+from workers.client import print_stats_table, request_json
 from workers.observability import ObservabilityWorker
 from workers.slices import SliceService
 from workers.stack import embedded_server, open_worker_runtime
@@ -65,7 +64,7 @@ def _summary(reply: dict[str, Any]) -> str:
 
 async def _show_stats(settings: Settings) -> None:
     snapshot = await request_json(settings, subjects.OBSERVABILITY_STATS, {})
-    Console().print(stats_table(snapshot))
+    print_stats_table(snapshot)
 
 
 async def _reachable(settings: Settings) -> bool:

@@ -25,11 +25,11 @@ from lukhas.identity.passkey.messages import (
     ChallengeRequest,
     RegisterOptionsRequest,
 )
+from lukhas.observability.matriz_decorators import EmitPoint
 from lukhas.orchestration.context import api as context
 from lukhas.orchestration.context.messages import HandoffContext
 
 Reply = dict[str, Any]
-Handler = Callable[[bytes, int], Awaitable[Reply]]
 
 #: Bytes a consent request body may take (its metadata is capped at 8 KiB).
 CONSENT_MAX_BYTES = 16_384
@@ -44,64 +44,28 @@ class _RegisterVerify(msgspec.Struct, frozen=True):
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """A request subject served by the slice service."""
+    """A request subject served by the slice service.
+
+    The body is decoded into `message` (size checked first), then `call` runs the public
+    API. `api` is that public function, whose emit point the service reports a node for
+    when a request fails before reaching it (bad JSON, wrong fields, too large).
+    """
 
     name: str
     subject: str
-    handler: Handler
+    message: type[Any]
+    call: Callable[[Any], Awaitable[Reply]]
+    api: Callable[..., Any]
     max_bytes: int
 
+    @property
+    def emit_point(self) -> EmitPoint:
+        return self.api.__matriz_emit_point__  # type: ignore[attr-defined, no-any-return]
 
-async def _record(data: bytes, limit: int) -> Reply:
-    cmd = decode(RecordConsent, data, max_bytes=limit)
-    return await consent.record_consent(
-        cmd.user_id, cmd.scope, cmd.metadata, idempotency_key=cmd.idempotency_key
-    )
-
-
-async def _revoke(data: bytes, limit: int) -> Reply:
-    cmd = decode(RevokeConsent, data, max_bytes=limit)
-    return await consent.revoke_consent(cmd.user_id, cmd.scope, idempotency_key=cmd.idempotency_key)
-
-
-async def _status(data: bytes, limit: int) -> Reply:
-    query = decode(ConsentStatusQuery, data, max_bytes=limit)
-    return await consent.consent_status(query.user_id, query.scope)
-
-
-async def _history(data: bytes, limit: int) -> Reply:
-    query = decode(ConsentHistoryQuery, data, max_bytes=limit)
-    return await consent.consent_history(query.user_id)
-
-
-async def _verify_chain(data: bytes, limit: int) -> Reply:
-    query = decode(VerifyConsentChain, data, max_bytes=limit)
-    return await consent.verify_consent_chain(query.user_id)
-
-
-async def _passkey_verify(data: bytes, limit: int) -> Reply:
-    assertion = decode(dict[str, Any], data, max_bytes=limit)
-    return await passkey.verify_passkey(assertion)
-
-
-async def _register_options(data: bytes, limit: int) -> Reply:
-    req = decode(RegisterOptionsRequest, data, max_bytes=limit)
-    return await passkey.passkey_registration_options(req.user_id, req.user_name)
-
-
-async def _register_verify(data: bytes, limit: int) -> Reply:
-    req = decode(_RegisterVerify, data, max_bytes=limit)
-    return await passkey.register_passkey(req.user_id, req.credential)
-
-
-async def _challenge(data: bytes, limit: int) -> Reply:
-    req = decode(ChallengeRequest, data or b"{}", max_bytes=limit)
-    return await passkey.passkey_challenge(req.user_id)
-
-
-async def _handoff(data: bytes, limit: int) -> Reply:
-    cmd = decode(HandoffContext, data, max_bytes=limit)
-    return await context.handoff_context(cmd.ctx, cmd.target, source=cmd.source)
+    def decode(self, data: bytes) -> Any:
+        """Raises `PayloadTooLarge` or `InvalidRequest` (see `lukhas._validation.decode`)."""
+        # An empty body reads as `{}`, so the error names the missing fields.
+        return decode(self.message, data or b"{}", max_bytes=self.max_bytes)
 
 
 def build_endpoints(settings: Settings) -> tuple[Endpoint, ...]:
@@ -111,21 +75,58 @@ def build_endpoints(settings: Settings) -> tuple[Endpoint, ...]:
     passkey_max = min(2 * MAX_ASSERTION_BYTES, cap)
     handoff_max = min(settings.handoff_max_bytes + HANDOFF_ENVELOPE_BYTES, cap)
     return (
-        Endpoint("consent_record", subjects.CONSENT_RECORD, _record, consent_max),
-        Endpoint("consent_revoke", subjects.CONSENT_REVOKE, _revoke, consent_max),
-        Endpoint("consent_status", subjects.CONSENT_STATUS, _status, consent_max),
-        Endpoint("consent_history", subjects.CONSENT_HISTORY, _history, consent_max),
-        Endpoint("consent_verify", subjects.CONSENT_VERIFY, _verify_chain, consent_max),
-        Endpoint("passkey_verify", subjects.PASSKEY_VERIFY, _passkey_verify, passkey_max),
+        Endpoint(
+            "consent_record", subjects.CONSENT_RECORD, RecordConsent,
+            lambda m: consent.record_consent(
+                m.user_id, m.scope, m.metadata, idempotency_key=m.idempotency_key
+            ),
+            consent.record_consent, consent_max,
+        ),
+        Endpoint(
+            "consent_revoke", subjects.CONSENT_REVOKE, RevokeConsent,
+            lambda m: consent.revoke_consent(
+                m.user_id, m.scope, idempotency_key=m.idempotency_key
+            ),
+            consent.revoke_consent, consent_max,
+        ),
+        Endpoint(
+            "consent_status", subjects.CONSENT_STATUS, ConsentStatusQuery,
+            lambda m: consent.consent_status(m.user_id, m.scope),
+            consent.consent_status, consent_max,
+        ),
+        Endpoint(
+            "consent_history", subjects.CONSENT_HISTORY, ConsentHistoryQuery,
+            lambda m: consent.consent_history(m.user_id),
+            consent.consent_history, consent_max,
+        ),
+        Endpoint(
+            "consent_verify", subjects.CONSENT_VERIFY, VerifyConsentChain,
+            lambda m: consent.verify_consent_chain(m.user_id),
+            consent.verify_consent_chain, consent_max,
+        ),
+        Endpoint(
+            "passkey_verify", subjects.PASSKEY_VERIFY, dict[str, Any],
+            passkey.verify_passkey, passkey.verify_passkey, passkey_max,
+        ),
         Endpoint(
             "passkey_register_options", subjects.PASSKEY_REGISTER_OPTIONS,
-            _register_options, passkey_max,
+            RegisterOptionsRequest,
+            lambda m: passkey.passkey_registration_options(m.user_id, m.user_name),
+            passkey.passkey_registration_options, passkey_max,
         ),
         Endpoint(
-            "passkey_register_verify", subjects.PASSKEY_REGISTER_VERIFY,
-            _register_verify, passkey_max,
+            "passkey_register_verify", subjects.PASSKEY_REGISTER_VERIFY, _RegisterVerify,
+            lambda m: passkey.register_passkey(m.user_id, m.credential),
+            passkey.register_passkey, passkey_max,
         ),
-        Endpoint("passkey_challenge", subjects.PASSKEY_CHALLENGE, _challenge, passkey_max),
-        Endpoint("context_handoff", subjects.CONTEXT_HANDOFF, _handoff, handoff_max),
+        Endpoint(
+            "passkey_challenge", subjects.PASSKEY_CHALLENGE, ChallengeRequest,
+            lambda m: passkey.passkey_challenge(m.user_id),
+            passkey.passkey_challenge, passkey_max,
+        ),
+        Endpoint(
+            "context_handoff", subjects.CONTEXT_HANDOFF, HandoffContext,
+            lambda m: context.handoff_context(m.ctx, m.target, source=m.source),
+            context.handoff_context, handoff_max,
+        ),
     )
-

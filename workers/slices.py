@@ -22,6 +22,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 import lukhas
 from bus import BusError, Envelope, Subscription
 from lukhas.errors import LukhasError
+from lukhas.observability.matriz_decorators import emit_rejected
 from lukhas.observability.tracing import bind_trace, parse_traceparent
 from lukhas.runtime import Runtime
 from lukhas.subjects import SERVICE_NAME, SLICE_QUEUE_GROUP
@@ -150,17 +151,23 @@ class SliceService:
         error_code: str | None = None
         headers: dict[str, str] | None = None
         trace_id = parse_traceparent(env.headers.get("traceparent"))
-        try:
-            with bind_trace(trace_id):
-                reply = await endpoint.handler(env.data, endpoint.max_bytes)
-        except Exception as exc:  # the one handler boundary: every failure becomes a reply
-            reply, error_code = error_reply(exc)
-            headers = {
-                ERROR_HEADER: reply["error"]["message"],
-                ERROR_CODE_HEADER: _HTTP_LIKE_CODES.get(error_code, "400"),
-            }
-        finally:
-            self._in_flight -= 1
+        with bind_trace(trace_id):
+            reached_api = False
+            try:
+                message = endpoint.decode(env.data)
+                reached_api = True
+                reply = await endpoint.call(message)
+            except Exception as exc:  # the one handler boundary: every failure becomes a reply
+                reply, error_code = error_reply(exc)
+                headers = {
+                    ERROR_HEADER: reply["error"]["message"],
+                    ERROR_CODE_HEADER: _HTTP_LIKE_CODES.get(error_code, "400"),
+                }
+                if not reached_api:  # the API emits its own node; a rejected body has none
+                    elapsed_ms = (time.perf_counter_ns() - started) / 1e6
+                    emit_rejected(endpoint.emit_point, elapsed_ms, code=error_code)
+            finally:
+                self._in_flight -= 1
         elapsed = time.perf_counter_ns() - started
         self._counters[endpoint.subject].record(elapsed, error_code)
         self._handled += 1

@@ -156,6 +156,17 @@ def instrument(
     return decorate
 
 
+def emit_rejected(point: EmitPoint, latency_ms: float, *, code: str) -> None:
+    """Emit the node of a call refused before it reached its API (e.g. undecodable input).
+
+    The service edge uses this so bad requests show in MATRIZ as errors of the emit point
+    they were meant for; nothing about the input itself goes into the node.
+    """
+    trace_id = trace_id_var.get()
+    notes = _CallNotes(labels=[f"error:{code}"])
+    _emit(point, point.function, 0.5, 0.5, "error", latency_ms, trace_id, notes)
+
+
 def _positional_index(fn: Callable[..., Any], name: str | None) -> int | None:
     if name is None:
         return None

@@ -1,0 +1,191 @@
+"""Process-level tests: `lukhas up` and the workers as child processes, a plain nats-py client.
+
+Each test module gets its own nats-server, so stream state from other tests never mixes in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import msgspec
+import nats
+import pytest
+
+from bus import NatsServer
+from lukhas import subjects
+from lukhas.observability.matriz_emit import make_node
+from tests.integration.processes import REPO, running
+
+pytestmark = pytest.mark.nats
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    srv = NatsServer(store_dir=tmp_path_factory.mktemp("stack-nats"))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+async def request(nc: nats.NATS, subject: str, body: object) -> dict:
+    msg = await nc.request(subject, json.dumps(body).encode(), timeout=10)
+    return json.loads(msg.data)
+
+
+async def test_up_with_embedded_server_serves_then_exits_0_on_sigint(tmp_path: Path) -> None:
+    with running("up", "--port", "0", "--data-dir", str(tmp_path)) as up:
+        ready = up.stdout[-1]
+        url = re.search(r"nats://[\d.]+:\d+", ready).group(0)  # type: ignore[union-attr]
+        nc = await nats.connect(url)
+        try:
+            consent = await request(nc, subjects.CONSENT_RECORD,
+                                    {"user_id": "usr_up", "scope": "gmail.read"})
+            passkey = await request(nc, subjects.PASSKEY_VERIFY, {"challenge": "c"})
+            handoff = await request(nc, subjects.CONTEXT_HANDOFF, {"ctx": {"k": "v"}})
+        finally:
+            await nc.close()
+        up.signal(signal.SIGINT)
+        assert up.wait(30) == 0
+    assert consent["ok"] is True and consent["provider"] == "null"
+    assert passkey == {"ok": False, "provider": "null", "reason": "no_verifier",
+                       "message": passkey["message"]}  # fail closed outside DRY_RUN
+    assert handoff["ok"] is True
+    assert (tmp_path / "nats" / "jetstream").is_dir()
+    assert not any("Traceback" in line for line in up.stderr)
+
+
+async def test_workers_discovery_stats_and_sla_alert(server: NatsServer) -> None:
+    env = {"NATS_URL": server.url}
+    with (
+        running("worker", "slices", env=env),
+        running("worker", "slices", env=env),
+        running("worker", "observability", env=env),
+    ):
+        nc = await nats.connect(server.url)
+        try:
+            pings: list[dict] = []
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox)
+            await nc.publish("$SRV.PING.lukhas-slices", b"", reply=inbox)
+            for _ in range(2):
+                pings.append(json.loads((await sub.next_msg(timeout=10)).data))
+            await sub.unsubscribe()
+
+            for i in range(10):
+                await request(nc, subjects.CONSENT_RECORD, {"user_id": f"usr_{i}", "scope": "s"})
+            bad = await nc.request(subjects.CONSENT_RECORD, b"{", timeout=10)
+
+            alerts = await nc.subscribe("lukhas.observability.alerts.>")
+            slow = [
+                make_node("CONSENT", "governance:record", outcome="ok", latency_ms=500.0,
+                          trace_id="0" * 31 + "1", producer="test", capability="record_consent")
+                for _ in range(40)
+            ]
+            for node in slow:
+                await nc.publish(node.subject, msgspec.json.encode(node))
+            await nc.flush()
+            alert = json.loads((await alerts.next_msg(timeout=20)).data)
+
+            snapshot: dict = {}
+            with anyio.fail_after(20):
+                while snapshot.get("emit_points", {}).get(
+                    "CONSENT:governance:record", {}).get("count", 0) < 51:
+                    snapshot = await request(nc, subjects.OBSERVABILITY_STATS, {})
+        finally:
+            await nc.close()
+    assert {p["type"] for p in pings} == {"io.nats.micro.v1.ping_response"}
+    assert len({p["id"] for p in pings}) == 2
+    assert json.loads(bad.data)["error"]["code"] == "invalid_request"
+    assert alert["emit_point"] == "CONSENT:governance:record"
+    assert alert["p95_ms"] > alert["sla_p95_ms"] == 50
+    record = snapshot["emit_points"]["CONSENT:governance:record"]
+    assert record["count"] == 51 and record["errors"] == 1
+    assert snapshot["source"] == "jetstream"
+
+
+async def test_sigterm_drains_in_flight_requests_and_loses_none(server: NatsServer) -> None:
+    env = {"NATS_URL": server.url, "LUKHAS_WORKER_CONCURRENCY": "64"}
+    with running("worker", "slices", env=env), running("worker", "slices", env=env) as victim:
+        nc = await nats.connect(server.url)
+        replies: list[dict] = []
+        failures: list[BaseException] = []
+        sent = 0
+        try:
+            async def client(n: int) -> None:
+                nonlocal sent
+                for i in range(n):
+                    sent += 1
+                    try:
+                        replies.append(await request(
+                            nc, subjects.CONSENT_RECORD, {"user_id": f"usr_{i}", "scope": "s"}
+                        ))
+                    except Exception as exc:  # noqa: BLE001 - every failure is what we count
+                        failures.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(32):
+                    tg.start_soon(client, 30)
+                with anyio.fail_after(30):
+                    while len(replies) < 200:
+                        await anyio.lowlevel.checkpoint_if_cancelled()
+                        await nc.flush()
+                victim.signal(signal.SIGTERM)
+            code = victim.wait(30)
+        finally:
+            await nc.close()
+    assert code == 0
+    assert failures == []
+    assert len(replies) == sent == 32 * 30
+    assert all(r["ok"] for r in replies)
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lukhas.cli", *args], cwd=REPO, capture_output=True, text=True,
+        timeout=60, env={**os.environ, **env},
+    )
+
+
+def test_client_commands_request_health_and_stats(server: NatsServer) -> None:
+    env = {"NATS_URL": server.url, "LUKHAS_PSEUDONYM_KEY": "k", "LUKHAS_METRICS_PORT": "0"}
+    with running("worker", "slices", env=env), running("worker", "observability", env=env):
+        ok = _cli("request", subjects.CONSENT_RECORD, '{"user_id":"usr_cli","scope":"s"}', env=env)
+        bad = _cli("request", subjects.CONSENT_RECORD, '{"user_id":1}', env=env)
+        health = _cli("health", env=env)
+        stats = _cli("matriz", "stats", env=env)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["ok"] is True
+    assert bad.returncode == 1 and json.loads(bad.stdout)["error"]["code"] == "invalid_request"
+    assert health.returncode == 0, health.stderr
+    assert stats.returncode == 0 and "CONSENT:governance:record" in stats.stdout
+
+
+def test_health_fails_when_no_service_answers(server: NatsServer) -> None:
+    result = _cli("health", "--timeout", "0.5", env={"NATS_URL": server.url})
+    assert result.returncode == 1
+
+
+def test_worker_without_nats_url_is_a_clear_configuration_error() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
+    result = subprocess.run(
+        [sys.executable, "-m", "lukhas.cli", "worker", "slices"], cwd=REPO,
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert result.returncode != 0
+    assert "NATS_URL" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_environment_value_names_the_variable() -> None:
+    result = _cli("health", env={"LUKHAS_HANDOFF_RATE": "fast"})
+    assert result.returncode == 2
+    assert "LUKHAS_HANDOFF_RATE" in result.stderr
+
