@@ -1,0 +1,55 @@
+"""Bus fixtures: one real nats-server per session, and a factory that opens either backend.
+
+The server fixture is synchronous and holds no task group or event loop, so it can live
+for the whole session; each test opens its bus in its own body through `open_bus()`,
+because pytest-asyncio sets fixtures up and tears them down in different tasks
+(pytest-dev/pytest-asyncio#1191) and a bus must be closed in the task that opened it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
+from functools import partial
+
+import pytest
+
+from bus import Bus, NatsServer, open_memory_bus, open_nats_bus
+from bus.server import find_nats_server
+
+BusFactory = Callable[[], AbstractAsyncContextManager[Bus]]
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """A nats-server with JetStream on a free loopback port, shared by the session."""
+    try:
+        find_nats_server()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    server = NatsServer(store_dir=tmp_path_factory.mktemp("nats-store"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_url(nats_server: NatsServer) -> str:
+    return nats_server.url
+
+
+@pytest.fixture(params=["memory", pytest.param("nats", marks=pytest.mark.nats)])
+def open_bus(request: pytest.FixtureRequest) -> BusFactory:
+    """`async with open_bus() as bus:` opens the backend this test run is parametrized with."""
+    if request.param == "memory":
+        return open_memory_bus
+    return partial(open_nats_bus, request.getfixturevalue("nats_url"))
+
+
+@pytest.fixture
+def subject_root() -> str:
+    """A subject prefix no other test uses, so tests sharing one server never cross-talk."""
+    return f"test.{uuid.uuid4().hex[:12]}"
