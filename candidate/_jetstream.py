@@ -1,0 +1,69 @@
+"""Small JetStream helpers the candidate providers share: create-if-missing, CAS error codes."""
+
+from __future__ import annotations
+
+import logging
+
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+
+logger = logging.getLogger(__name__)
+
+#: JetStream's "wrong last sequence" error codes (a failed expected-last-sequence check).
+WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
+#: "stream name already in use" (a concurrent creator got there first).
+_STREAM_NAME_IN_USE = 10058
+
+
+def is_wrong_last_sequence(exc: APIError) -> bool:
+    """True when a publish failed only because the subject's tail moved (retry after a re-read)."""
+    return exc.err_code in WRONG_LAST_SEQUENCE
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    """Create the stream unless it exists; an existing stream is left as it is."""
+    assert config.name is not None
+    try:
+        await js.stream_info(config.name)
+        return
+    except NotFoundError:
+        pass
+    try:
+        await js.add_stream(config)
+        logger.info("created stream %s (replicas %s)", config.name, config.num_replicas)
+    except APIError as exc:
+        if exc.err_code != _STREAM_NAME_IN_USE:
+            raise
+        await js.stream_info(config.name)  # another worker created it first
+
+
+async def ensure_kv(
+    js: JetStreamContext,
+    bucket: str,
+    *,
+    replicas: int,
+    ttl_s: float | None = None,
+    history: int = 1,
+) -> KeyValue:
+    """Open the KV bucket, creating it first if it is missing."""
+    try:
+        return await js.key_value(bucket)
+    except BucketNotFoundError:
+        pass
+    config = KeyValueConfig(
+        bucket=bucket,
+        history=history,
+        ttl=ttl_s,
+        replicas=replicas,
+        storage=StorageType.FILE,
+    )
+    try:
+        kv = await js.create_key_value(config)
+        logger.info("created KV bucket %s (replicas %s, ttl %ss)", bucket, replicas, ttl_s)
+        return kv
+    except APIError as exc:
+        if exc.err_code != _STREAM_NAME_IN_USE:
+            raise
+        return await js.key_value(bucket)

@@ -1,0 +1,1 @@
+"""The JetStream consent ledger (`jetstream_ledger.JetStreamConsentLedger`)."""

@@ -1,0 +1,101 @@
+"""Helpers for the candidate provider tests: unique JetStream names, settings, a NATS bus."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import anyio
+from nats.js.errors import NotFoundError
+
+from bus import open_nats_bus
+from bus.nats import NatsBus
+from lukhas.config import Settings
+from lukhas.runtime import Runtime
+from lukhas.testing import MatrizRecorder
+
+PSEUDONYM_KEY = "test-candidate-pseudonym-key"
+
+
+def user() -> str:
+    """A fresh raw user id (raw ids in tests start with `usr_`, see the root conftest)."""
+    return f"usr_{uuid.uuid4().hex[:12]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Names:
+    """JetStream names no other test uses."""
+
+    tag: str
+
+    @property
+    def stream(self) -> str:
+        return f"CONSENT_LEDGER_{self.tag}"
+
+    @property
+    def state_bucket(self) -> str:
+        return f"consent_state_{self.tag}"
+
+    @property
+    def subject_prefix(self) -> str:
+        return f"test.{self.tag}.ledger.consent"
+
+    @property
+    def credentials_bucket(self) -> str:
+        return f"passkey_credentials_{self.tag}"
+
+    @property
+    def challenges_bucket(self) -> str:
+        return f"passkey_challenges_{self.tag}"
+
+    def ledger_options(self, **overrides: Any) -> dict[str, Any]:
+        return {
+            "stream": self.stream,
+            "state_bucket": self.state_bucket,
+            "subject_prefix": self.subject_prefix,
+            **overrides,
+        }
+
+    def passkey_options(self, **overrides: Any) -> dict[str, Any]:
+        return {
+            "credentials_bucket": self.credentials_bucket,
+            "challenges_bucket": self.challenges_bucket,
+            **overrides,
+        }
+
+    async def drop(self, bus: NatsBus) -> None:
+        js = bus.jetstream()
+        streams = [self.stream] + [
+            f"KV_{b}" for b in (self.state_bucket, self.credentials_bucket, self.challenges_bucket)
+        ]
+        for name in streams:
+            try:
+                await js.delete_stream(name)
+            except NotFoundError:
+                pass
+
+
+def nats_settings(nats_url: str, **overrides: Any) -> Settings:
+    """Outside DRY_RUN, on NATS, with a stable pseudonym key; flags via `overrides`."""
+    return dataclasses.replace(
+        Settings(nats_url=nats_url, pseudonym_key=PSEUDONYM_KEY), **overrides
+    )
+
+
+@asynccontextmanager
+async def nats_bus(url: str, names: Names) -> AsyncIterator[NatsBus]:
+    """A NATS bus; the test's streams and buckets are deleted when it closes."""
+    async with open_nats_bus(url) as bus:
+        try:
+            yield bus
+        finally:
+            with anyio.CancelScope(shield=True):
+                await names.drop(bus)
+
+
+Stack = Callable[..., AbstractAsyncContextManager[tuple[Runtime, MatrizRecorder]]]
+
+

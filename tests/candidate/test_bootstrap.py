@@ -1,0 +1,202 @@
+"""workers/bootstrap.py wires the candidate providers only under their flags, never in DRY_RUN."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from nats.js.errors import NotFoundError
+
+from candidate.governance.consent_ledger.jetstream_ledger import (
+    JetStreamConsentLedger,
+    LedgerOptions,
+)
+from candidate.identity.passkey.fido2_mock import Fido2MockProvider
+from lukhas.config import Settings
+from lukhas.errors import ConfigError
+from lukhas.governance.consent_ledger import registry as consent_registry
+from lukhas.governance.consent_ledger.api import consent_status, record_consent
+from lukhas.identity.passkey import registry as passkey_registry
+from lukhas.identity.passkey.api import (
+    passkey_challenge,
+    passkey_registration_options,
+    register_passkey,
+    verify_passkey,
+)
+from lukhas.runtime import Runtime
+from lukhas.testing import MatrizRecorder, open_test_runtime
+from tests.candidate._support import PSEUDONYM_KEY, Names, Stack, nats_bus, nats_settings, user
+from tests.candidate.authenticator import SoftAuthenticator, b64url, from_b64url
+from workers.bootstrap import unwire_providers, wire_providers
+
+pytestmark = pytest.mark.nats
+
+
+def _all_flags(settings: Settings) -> Settings:
+    return dataclasses.replace(
+        settings, feature_governance_ledger=True, feature_identity_passkey=True
+    )
+
+
+async def test_flags_off_leave_the_null_providers(wired: Stack) -> None:
+    uid = user()
+    async with wired() as (runtime, _):
+        # Nothing was registered: even with the flags on, the registries would answer null.
+        flagged = _all_flags(runtime.settings)
+        assert consent_registry.get_provider(flagged).name == "null"
+        assert passkey_registry.get_provider(flagged).name == "null"
+        assert (await record_consent(uid, "gmail.read"))["provider"] == "null"
+        refused = await verify_passkey({"challenge": "abc"})
+        assert refused == {**refused, "ok": False, "provider": "null", "reason": "no_verifier"}
+
+
+async def test_flags_on_wire_the_real_providers(wired: Stack, names: Names) -> None:
+    uid = user()
+    async with wired(ledger=True, passkey=True) as (runtime, _):
+        assert (await record_consent(uid, "gmail.read"))["provider"] == "jetstream"
+        assert (await consent_status(uid, "gmail.read"))["status"] == "granted"
+        assert (await passkey_challenge(uid))["provider"] == "webauthn"
+        js = runtime.bus.jetstream()  # type: ignore[attr-defined]
+        info = await js.stream_info(names.stream)
+        assert info.config.num_replicas == runtime.settings.ledger_replicas == 1
+        assert info.config.deny_delete and info.config.deny_purge
+        challenges = await (await js.key_value(names.challenges_bucket)).status()
+        assert challenges.ttl == runtime.settings.webauthn_challenge_ttl_s
+
+        unwire_providers()
+        assert (await record_consent(uid, "gmail.read"))["provider"] == "null"
+        assert (await passkey_challenge(uid))["provider"] == "null"
+
+
+async def test_one_flag_wires_only_its_slice(wired: Stack) -> None:
+    uid = user()
+    async with wired(passkey=True):
+        assert (await record_consent(uid, "gmail.read"))["provider"] == "null"
+        assert (await passkey_challenge(uid))["provider"] == "webauthn"
+
+
+async def test_dry_run_wires_nothing_and_answers_null(nats_url: str, names: Names) -> None:
+    uid = user()
+    settings = _all_flags(nats_settings(nats_url, dry_run=True))
+    async with nats_bus(nats_url, names) as bus:
+        async with open_test_runtime(settings, bus=bus) as (runtime, _):
+            await wire_providers(runtime, ledger_options=names.ledger_options())
+            js = bus.jetstream()
+            with pytest.raises(NotFoundError):
+                await js.stream_info(names.stream)  # ensure() never ran
+            # Whatever is registered, DRY_RUN answers with the null providers.
+            ledger = JetStreamConsentLedger(
+                bus, runtime.pseudonymize, LedgerOptions(**names.ledger_options())
+            )
+            consent_registry.register(ledger)
+            passkey_registry.register(Fido2MockProvider(runtime.pseudonymize))
+            assert consent_registry.get_provider(settings).name == "null"
+            assert (await record_consent(uid, "gmail.read"))["provider"] == "null"
+            reply = await verify_passkey({"challenge": "xyz"})
+            assert reply == {"ok": True, "provider": "null", "challenge": "xyz"}
+
+
+@pytest.mark.parametrize(
+    ("flag", "field"),
+    [
+        ("FEATURE_GOVERNANCE_LEDGER", "feature_governance_ledger"),
+        ("FEATURE_IDENTITY_PASSKEY", "feature_identity_passkey"),
+    ],
+)
+async def test_a_flag_on_the_memory_bus_outside_dry_run_is_a_config_error(
+    flag: str, field: str
+) -> None:
+    settings = Settings(offline=True, pseudonym_key=PSEUDONYM_KEY, **{field: True})
+    async with open_test_runtime(settings) as (runtime, _):
+        with pytest.raises(ConfigError) as caught:
+            await wire_providers(runtime)
+        assert caught.value.variable == flag and "JetStream" in str(caught.value)
+        assert consent_registry.get_provider(settings).name == "null"
+        assert passkey_registry.get_provider(settings).name == "null"
+
+
+async def test_the_real_providers_need_a_stable_pseudonym_key(
+    nats_url: str, names: Names
+) -> None:
+    settings = _all_flags(nats_settings(nats_url, pseudonym_key=None))
+    async with nats_bus(nats_url, names) as bus:
+        async with open_test_runtime(settings, bus=bus) as (runtime, _):
+            with pytest.raises(ConfigError) as caught:
+                await wire_providers(runtime, ledger_options=names.ledger_options())
+            assert caught.value.variable == "LUKHAS_PSEUDONYM_KEY"
+
+
+async def test_wiring_is_all_or_nothing(nats_url: str, names: Names) -> None:
+    settings = _all_flags(nats_settings(nats_url))
+    async with nats_bus(nats_url, names) as bus:
+        async with open_test_runtime(settings, bus=bus) as (runtime, _):
+            with pytest.raises(ValueError, match="unknown passkey provider"):
+                await wire_providers(
+                    runtime,
+                    passkey_provider="bogus",  # type: ignore[arg-type]
+                    ledger_options=names.ledger_options(),
+                )
+            assert consent_registry.get_provider(settings).name == "null"
+
+
+def _mock_assertion(authn: SoftAuthenticator, options: dict[str, Any]) -> dict[str, Any]:
+    """The software authenticator's assertion, signed the fido2_mock way."""
+    assertion = authn.get(options)
+    response = assertion["response"]
+    signature = Fido2MockProvider.sign(
+        authn.credential_id,
+        from_b64url(response["authenticatorData"]),
+        from_b64url(response["clientDataJSON"]),
+    )
+    return {**assertion, "response": {**response, "signature": b64url(signature)}}
+
+
+@pytest.mark.parametrize("bus", ["nats", "memory"])
+async def test_the_flag_swaps_in_fido2_mock(wired: Stack, bus: str) -> None:
+    uid = user()
+    authn = SoftAuthenticator()
+    if bus == "nats":
+        stack = wired(passkey=True, passkey_provider="fido2_mock")
+    else:  # the mock needs no JetStream, so it wires on the in-memory bus too
+        settings = Settings(
+            offline=True, pseudonym_key=PSEUDONYM_KEY, feature_identity_passkey=True
+        )
+        stack = _memory_stack(settings)
+    async with stack:
+        options = await passkey_registration_options(uid, None)
+        assert options["provider"] == "fido2_mock"
+        registered = await register_passkey(uid, authn.create(options["options"]))
+        assert registered == {"ok": True, "provider": "fido2_mock", "credential_id": authn.id}
+        challenge = await passkey_challenge(uid)
+        assertion = _mock_assertion(authn, challenge["options"])
+        verified = await verify_passkey(assertion)
+        assert verified == {
+            "ok": True, "provider": "fido2_mock", "credential_id": authn.id, "new_sign_count": 1
+        }
+        replay = await verify_passkey(assertion)
+        assert replay["ok"] is False and replay["reason"] == "challenge_reused"
+        forged = authn.get((await passkey_challenge(uid))["options"])  # a real ECDSA signature
+        assert (await verify_passkey(forged))["reason"] == "bad_signature"
+
+
+@asynccontextmanager
+async def _memory_stack(settings: Settings) -> AsyncIterator[tuple[Runtime, MatrizRecorder]]:
+    async with open_test_runtime(settings) as (runtime, recorder):
+        await wire_providers(runtime, passkey_provider="fido2_mock")
+        yield runtime, recorder
+
+
+async def test_fido2_mock_is_deterministic() -> None:
+    def pseudonymize(user_id: str) -> str:
+        return "psn_" + hashlib.sha256(user_id.encode()).hexdigest()[:32]
+
+    first, second = Fido2MockProvider(pseudonymize), Fido2MockProvider(pseudonymize)
+    uid = user()
+    a = [json.dumps(await first.challenge(uid), sort_keys=True) for _ in range(3)]
+    b = [json.dumps(await second.challenge(uid), sort_keys=True) for _ in range(3)]
+    assert a == b and len(set(a)) == 3

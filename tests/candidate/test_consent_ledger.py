@@ -1,0 +1,355 @@
+"""The JetStream consent ledger against a real nats-server, through the public API."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import anyio
+import pytest
+from nats.js.errors import APIError
+
+from candidate.governance.consent_ledger import _chain
+from candidate.governance.consent_ledger.jetstream_ledger import (
+    JetStreamConsentLedger,
+    LedgerOptions,
+)
+from lukhas.governance.consent_ledger import registry as consent_registry
+from lukhas.governance.consent_ledger.api import (
+    consent_history,
+    consent_status,
+    record_consent,
+    revoke_consent,
+    verify_consent_chain,
+)
+from lukhas.governance.consent_ledger.messages import ConsentEntry
+from lukhas.observability.pseudonym import Pseudonymizer
+from lukhas.observability.tracing import bind_trace
+from tests.candidate._support import PSEUDONYM_KEY, Names, Stack, nats_bus, user
+
+pytestmark = pytest.mark.nats
+
+
+async def test_record_revoke_status_history_verify_round_trip(wired: Stack) -> None:
+    uid = user()
+    async with wired(ledger=True) as (runtime, recorder):
+        assert (await consent_status(uid, "gmail.read"))["status"] == "none"
+
+        granted = await record_consent(uid, "gmail.read", {"purpose": "inbox", "weight": 0.5})
+        assert granted["ok"] is True and granted["provider"] == "jetstream"
+        assert granted["entry"]["user_id"] == uid
+        assert granted["entry"]["scope"] == "gmail.read"
+        assert granted["entry"]["metadata"] == {"purpose": "inbox", "weight": 0.5}
+        assert set(granted["entry"]) >= {"trace_id", "ts", "user_id", "scope", "metadata"}
+        assert granted["prev_hash"] == _chain.GENESIS and len(granted["hash"]) == 64
+        assert granted["duplicate"] is False
+
+        status = await consent_status(uid, "gmail.read")
+        assert status["status"] == "granted" and status["seq"] == granted["seq"]
+
+        revoked = await revoke_consent(uid, "gmail.read")
+        assert revoked["ok"] is True and revoked["entry"]["action"] == "revoke"
+        assert revoked["seq"] > granted["seq"] and revoked["prev_hash"] == granted["hash"]
+        assert (await consent_status(uid, "gmail.read"))["status"] == "revoked"
+
+        # Scopes are independent; `:` and `/` are fine in scopes though not in KV keys.
+        other = await record_consent(uid, "calendar:read/events")
+        assert (await consent_status(uid, "calendar:read/events"))["status"] == "granted"
+        assert (await consent_status(uid, "gmail.read"))["status"] == "revoked"
+
+        history = await consent_history(uid)
+        assert history["ok"] is True
+        records = history["records"]
+        assert [r["seq"] for r in records] == [granted["seq"], revoked["seq"], other["seq"]]
+        assert [r["action"] for r in records] == ["grant", "revoke", "grant"]
+        assert all(r["user_id"] == uid for r in records)
+        assert records[0]["prev_hash"] == _chain.GENESIS
+        assert [r["prev_hash"] for r in records[1:]] == [r["hash"] for r in records[:-1]]
+
+        verdict = await verify_consent_chain(uid)
+        assert verdict["ok"] is True and verdict["valid"] is True
+        assert verdict["length"] == 3 and "broken_at" not in verdict
+        assert verdict["head"] == other["hash"]
+
+        # Nine calls, nine CONSENT nodes, each naming the subject only by pseudonym.
+        nodes = await recorder.take(9)
+        pseudonym = runtime.pseudonymize(uid)
+        assert {n["type"] for n in nodes} == {"CONSENT"}
+        assert {n["provenance"]["subject_pseudonym"] for n in nodes} == {pseudonym}
+
+
+async def test_the_stream_holds_pseudonyms_never_raw_ids(
+    wired: Stack, names: Names
+) -> None:
+    uid = user()
+    async with wired(ledger=True) as (runtime, _):
+        await record_consent(uid, "gmail.read", {"note": "kept"})
+        js = runtime.bus.jetstream()  # type: ignore[attr-defined]
+        info = await js.stream_info(names.stream, subjects_filter=">")
+        pseudonym = runtime.pseudonymize(uid)
+        assert info.state.subjects == {f"{names.subject_prefix}.{pseudonym}": 1}
+        stored = await js.get_last_msg(names.stream, f"{names.subject_prefix}.{pseudonym}")
+        assert uid.encode() not in stored.data
+        assert json.loads(stored.data)["pseudonym"] == pseudonym
+        state = await js.key_value(names.state_bucket)
+        assert all(uid not in key for key in await state.keys())
+
+
+async def test_the_ledger_is_append_only(wired: Stack, names: Names) -> None:
+    uid = user()
+    async with wired(ledger=True) as (runtime, _):
+        first = await record_consent(uid, "gmail.read")
+        js = runtime.bus.jetstream()  # type: ignore[attr-defined]
+        with pytest.raises(APIError):
+            await js.delete_msg(names.stream, first["seq"])
+        with pytest.raises(APIError):
+            await js.purge_stream(names.stream)
+        assert (await verify_consent_chain(uid))["valid"] is True
+
+
+async def test_status_honours_expiry(wired: Stack) -> None:
+    uid = user()
+    # A zero TTL makes every grant lapse the moment it is recorded.
+    async with wired(ledger=True, ledger_options={"consent_ttl_s": 0}):
+        granted = await record_consent(uid, "gmail.read")
+        assert granted["expires_at"] == granted["entry"]["ts"]
+        status = await consent_status(uid, "gmail.read")
+        assert status["status"] == "expired" and status["expires_at"] == granted["expires_at"]
+        await revoke_consent(uid, "gmail.read")
+        assert (await consent_status(uid, "gmail.read"))["status"] == "revoked"
+        history = await consent_history(uid)
+        assert [r["expires_at"] for r in history["records"]] == [granted["expires_at"], None]
+
+
+async def test_expiry_follows_the_clock(wired: Stack, names: Names) -> None:
+    uid = user()
+    now = [time.time()]
+    async with wired(ledger=True) as (runtime, _):
+        ledger = JetStreamConsentLedger(
+            runtime.bus,
+            runtime.pseudonymize,
+            LedgerOptions(**names.ledger_options(consent_ttl_s=3600)),
+            clock=lambda: now[0],
+        )
+        await ledger.ensure()
+        consent_registry.register(ledger)
+        granted = await record_consent(uid, "gmail.read")
+        assert granted["expires_at"] == granted["entry"]["ts"] + 3_600_000
+        now[0] += 3599
+        assert (await consent_status(uid, "gmail.read"))["status"] == "granted"
+        now[0] += 2
+        assert (await consent_status(uid, "gmail.read"))["status"] == "expired"
+        renewed = await record_consent(uid, "gmail.read")  # renewing restarts the clock
+        now[0] = renewed["entry"]["ts"] / 1000 + 60
+        assert (await consent_status(uid, "gmail.read"))["status"] == "granted"
+
+
+def _forge(kind: str, genuine: dict[str, Any], other_pseudonym: str) -> bytes:
+    """A record published by someone bypassing the ledger."""
+    if kind == "edited":  # linked correctly, content changed, hash left as it was
+        return _chain.canonical(
+            {**genuine, "prev_hash": genuine["hash"], "scope": "everything.write"}
+        )
+    if kind == "relinked":  # self-consistent, but chained to the wrong predecessor
+        return _chain.canonical(_chain.seal({**genuine, "prev_hash": _chain.GENESIS}))
+    if kind == "foreign":  # a valid record of another data subject
+        return _chain.canonical(
+            _chain.seal({**genuine, "pseudonym": other_pseudonym, "prev_hash": genuine["hash"]})
+        )
+    return b"not a record"
+
+
+@pytest.mark.parametrize(
+    ("kind", "problem"),
+    [
+        ("edited", "hash_mismatch"),
+        ("relinked", "prev_hash_mismatch"),
+        ("foreign", "wrong_subject"),
+        ("garbage", "malformed"),
+    ],
+)
+async def test_a_tampered_record_is_detected(
+    wired: Stack, names: Names, kind: str, problem: str
+) -> None:
+    uid = user()
+    async with wired(ledger=True) as (runtime, _):
+        first = await record_consent(uid, "gmail.read")
+        second = await record_consent(uid, "drive.read")
+        js = runtime.bus.jetstream()  # type: ignore[attr-defined]
+        subject = f"{names.subject_prefix}.{runtime.pseudonymize(uid)}"
+        genuine = json.loads((await js.get_last_msg(names.stream, subject)).data)
+        forged = await js.publish(subject, _forge(kind, genuine, runtime.pseudonymize(user())))
+        # Later genuine appends chain on from whatever is at the tail; the break stays found.
+        after = await record_consent(uid, "photos.read")
+        assert after["seq"] > forged.seq > second["seq"]
+
+        verdict = await verify_consent_chain(uid)
+        assert verdict["ok"] is True and verdict["valid"] is False
+        assert verdict["broken_at"] == forged.seq and verdict["problem"] == problem
+        assert verdict["length"] == 3  # records read up to and including the broken one
+
+        history = await consent_history(uid)
+        assert [r["seq"] for r in history["records"]] == [
+            first["seq"], second["seq"], forged.seq, after["seq"]
+        ]
+
+
+async def test_concurrent_writers_keep_one_chain(nats_url: str, names: Names) -> None:
+    uid = user()
+    per_writer = 12
+    pseudonymize = Pseudonymizer(PSEUDONYM_KEY)
+    options = LedgerOptions(**names.ledger_options())
+    replies: list[dict[str, Any]] = []
+
+    async def writer(bus: Any, name: str) -> None:
+        ledger = JetStreamConsentLedger(bus, pseudonymize, options)
+        await ledger.ensure()
+        for i in range(per_writer):
+            entry = ConsentEntry(
+                trace_id=f"{name}-{i}", ts=time.time_ns() // 1_000_000, user_id=uid,
+                scope=f"scope.{i % 3}", metadata={"writer": name},
+                action="grant" if i % 2 == 0 else "revoke",
+            )
+            write = ledger.record if entry.action == "grant" else ledger.revoke
+            replies.append(await write(entry, idempotency_key=None))
+
+    # Two connections, as two workers in one queue group would have.
+    async with nats_bus(nats_url, names) as bus_a, nats_bus(nats_url, names) as bus_b:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(writer, bus_a, "a")
+                tg.start_soon(writer, bus_b, "b")
+        ledger = JetStreamConsentLedger(bus_a, pseudonymize, options)
+        await ledger.ensure()
+        verdict = await ledger.verify_chain(uid)
+        assert verdict["valid"] is True and verdict["length"] == 2 * per_writer
+        records = (await ledger.history(uid))["records"]
+        assert len({r["trace_id"] for r in records}) == 2 * per_writer
+        assert [r["prev_hash"] for r in records[1:]] == [r["hash"] for r in records[:-1]]
+        assert sorted(r["seq"] for r in replies) == [r["seq"] for r in records]
+        assert not any(r["duplicate"] for r in replies)
+        # Each scope's state is its latest record, whichever writer's KV update landed last.
+        for scope in ("scope.0", "scope.1", "scope.2"):
+            latest = [r for r in records if r["scope"] == scope][-1]
+            status = await ledger.status(uid, scope)
+            assert status["seq"] == latest["seq"]
+            assert status["status"] == ("granted" if latest["action"] == "grant" else "revoked")
+
+
+def _entry(uid: str, trace_id: str, scope: str = "gmail.read") -> ConsentEntry:
+    return ConsentEntry(
+        trace_id=trace_id, ts=time.time_ns() // 1_000_000, user_id=uid, scope=scope, metadata={}
+    )
+
+
+async def test_a_writer_with_a_stale_tail_retries_and_chains_after_the_winner(
+    nats_url: str, names: Names
+) -> None:
+    """Deterministic race: a rival appends between this writer's tail read and its publish."""
+    uid = user()
+    pseudonymize = Pseudonymizer(PSEUDONYM_KEY)
+    options = LedgerOptions(**names.ledger_options())
+    rival_reply: list[dict[str, Any]] = []
+
+    class Interrupted(JetStreamConsentLedger):
+        async def _tail(self, subject: str) -> tuple[int, str]:
+            tail = await super()._tail(subject)
+            if not rival_reply:
+                rival_reply.append(await rival.record(_entry(uid, "rival"), idempotency_key=None))
+            return tail
+
+    async with nats_bus(nats_url, names) as bus_a, nats_bus(nats_url, names) as bus_b:
+        rival = JetStreamConsentLedger(bus_b, pseudonymize, options)
+        ledger = Interrupted(bus_a, pseudonymize, options)
+        await rival.ensure()
+        await ledger.ensure()
+        mine = await ledger.record(_entry(uid, "late"), idempotency_key=None)
+
+        # The publish against the stale tail was refused; the re-read put it after the rival.
+        assert ledger.statistics().retries == 1
+        assert mine["seq"] > rival_reply[0]["seq"]
+        assert mine["prev_hash"] == rival_reply[0]["hash"]
+        records = (await ledger.history(uid))["records"]
+        assert [r["trace_id"] for r in records] == ["rival", "late"]
+        assert (await ledger.verify_chain(uid))["valid"] is True
+
+
+async def test_a_retried_request_records_once(wired: Stack) -> None:
+    uid = user()
+    async with wired(ledger=True):
+        first = await record_consent(uid, "gmail.read", {"v": 1}, idempotency_key="req-1")
+        again = await record_consent(uid, "gmail.read", {"v": 1}, idempotency_key="req-1")
+        assert first["duplicate"] is False and again["duplicate"] is True
+        assert again["seq"] == first["seq"] and again["hash"] == first["hash"]
+        assert again["entry"] == first["entry"]  # the originally recorded entry, trace id too
+
+        # After the tail moved on, a late retry still finds the original.
+        moved = await record_consent(uid, "drive.read", idempotency_key="req-2")
+        late = await record_consent(uid, "gmail.read", {"v": 1}, idempotency_key="req-1")
+        assert late["duplicate"] is True and late["seq"] == first["seq"]
+
+        # A key reused for a different operation records that operation.
+        revoked = await revoke_consent(uid, "gmail.read", idempotency_key="req-1")
+        assert revoked["duplicate"] is False and revoked["seq"] > moved["seq"]
+        assert (await consent_status(uid, "gmail.read"))["status"] == "revoked"
+
+        history = await consent_history(uid)
+        seqs = [r["seq"] for r in history["records"]]
+        assert seqs == [first["seq"], moved["seq"], revoked["seq"]]
+        assert (await verify_consent_chain(uid))["valid"] is True
+
+
+async def test_concurrent_duplicates_record_once(wired: Stack) -> None:
+    uid = user()
+    replies: list[dict[str, Any]] = []
+
+    async def send() -> None:
+        replies.append(await record_consent(uid, "gmail.read", idempotency_key="burst"))
+
+    async with wired(ledger=True):
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for _ in range(6):
+                    tg.start_soon(send)
+        assert len({r["seq"] for r in replies}) == 1
+        assert [r["duplicate"] for r in replies].count(False) == 1
+        assert len((await consent_history(uid))["records"]) == 1
+
+
+async def test_the_trace_id_dedupes_when_no_key_is_given(wired: Stack) -> None:
+    uid = user()
+    async with wired(ledger=True):
+        with bind_trace(None) as trace_id:
+            first = await record_consent(uid, "gmail.read")
+            again = await record_consent(uid, "gmail.read")
+        assert first["entry"]["trace_id"] == trace_id
+        assert again["duplicate"] is True and again["seq"] == first["seq"]
+        fresh = await record_consent(uid, "gmail.read")  # a new trace: a new request
+        assert fresh["duplicate"] is False and fresh["seq"] > first["seq"]
+
+
+async def test_users_do_not_share_chains(wired: Stack) -> None:
+    alice, bob = user(), user()
+    async with wired(ledger=True):
+        await record_consent(alice, "gmail.read", idempotency_key="same-key")
+        bobs = await record_consent(bob, "gmail.read", idempotency_key="same-key")
+        assert bobs["duplicate"] is False and bobs["prev_hash"] == _chain.GENESIS
+        assert (await verify_consent_chain(alice))["length"] == 1
+        assert (await verify_consent_chain(bob))["length"] == 1
+        assert (await consent_history(user()))["records"] == []
+        empty = await verify_consent_chain(user())
+        assert empty["valid"] is True and empty["length"] == 0
+
+
+def test_chain_verification_is_pure() -> None:
+    pseudonym = "psn_" + "0" * 32
+    first = _chain.seal({"pseudonym": pseudonym, "prev_hash": _chain.GENESIS, "n": 1})
+    second = _chain.seal({"pseudonym": pseudonym, "prev_hash": first["hash"], "n": 2})
+    good = [(1, _chain.canonical(first)), (2, _chain.canonical(second))]
+    assert _chain.verify(good, pseudonym=pseudonym).valid
+    swapped = [good[1], good[0]]
+    report = _chain.verify(swapped, pseudonym=pseudonym)
+    assert not report.valid and report.broken_at == 2 and report.problem == "prev_hash_mismatch"
+    dropped = [good[1]]
+    assert _chain.verify(dropped, pseudonym=pseudonym).broken_at == 2

@@ -1,0 +1,139 @@
+"""Runtime wiring: register the real providers from `candidate/` when their flags allow.
+
+Only here, at startup and only outside DRY_RUN, does anything import `candidate` (by module
+path, with importlib; the lane rule binds `lukhas/`, which never does). A slice whose
+feature flag is off keeps its builtin null provider, and in DRY_RUN the registries answer
+with the null providers whatever is registered.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from lukhas.errors import ConfigError
+from lukhas.governance.consent_ledger import registry as consent_registry
+from lukhas.identity.passkey import registry as passkey_registry
+from lukhas.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+LEDGER_MODULE = "candidate.governance.consent_ledger.jetstream_ledger"
+WEBAUTHN_MODULE = "candidate.identity.passkey.webauthn_provider"
+FIDO2_MOCK_MODULE = "candidate.identity.passkey.fido2_mock"
+
+PasskeyProviderName = Literal["webauthn", "fido2_mock"]
+
+
+async def wire_providers(
+    runtime: Runtime,
+    *,
+    passkey_provider: PasskeyProviderName = "webauthn",
+    ledger_options: Mapping[str, Any] | None = None,
+    passkey_options: Mapping[str, Any] | None = None,
+) -> None:
+    """Build, `ensure()` and register the real provider of every slice whose flag is on.
+
+    Nothing happens in DRY_RUN or for a slice whose flag is off. Wiring is all or nothing:
+    if one provider fails, none stays registered.
+
+    Args:
+        passkey_provider: "webauthn" (py_webauthn on JetStream KV) or "fido2_mock" (the
+            deterministic in-memory CI provider, which needs no JetStream).
+        ledger_options: `LedgerOptions` fields to override (stream, bucket, subject prefix,
+            consent TTL...); the rest come from the settings.
+        passkey_options: `WebAuthnOptions` fields (or, for fido2_mock, keyword arguments)
+            to override.
+
+    Raises:
+        ConfigError: a flag is on but what its provider needs is missing (a NATS bus with
+            JetStream, a stable LUKHAS_PSEUDONYM_KEY).
+        ValueError: `passkey_provider` is not a known provider.
+    """
+    settings = runtime.settings
+    if settings.dry_run:
+        logger.info("DRY_RUN: real providers stay unwired; the null providers answer")
+        return
+    try:
+        if settings.feature_governance_ledger:
+            await _wire_ledger(runtime, dict(ledger_options or {}))
+        if settings.feature_identity_passkey:
+            await _wire_passkey(runtime, passkey_provider, dict(passkey_options or {}))
+    except BaseException:
+        unwire_providers()
+        raise
+
+
+def unwire_providers() -> None:
+    """Forget every registered real provider (shutdown, tests)."""
+    consent_registry.reset()
+    passkey_registry.reset()
+
+
+#: Short alias.
+unwire = unwire_providers
+
+
+async def _wire_ledger(runtime: Runtime, overrides: dict[str, Any]) -> None:
+    flag = "FEATURE_GOVERNANCE_LEDGER"
+    js = _jetstream(runtime, flag, "the JetStream consent ledger")
+    _require_stable_pseudonyms(runtime, flag)
+    module = importlib.import_module(LEDGER_MODULE)
+    ledger = module.JetStreamConsentLedger.from_settings(
+        js, runtime.pseudonymize, runtime.settings, **overrides
+    )
+    await ledger.ensure()
+    consent_registry.register(ledger)
+    logger.info("%s: consent ledger provider %r registered", flag, ledger.name)
+
+
+async def _wire_passkey(runtime: Runtime, name: str, overrides: dict[str, Any]) -> None:
+    flag = "FEATURE_IDENTITY_PASSKEY"
+    settings = runtime.settings
+    provider: Any
+    if name == "webauthn":
+        js = _jetstream(runtime, flag, "the WebAuthn passkey provider")
+        _require_stable_pseudonyms(runtime, flag)
+        module = importlib.import_module(WEBAUTHN_MODULE)
+        provider = module.WebAuthnPasskeyProvider.from_settings(
+            js, runtime.pseudonymize, settings, **overrides
+        )
+    elif name == "fido2_mock":
+        module = importlib.import_module(FIDO2_MOCK_MODULE)
+        mock_options: dict[str, Any] = {
+            "rp_id": settings.webauthn_rp_id,
+            "origins": settings.webauthn_origins,
+            "require_uv": settings.webauthn_require_uv,
+            "challenge_ttl_s": float(settings.webauthn_challenge_ttl_s),
+            **overrides,
+        }
+        provider = module.Fido2MockProvider(runtime.pseudonymize, **mock_options)
+    else:
+        raise ValueError(f"unknown passkey provider {name!r}: expected webauthn or fido2_mock")
+    await provider.ensure()
+    passkey_registry.register(provider)
+    logger.info("%s: passkey provider %r registered", flag, provider.name)
+
+
+def _jetstream(runtime: Runtime, flag: str, what: str) -> Any:
+    jetstream = getattr(runtime.bus, "jetstream", None)
+    if runtime.bus.backend != "nats" or jetstream is None:
+        raise ConfigError(
+            flag,
+            "true",
+            f"false while the bus is {runtime.bus.backend!r}: {what} needs NATS with "
+            "JetStream (unset LUKHAS_OFFLINE and give NATS_URL, or let `lukhas up` start one)",
+        )
+    return jetstream()
+
+
+def _require_stable_pseudonyms(runtime: Runtime, flag: str) -> None:
+    if getattr(runtime.pseudonymize, "ephemeral", False):
+        raise ConfigError(
+            "LUKHAS_PSEUDONYM_KEY",
+            "",
+            f"a secret key while {flag}=true: durable state is keyed by pseudonym, which "
+            "must be the same in every worker and across restarts",
+        )
