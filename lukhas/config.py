@@ -78,6 +78,7 @@ KNOWN_VARIABLES: tuple[str, ...] = (
     "LUKHAS_WEBAUTHN_ORIGINS",
     "LUKHAS_WEBAUTHN_REQUIRE_UV",
     "LUKHAS_WEBAUTHN_CHALLENGE_TTL_S",
+    "LUKHAS_PASSKEY_PROVIDER",
     "LUKHAS_PSEUDONYM_KEY",
     "LUKHAS_TENANT",
     "LUKHAS_WORKER_CONCURRENCY",
@@ -121,6 +122,7 @@ class Settings:
     webauthn_origins: tuple[str, ...] = ("http://localhost:8000",)
     webauthn_require_uv: bool = True
     webauthn_challenge_ttl_s: int = 120
+    passkey_provider: str = "webauthn"
     pseudonym_key: str | None = None
     tenant: str = "default"
     worker_concurrency: int = 256
@@ -146,6 +148,9 @@ class Settings:
         log_level = (env.get("LUKHAS_LOG_LEVEL") or "INFO").strip().upper()
         if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ConfigError("LUKHAS_LOG_LEVEL", log_level, "DEBUG, INFO, WARNING or ERROR")
+        passkey_provider = (_text(env, "LUKHAS_PASSKEY_PROVIDER") or "webauthn").lower()
+        if passkey_provider not in {"webauthn", "fido2_mock"}:
+            raise ConfigError("LUKHAS_PASSKEY_PROVIDER", passkey_provider, "webauthn or fido2_mock")
         replicas = _number(env, "LUKHAS_LEDGER_REPLICAS", 1, int, minimum=1)
         if replicas > 5:
             raise ConfigError("LUKHAS_LEDGER_REPLICAS", str(replicas), "an int from 1 to 5")
@@ -185,6 +190,7 @@ class Settings:
             webauthn_challenge_ttl_s=_number(
                 env, "LUKHAS_WEBAUTHN_CHALLENGE_TTL_S", 120, int, minimum=1
             ),
+            passkey_provider=passkey_provider,
             pseudonym_key=_text(env, "LUKHAS_PSEUDONYM_KEY"),
             tenant=_text(env, "LUKHAS_TENANT") or "default",
             worker_concurrency=_number(env, "LUKHAS_WORKER_CONCURRENCY", 256, int, minimum=1),

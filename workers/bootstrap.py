@@ -17,6 +17,7 @@ from lukhas.errors import ConfigError
 from lukhas.governance.consent_ledger import registry as consent_registry
 from lukhas.identity.passkey import registry as passkey_registry
 from lukhas.runtime import Runtime
+from workers.streams import HANDOFF_STREAM, durable_publisher, ensure_handoff_stream
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ async def wire_providers(
             await _wire_ledger(runtime, dict(ledger_options or {}))
         if settings.feature_identity_passkey:
             await _wire_passkey(runtime, passkey_provider, dict(passkey_options or {}))
+        if settings.feature_orchestration_handoff:
+            await _wire_handoff(runtime)
     except BaseException:
         unwire_providers()
         raise
@@ -115,6 +118,14 @@ async def _wire_passkey(runtime: Runtime, name: str, overrides: dict[str, Any]) 
     await provider.ensure()
     passkey_registry.register(provider)
     logger.info("%s: passkey provider %r registered", flag, provider.name)
+
+
+async def _wire_handoff(runtime: Runtime) -> None:
+    flag = "FEATURE_ORCHESTRATION_HANDOFF"
+    js = _jetstream(runtime, flag, "durable handoffs")
+    await ensure_handoff_stream(js, replicas=runtime.settings.ledger_replicas)
+    runtime.durable_publish = durable_publisher(js)
+    logger.info("%s: handoffs go through JetStream stream %s", flag, HANDOFF_STREAM)
 
 
 def _jetstream(runtime: Runtime, flag: str, what: str) -> Any:

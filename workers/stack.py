@@ -78,7 +78,7 @@ async def open_worker_runtime(settings: Settings, *, producer: str) -> AsyncIter
         runtime = await stack.enter_async_context(
             open_runtime(settings, bus=bus, producer=producer)
         )
-        await wire_providers(runtime)
+        await wire_providers(runtime, passkey_provider=settings.passkey_provider)  # type: ignore[arg-type]
         stack.callback(unwire_providers)
         yield runtime
 

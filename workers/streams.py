@@ -1,19 +1,24 @@
 """JetStream streams the workers share, created if missing so any worker can start first.
 
-Only the MATRIZ stream lives here today: it captures `matriz.>` so the observability worker,
-a durable consumer, loses no node across restarts. Creation is idempotent and safe when two
-workers race to create it.
+`MATRIZ` captures `matriz.>` so the observability worker, a durable consumer, loses no node
+across restarts. `HANDOFF` captures `lukhas.context.>` when durable handoffs are on, and
+`durable_publisher` is how the handoff slice publishes into it without importing nats.
+Creation is idempotent and safe when two workers race to create a stream.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
+import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig, StreamInfo
 from nats.js.errors import BadRequestError, NotFoundError
 
-from lukhas.subjects import MATRIZ_ALL
+from bus import BusError, RequestTimeout
+from lukhas.runtime import DurablePublish
+from lukhas.subjects import CONTEXT_TARGET_PREFIX, MATRIZ_ALL
 
 logger = logging.getLogger(__name__)
 
@@ -87,3 +92,56 @@ def _log_differences(info: StreamInfo, *, max_age_s: float, max_bytes: int) -> N
             "stream %s exists with max_age=%ss max_bytes=%s (requested %gs, %d); keeping it",
             MATRIZ_STREAM, config.max_age, config.max_bytes, max_age_s, max_bytes,
         )
+
+
+HANDOFF_STREAM = "HANDOFF"
+#: Handoffs kept for a week unless their consumers' stream limits say otherwise.
+HANDOFF_MAX_AGE_S = 7 * 24 * 3600.0
+HANDOFF_MAX_BYTES = 1024 * 1024 * 1024
+
+
+async def ensure_handoff_stream(js: JetStreamContext, *, replicas: int = 1) -> StreamInfo:
+    """Create the `HANDOFF` stream over `lukhas.context.>` unless it exists.
+
+    When full it refuses new handoffs (discard new) rather than dropping accepted ones.
+    """
+    subjects = [f"{CONTEXT_TARGET_PREFIX}.>"]
+    try:
+        return await js.stream_info(HANDOFF_STREAM)
+    except NotFoundError:
+        pass
+    config = StreamConfig(
+        name=HANDOFF_STREAM,
+        description="Context handoffs, acknowledged before the caller hears ok",
+        subjects=subjects,
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.NEW,
+        max_age=HANDOFF_MAX_AGE_S,
+        max_bytes=HANDOFF_MAX_BYTES,
+        num_replicas=replicas,
+    )
+    try:
+        return await js.add_stream(config)
+    except BadRequestError as exc:
+        if exc.err_code != _STREAM_NAME_IN_USE:
+            raise
+        return await js.stream_info(HANDOFF_STREAM)
+
+
+def durable_publisher(js: JetStreamContext, *, timeout_s: float = 5.0) -> DurablePublish:
+    """A `DurablePublish` over `js.publish`: resolves with the stream sequence once acked.
+
+    nats-py errors become bus errors, which the handoff slice reports as `unavailable`.
+    """
+
+    async def publish(subject: str, data: bytes, headers: Mapping[str, str]) -> int:
+        try:
+            ack = await js.publish(subject, data, timeout=timeout_s, headers=dict(headers))
+        except nats.errors.TimeoutError:
+            raise RequestTimeout(subject, timeout_s) from None
+        except nats.errors.Error as exc:
+            raise BusError(f"JetStream publish to {subject} failed: {exc}") from exc
+        return ack.seq
+
+    return publish
