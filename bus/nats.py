@@ -301,7 +301,7 @@ class NatsBus:
         self._published = 0
         self._dropped = 0
         self._reconnects = 0
-        self._last_error: BaseException | None = None
+        self._connect_errors: list[Exception] = []
         self._slow_log = LogThrottle(1.0)
         self._error_log = LogThrottle(5.0)
 
@@ -521,10 +521,9 @@ class NatsBus:
                 **options,
             )
         except (OSError, TimeoutError, nats.errors.Error) as exc:
-            cause = self._last_error if isinstance(exc, nats.errors.NoServersError) else exc
             with anyio.CancelScope(shield=True):
                 await self._client.close()
-            raise BusConnectError(_redact(self.url), _describe(cause or exc)) from exc
+            raise BusConnectError(_redact(self.url), _describe(self._first_cause(exc))) from exc
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._client.close()
@@ -536,6 +535,19 @@ class NatsBus:
         options["allow_reconnect"] = self._max_reconnect_attempts != 0
         options["max_reconnect_attempts"] = self._max_reconnect_attempts
         options["reconnect_time_wait"] = self._reconnect_wait
+
+    def _first_cause(self, raised: BaseException) -> BaseException:
+        """The most telling reason a first connect failed.
+
+        A refusal the server spelled out (e.g. 'Authorization Violation') beats the
+        socket error a retry then met, and either beats nats-py's "no servers".
+        """
+        told = [e for e in self._connect_errors if isinstance(e, nats.errors.Error)]
+        if told:
+            return told[0]
+        if self._connect_errors and isinstance(raised, nats.errors.NoServersError):
+            return self._connect_errors[-1]
+        return raised
 
     async def _on_error(self, exc: Exception) -> None:
         # nats-py awaits this from its socket reader: keep it cheap and never raise.
@@ -551,8 +563,8 @@ class NatsBus:
                     sub._dropped if sub is not None else 1,
                 )
             return
-        self._last_error = exc
         if not self._connected_once:
+            self._connect_errors.append(exc)
             logger.debug("connect attempt to %s failed: %s", _redact(self.url), _describe(exc))
         elif self._error_log.allow(type(exc)):
             logger.warning("NATS error: %s", _describe(exc))
