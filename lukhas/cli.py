@@ -125,6 +125,31 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if ok else 1
 
 
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from workers.verify import run_verify
+
+    repo = Path(args.repo) if args.repo else Path(__file__).resolve().parents[1]
+    passed, _ = anyio.run(
+        lambda: run_verify(repo=repo, out=_print, rate=args.rate, duration_s=args.duration,
+                           skip_tests=args.skip_tests),
+        backend="asyncio",
+    )
+    return 0 if passed else 1
+
+
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.bench import run_bench
+
+    anyio.run(
+        lambda: run_bench(settings, out=_print, json_output=args.json,
+                          duration_s=args.duration, quick=args.quick),
+        backend="asyncio",
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lukhas",
@@ -189,6 +214,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nats-url", default=None,
                       help="a running stack (default NATS_URL; none: start an embedded one)")
     demo.set_defaults(func=cmd_demo)
+
+    verify = commands.add_parser(
+        "verify", help="acceptance gate: ruff, lane contract, manifests, tests, SLA; writes "
+        "artifacts/<git sha>/verify.json and STATUS.md; exit 1 if any gate fails",
+    )
+    verify.add_argument("--rate", type=float, default=200.0,
+                        help="open-loop requests per second per slice for the SLA check")
+    verify.add_argument("--duration", type=float, default=5.0,
+                        help="seconds of open-loop load per slice (default 5)")
+    verify.add_argument("--skip-tests", action="store_true", help="do not run the test suite")
+    verify.add_argument("--repo", default=None, help="checkout to check (default: this one)")
+    verify.set_defaults(func=cmd_verify)
+
+    bench = commands.add_parser(
+        "bench", help="benchmark the slices, MATRIZ emitter, limiter and ledger against raw "
+        "nats-py on a nats-server it starts itself",
+    )
+    bench.add_argument("--json", action="store_true", help="print only the JSON results")
+    bench.add_argument("--duration", type=float, default=5.0,
+                       help="seconds per measurement (default 5)")
+    bench.add_argument("--quick", action="store_true", help="short runs, for smoke tests")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

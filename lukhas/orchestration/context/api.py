@@ -22,7 +22,7 @@ from lukhas.observability.matriz_decorators import annotate, instrument
 from lukhas.observability.tracing import current_trace_id, make_traceparent, new_trace_id
 from lukhas.orchestration.context.messages import ContextHandedOff, HandoffContext
 from lukhas.orchestration.context.ratelimit import FlushConfirmer, HandoffLimiter, InflightGate
-from lukhas.runtime import Runtime, current_runtime
+from lukhas.runtime import DurablePublish, Runtime, current_runtime
 from lukhas.subjects import context_target
 
 _encoder = msgspec.json.Encoder()
@@ -52,6 +52,14 @@ def handoff_controls(runtime: Runtime) -> HandoffControls:
             confirmer=FlushConfirmer(runtime.bus.flush),
         )
     return controls
+
+
+def _durable_publish(runtime: Runtime) -> DurablePublish | None:
+    """The JetStream publisher when FEATURE_ORCHESTRATION_HANDOFF is on outside DRY_RUN."""
+    settings = runtime.settings
+    if settings.dry_run or not settings.feature_orchestration_handoff:
+        return None
+    return runtime.durable_publish
 
 
 def _refusal(reason: str, started: float, **extra: Any) -> dict[str, Any]:
@@ -99,10 +107,10 @@ async def handoff_context(
     subject = context_target(cmd.target)
     headers = {"traceparent": make_traceparent(trace_id)}
     reply: dict[str, Any] = {"ok": True, "mode": "dryrun"}
+    durable = _durable_publish(runtime)
     try:
-        if runtime.durable_publish is not None:
-            reply = {"ok": True, "mode": "feature",
-                     "seq": await runtime.durable_publish(subject, body, headers)}
+        if durable is not None:
+            reply = {"ok": True, "mode": "feature", "seq": await durable(subject, body, headers)}
         else:
             await runtime.bus.publish(subject, body, headers=headers)
             await controls.confirmer.confirmed(controls.confirmer.published())

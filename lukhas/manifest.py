@@ -1,0 +1,115 @@
+"""MODULE_MANIFEST.json: the schema (a msgspec Struct) and the checks that bind it to code.
+
+A manifest promises capabilities, emit points, a feature flag and an SLA. `check_manifest`
+compares every promise with the code: each capability is an instrumented public function of
+the slice's `api` module, their emit points are exactly `matriz_emit_points`, the subjects
+are real subject constants, and the feature flag is a known setting that defaults to false
+and that the slice's code reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+import lukhas
+from lukhas import subjects
+from lukhas.config import KNOWN_VARIABLES, Settings
+
+MANIFEST_NAME = "MODULE_MANIFEST.json"
+
+EmitPointName = Annotated[str, msgspec.Meta(pattern=r"^[A-Z_]+:[a-z_]+:[a-z_.]+$")]
+FeatureFlag = Annotated[str, msgspec.Meta(pattern=r"^FEATURE_[A-Z_]+$")]
+
+
+class Slas(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    p95_ms: Annotated[float, msgspec.Meta(gt=0)]
+
+
+class ModuleManifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The manifest schema; unknown fields are refused, since a typo here hides a promise."""
+
+    module: Annotated[str, msgspec.Meta(pattern=r"^lukhas(\.[a-z_]+)+$")]
+    owner: Annotated[str, msgspec.Meta(pattern=r"^@[\w.-]+$")]
+    capabilities: Annotated[list[str], msgspec.Meta(min_length=1)]
+    feature_flag: FeatureFlag
+    dependencies: list[str]
+    slas: Slas
+    matriz_emit_points: Annotated[list[EmitPointName], msgspec.Meta(min_length=1)]
+    acceptance_checklist: list[str]
+    subjects: dict[str, str] = {}
+    encoding: Literal["json", "msgpack"] = "json"
+    schema_version: str = "1.0.0"
+
+
+def manifest_paths(root: Path | None = None) -> list[Path]:
+    """Every MODULE_MANIFEST.json under `root` (default: the installed `lukhas` package)."""
+    return sorted((root or Path(lukhas.__file__).parent).rglob(MANIFEST_NAME))
+
+
+def load_manifest(path: Path) -> ModuleManifest:
+    """Decode and validate one manifest.
+
+    Raises:
+        msgspec.DecodeError: it is not JSON or does not match the schema (the message
+            names the field, e.g. `$.slas.p95_ms`).
+    """
+    return msgspec.json.decode(path.read_bytes(), type=ModuleManifest)
+
+
+def check_manifest(manifest: ModuleManifest) -> list[str]:
+    """Every way `manifest` and the code disagree; empty when they match."""
+    problems: list[str] = []
+    try:
+        api = importlib.import_module(f"{manifest.module}.api")
+    except ImportError as exc:
+        return [f"{manifest.module}.api cannot be imported: {exc}"]
+
+    points: set[str] = set()
+    for name in manifest.capabilities:
+        fn = getattr(api, name, None)
+        if fn is None or not callable(fn):
+            problems.append(f"capability {name} is not a function of {api.__name__}")
+            continue
+        point = getattr(fn, "__matriz_emit_point__", None)
+        if point is None:
+            problems.append(f"capability {name} is not MATRIZ-instrumented")
+            continue
+        points.add(point.name)
+    declared = set(manifest.matriz_emit_points)
+    if points != declared:
+        missing, extra = sorted(declared - points), sorted(points - declared)
+        problems.append(f"emit points differ: declared only {missing}, in code only {extra}")
+    undeclared = sorted(
+        name for name, fn in inspect.getmembers(api, callable)
+        if hasattr(fn, "__matriz_emit_point__") and fn.__module__ == api.__name__
+        and name not in manifest.capabilities
+    )
+    if undeclared:
+        problems.append(f"instrumented public functions missing from capabilities: {undeclared}")
+
+    known_subjects = {
+        value for name, value in vars(subjects).items() if name.isupper() and isinstance(value, str)
+    }
+    problems += [
+        f"subject {s} is not a constant in lukhas/subjects.py"
+        for s in manifest.subjects if s not in known_subjects
+    ]
+
+    flag = manifest.feature_flag
+    attribute = flag.lower()
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    if flag not in KNOWN_VARIABLES or attribute not in fields:
+        problems.append(f"feature flag {flag} is not a setting in lukhas/config.py")
+    elif fields[attribute].default is not False:
+        problems.append(f"feature flag {flag} does not default to false")
+    package = Path(importlib.import_module(manifest.module).__file__ or "").parent
+    source = "".join(p.read_text() for p in package.rglob("*.py") if "tests" not in p.parts)
+    if f"settings.{attribute}" not in source:
+        problems.append(f"no code in {manifest.module} reads settings.{attribute}")
+    return problems
