@@ -48,8 +48,7 @@ def _client_settings(args: argparse.Namespace, settings: Settings) -> Settings:
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from workers.stack import run_up
 
-    # 0 asks for any free port, which the launcher picks when given no port.
-    port = DEFAULT_PORT if args.port is None else (args.port or None)
+    port = DEFAULT_PORT if args.port is None else args.port
     anyio.run(
         lambda: run_up(
             settings, ready=_print, port=port, data_dir=args.data_dir,

@@ -62,8 +62,15 @@ def _summary(reply: dict[str, Any]) -> str:
     )
 
 
-async def _show_stats(settings: Settings) -> None:
-    snapshot = await request_json(settings, subjects.OBSERVABILITY_STATS, {})
+async def _show_stats(settings: Settings, *, expect_nodes: int = 0) -> None:
+    """Print the snapshot once it counts `expect_nodes` nodes (or after 5 s, whatever it has)."""
+    snapshot: dict[str, Any] = {}
+    with anyio.move_on_after(5):
+        while True:
+            snapshot = await request_json(settings, subjects.OBSERVABILITY_STATS, {})
+            counted = sum(p.get("count", 0) for p in snapshot.get("emit_points", {}).values())
+            if counted >= expect_nodes:
+                break
     print_stats_table(snapshot)
 
 
@@ -100,7 +107,9 @@ async def run_demo(settings: Settings, *, nats_url: str | None, out: Out) -> boo
                     await tg.start(observability.run)
                     good = await _calls(served, out)
                     await runtime.emitter.flush()
-                    await _show_stats(served)
+                    await _show_stats(
+                        served, expect_nodes=runtime.emitter.statistics().published
+                    )
                     await slices.stop()
                     await observability.stop()
     return good

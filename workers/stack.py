@@ -63,7 +63,8 @@ async def embedded_server(
         return
     store = Path(data_dir or settings.data_dir) / "nats"
     store.mkdir(parents=True, exist_ok=True)
-    async with NatsServer(port=port, store_dir=str(store)) as server:
+    # Port 0 asks for any free port, which the launcher picks when given none.
+    async with NatsServer(port=port or None, store_dir=str(store)) as server:
         logger.info("embedded nats-server on %s (JetStream store %s)", server.url, store)
         yield replace(settings, nats_url=server.url)
 
