@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -52,3 +53,17 @@ def test_up_offline_runs_everything_in_memory_and_exits_0_on_sigterm() -> None:
         assert "in-memory bus" in up.stdout[-1]
         up.signal(signal.SIGTERM)
         assert up.wait(30) == 0
+
+
+@pytest.mark.nats
+def test_demo_on_an_embedded_stack_exercises_every_slice_and_exits_0() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
+    result = subprocess.run(
+        [sys.executable, "-m", "lukhas.cli", "demo"], cwd=REPO, capture_output=True, text=True,
+        timeout=120, env={**env, "LUKHAS_METRICS_PORT": "0"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "rate_limited" in result.stdout
+    assert "invalid_request" in result.stdout
+    assert "CONTEXT:orchestration:handoff" in result.stdout
+    assert "!!" not in result.stdout
