@@ -24,6 +24,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as RawSubscription
 from nats.js import JetStreamContext
+from nats.js.api import StreamConfig, StreamInfo
+from nats.js.errors import APIError, NotFoundError
 
 from bus._subject import normalize_headers, validate_pattern, validate_queue, validate_subject
 from bus._throttle import LogThrottle
@@ -46,7 +48,7 @@ from bus.errors import (
     RequestTimeout,
 )
 
-__all__ = ["NatsBus", "NatsSubscription", "open_nats_bus"]
+__all__ = ["NatsBus", "NatsSubscription", "ensure_stream", "open_nats_bus"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,9 @@ logger = logging.getLogger(__name__)
 # second; once connected, the caller's (unbounded by default) setting takes over.
 _FIRST_CONNECT_RETRIES = 1
 _FIRST_CONNECT_RETRY_WAIT = 0.1
+
+# JetStream's "stream name already in use" (another creator got there first).
+_STREAM_NAME_IN_USE = 10058
 
 _Phase = Literal["active", "draining", "drained", "closed"]
 
@@ -714,3 +719,23 @@ async def open_nats_bus(
         yield bus
     finally:
         await bus.close()
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> tuple[StreamInfo, bool]:
+    """Create the JetStream stream `config` describes unless it exists.
+
+    Safe when several workers race to create it. An existing stream keeps its
+    configuration (limits are an operator's decision once set). Returns the stream's
+    info and whether this call created it.
+    """
+    assert config.name is not None, "a stream needs a name"
+    try:
+        return await js.stream_info(config.name), False
+    except NotFoundError:
+        pass
+    try:
+        return await js.add_stream(config), True
+    except APIError as exc:
+        if exc.err_code != _STREAM_NAME_IN_USE:
+            raise
+        return await js.stream_info(config.name), False

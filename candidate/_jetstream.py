@@ -6,8 +6,10 @@ import logging
 
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
-from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
+from nats.js.errors import APIError, BucketNotFoundError
 from nats.js.kv import KeyValue
+
+from bus.nats import ensure_stream as bus_ensure_stream
 
 logger = logging.getLogger(__name__)
 
@@ -24,19 +26,9 @@ def is_wrong_last_sequence(exc: APIError) -> bool:
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     """Create the stream unless it exists; an existing stream is left as it is."""
-    assert config.name is not None
-    try:
-        await js.stream_info(config.name)
-        return
-    except NotFoundError:
-        pass
-    try:
-        await js.add_stream(config)
+    _, created = await bus_ensure_stream(js, config)
+    if created:
         logger.info("created stream %s (replicas %s)", config.name, config.num_replicas)
-    except APIError as exc:
-        if exc.err_code != _STREAM_NAME_IN_USE:
-            raise
-        await js.stream_info(config.name)  # another worker created it first
 
 
 async def ensure_kv(

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig, StreamInfo
-from nats.js.errors import BadRequestError, NotFoundError
 
 from bus import BusError, RequestTimeout
+from bus.nats import ensure_stream
 from lukhas.runtime import DurablePublish
 from lukhas.subjects import CONTEXT_TARGET_PREFIX, MATRIZ_ALL
 
@@ -27,9 +27,6 @@ MATRIZ_STREAM = "MATRIZ"
 MATRIZ_MAX_AGE_S = 24 * 3600.0
 #: The stream never holds more than this; the oldest nodes go first.
 MATRIZ_MAX_BYTES = 1024 * 1024 * 1024
-
-# JetStream's "stream name already in use with a different configuration".
-_STREAM_NAME_IN_USE = 10058
 
 
 async def ensure_matriz_stream(
@@ -50,33 +47,23 @@ async def ensure_matriz_stream(
     """
     if max_age_s <= 0 or max_bytes <= 0:
         raise ValueError(f"MATRIZ stream limits must be positive: {max_age_s=}, {max_bytes=}")
-    try:
-        info = await js.stream_info(MATRIZ_STREAM)
-    except NotFoundError:
-        config = StreamConfig(
-            name=MATRIZ_STREAM,
-            description="MATRIZ nodes of every instrumented LUKHAS call",
-            subjects=[MATRIZ_ALL],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            discard=DiscardPolicy.OLD,
-            max_age=max_age_s,
-            max_bytes=max_bytes,
+    info, created = await ensure_stream(js, StreamConfig(
+        name=MATRIZ_STREAM,
+        description="MATRIZ nodes of every instrumented LUKHAS call",
+        subjects=[MATRIZ_ALL],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        max_age=max_age_s,
+        max_bytes=max_bytes,
+    ))
+    if created:
+        logger.info(
+            "created JetStream stream %s over %s (max_age=%gs, max_bytes=%d)",
+            MATRIZ_STREAM, MATRIZ_ALL, max_age_s, max_bytes,
         )
-        try:
-            info = await js.add_stream(config)
-        except BadRequestError as exc:
-            if exc.err_code != _STREAM_NAME_IN_USE:
-                raise
-            # Another worker created it between our lookup and our create.
-            info = await js.stream_info(MATRIZ_STREAM)
-        else:
-            logger.info(
-                "created JetStream stream %s over %s (max_age=%gs, max_bytes=%d)",
-                MATRIZ_STREAM, MATRIZ_ALL, max_age_s, max_bytes,
-            )
-            return info
-    _log_differences(info, max_age_s=max_age_s, max_bytes=max_bytes)
+    else:
+        _log_differences(info, max_age_s=max_age_s, max_bytes=max_bytes)
     return info
 
 
@@ -105,28 +92,18 @@ async def ensure_handoff_stream(js: JetStreamContext, *, replicas: int = 1) -> S
 
     When full it refuses new handoffs (discard new) rather than dropping accepted ones.
     """
-    subjects = [f"{CONTEXT_TARGET_PREFIX}.>"]
-    try:
-        return await js.stream_info(HANDOFF_STREAM)
-    except NotFoundError:
-        pass
-    config = StreamConfig(
+    info, _ = await ensure_stream(js, StreamConfig(
         name=HANDOFF_STREAM,
         description="Context handoffs, acknowledged before the caller hears ok",
-        subjects=subjects,
+        subjects=[f"{CONTEXT_TARGET_PREFIX}.>"],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         discard=DiscardPolicy.NEW,
         max_age=HANDOFF_MAX_AGE_S,
         max_bytes=HANDOFF_MAX_BYTES,
         num_replicas=replicas,
-    )
-    try:
-        return await js.add_stream(config)
-    except BadRequestError as exc:
-        if exc.err_code != _STREAM_NAME_IN_USE:
-            raise
-        return await js.stream_info(HANDOFF_STREAM)
+    ))
+    return info
 
 
 def durable_publisher(js: JetStreamContext, *, timeout_s: float = 5.0) -> DurablePublish:
