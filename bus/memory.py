@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,6 +26,7 @@ from bus._subject import (
     validate_queue,
     validate_subject,
 )
+from bus._subscription import ConsumedSubscription
 from bus._throttle import LogThrottle
 from bus._types import (
     DEFAULT_MAX_PENDING,
@@ -49,10 +49,11 @@ INBOX_PREFIX = "_INBOX."
 _State = Literal["active", "draining", "closed"]
 
 
-class MemorySubscription:
+class MemorySubscription(ConsumedSubscription):
     """One subscription on a `MemoryBus`; open it with `MemoryBus.subscribe`."""
 
     def __init__(self, bus: MemoryBus, subject: str, queue: str | None, max_pending: int) -> None:
+        super().__init__()
         self.subject = subject
         self.queue = queue
         self._bus = bus
@@ -64,41 +65,9 @@ class MemorySubscription:
         self._state: _State = "active"
         self._delivered = 0
         self._dropped = 0
-        # `drain()` on the bus waits for `_settled`: delivery has stopped and the consumer
-        # has taken every buffered message and finished the one in hand (an `async for`
-        # consumer has come back for more), or the subscription closed.
-        self._in_hand = False
-        self._settled = anyio.Event()
 
     def __repr__(self) -> str:
         return f"<MemorySubscription {self.subject!r} queue={self.queue!r} {self._state}>"
-
-    def __aiter__(self) -> AsyncIterator[Envelope]:
-        return self
-
-    async def __anext__(self) -> Envelope:
-        self._in_hand = False  # the consumer is back, so the previous message is handled
-        self._check_settled()
-        envelope = await self._take()
-        self._in_hand = True
-        return envelope
-
-    async def next(self, timeout: float | None = None) -> Envelope:  # noqa: ASYNC109
-        """Wait for the next envelope.
-
-        Raises:
-            RequestTimeout: nothing arrived within `timeout` seconds.
-            BusClosed: the subscription ended.
-        """
-        self._in_hand = False
-        with anyio.move_on_after(math.inf if timeout is None else timeout):
-            try:
-                envelope = await self._take()
-            except StopAsyncIteration:
-                raise BusClosed("subscription") from None
-            self._check_settled()
-            return envelope
-        raise RequestTimeout(self.subject, math.inf if timeout is None else timeout)
 
     async def unsubscribe(self) -> None:
         """Stop at once, discarding anything still buffered."""

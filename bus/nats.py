@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -28,6 +27,7 @@ from nats.js.api import StreamConfig, StreamInfo
 from nats.js.errors import APIError, NotFoundError
 
 from bus._subject import normalize_headers, validate_pattern, validate_queue, validate_subject
+from bus._subscription import ConsumedSubscription
 from bus._throttle import LogThrottle
 from bus._types import (
     DEFAULT_MAX_PENDING,
@@ -91,12 +91,13 @@ def _envelope(msg: Msg) -> Envelope:
     )
 
 
-class NatsSubscription:
+class NatsSubscription(ConsumedSubscription):
     """One subscription on a `NatsBus`; open it with `NatsBus.subscribe`."""
 
     def __init__(
         self, bus: NatsBus, raw: RawSubscription, subject: str, queue: str | None, max_pending: int
     ) -> None:
+        super().__init__()
         self.subject = subject
         self.queue = queue
         self._bus = bus
@@ -111,40 +112,9 @@ class NatsSubscription:
         # Cancel scopes of consumers blocked in `next_msg`, so a phase change can wake them.
         self._waiters: set[anyio.CancelScope] = set()
         self._drained = anyio.Event()
-        # Same meaning as on the memory bus: delivery stopped, buffer taken, and the
-        # message in hand finished (or the subscription closed); `NatsBus.drain` waits on it.
-        self._in_hand = False
-        self._settled = anyio.Event()
 
     def __repr__(self) -> str:
         return f"<NatsSubscription {self.subject!r} queue={self.queue!r} {self._phase}>"
-
-    def __aiter__(self) -> AsyncIterator[Envelope]:
-        return self
-
-    async def __anext__(self) -> Envelope:
-        self._in_hand = False  # the consumer is back, so the previous message is handled
-        self._check_settled()
-        envelope = await self._take()
-        self._in_hand = True
-        return envelope
-
-    async def next(self, timeout: float | None = None) -> Envelope:  # noqa: ASYNC109
-        """Wait for the next envelope.
-
-        Raises:
-            RequestTimeout: nothing arrived within `timeout` seconds.
-            BusClosed: the subscription ended.
-        """
-        self._in_hand = False
-        with anyio.move_on_after(math.inf if timeout is None else timeout):
-            try:
-                envelope = await self._take()
-            except StopAsyncIteration:
-                raise BusClosed("subscription") from None
-            self._check_settled()
-            return envelope
-        raise RequestTimeout(self.subject, math.inf if timeout is None else timeout)
 
     async def unsubscribe(self) -> None:
         """Stop at once, discarding anything still buffered."""
