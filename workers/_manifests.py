@@ -8,22 +8,20 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import lukhas
+from lukhas.manifest import manifest_paths
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "MODULE_MANIFEST.json"
-
 
 def load_manifests(root: Path | None = None) -> list[dict[str, Any]]:
-    """Every MODULE_MANIFEST.json under `root` (default: the installed `lukhas` package).
+    """Every MODULE_MANIFEST.json under `root` (default: the installed `lukhas` package), as
+    plain JSON: the worker needs only the SLA fields (`lukhas verify` checks the full schema).
 
     Raises:
         ValueError: a manifest is not a JSON object.
     """
-    root = Path(lukhas.__file__).parent if root is None else root
     manifests = []
-    for path in sorted(root.rglob(MANIFEST_NAME)):
+    for path in manifest_paths(root):
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
