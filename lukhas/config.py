@@ -82,6 +82,7 @@ KNOWN_VARIABLES: tuple[str, ...] = (
     "LUKHAS_PSEUDONYM_KEY",
     "LUKHAS_TENANT",
     "LUKHAS_WORKER_CONCURRENCY",
+    "LUKHAS_WORKER_MAX_PENDING",
     "LUKHAS_REQUEST_MAX_BYTES",
     "LUKHAS_MATRIZ_BUFFER",
     "LUKHAS_METRICS_PORT",
@@ -126,6 +127,7 @@ class Settings:
     pseudonym_key: str | None = None
     tenant: str = "default"
     worker_concurrency: int = 256
+    worker_max_pending: int = 65_536
     request_max_bytes: int = 1_048_576
     matriz_buffer: int = 65_536
     metrics_port: int = 9464
@@ -194,6 +196,7 @@ class Settings:
             pseudonym_key=_text(env, "LUKHAS_PSEUDONYM_KEY"),
             tenant=_text(env, "LUKHAS_TENANT") or "default",
             worker_concurrency=_number(env, "LUKHAS_WORKER_CONCURRENCY", 256, int, minimum=1),
+            worker_max_pending=_number(env, "LUKHAS_WORKER_MAX_PENDING", 65_536, int, minimum=1),
             request_max_bytes=_number(env, "LUKHAS_REQUEST_MAX_BYTES", 1_048_576, int, minimum=64),
             matriz_buffer=_number(env, "LUKHAS_MATRIZ_BUFFER", 65_536, int, minimum=1),
             metrics_port=port,

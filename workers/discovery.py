@@ -77,9 +77,10 @@ def info_response(
 
 
 def stats_response(
-    identity: ServiceIdentity, endpoints: list[tuple[str, str, str, EndpointCounters]]
+    identity: ServiceIdentity,
+    endpoints: list[tuple[str, str, str, EndpointCounters, dict[str, Any] | None]],
 ) -> dict[str, Any]:
-    """`endpoints` are (name, subject, queue group, counters)."""
+    """`endpoints` are (name, subject, queue group, counters, extra `data`)."""
     started = identity.started.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
     return {
         **identity.base(STATS_TYPE),
@@ -96,8 +97,8 @@ def stats_response(
                 "average_processing_time": (
                     c.processing_time_ns // c.num_requests if c.num_requests else 0
                 ),
-                "data": None,
+                "data": data,
             }
-            for name, subject, queue, c in endpoints
+            for name, subject, queue, c, data in endpoints
         ],
     }

@@ -65,10 +65,13 @@ class SliceService:
     `run()` return.
     """
 
-    def __init__(self, runtime: Runtime, *, concurrency: int | None = None) -> None:
+    def __init__(
+        self, runtime: Runtime, *, concurrency: int | None = None, max_pending: int | None = None
+    ) -> None:
         self._runtime = runtime
         self._bus = runtime.bus
         self._concurrency = concurrency or runtime.settings.worker_concurrency
+        self._max_pending = max_pending or runtime.settings.worker_max_pending
         self._endpoints = build_endpoints(runtime.settings)
         self._counters = {ep.subject: EndpointCounters() for ep in self._endpoints}
         self.identity = ServiceIdentity(
@@ -78,6 +81,7 @@ class SliceService:
             description="LUKHAS slices: consent ledger, passkey verify, context handoff",
         )
         self._subscriptions: list[Subscription] = []
+        self._by_subject: dict[str, Subscription] = {}
         self._in_flight = 0
         self._handled = 0
         self._errors = 0
@@ -93,7 +97,9 @@ class SliceService:
         async with AsyncExitStack() as stack:
             requests = [
                 (ep, await stack.enter_async_context(
-                    self._bus.subscribe(ep.subject, queue=SLICE_QUEUE_GROUP)
+                    self._bus.subscribe(
+                        ep.subject, queue=SLICE_QUEUE_GROUP, max_pending=self._max_pending
+                    )
                 ))
                 for ep in self._endpoints
             ]
@@ -102,6 +108,7 @@ class SliceService:
                 for subject in self._control_subjects()
             ]
             self._subscriptions = [sub for _, sub in requests] + control
+            self._by_subject = {ep.subject: sub for ep, sub in requests}
             async with anyio.create_task_group() as tg:
                 with receive:
                     for _ in range(self._concurrency):
@@ -213,7 +220,17 @@ class SliceService:
         return discovery.stats_response(
             self.identity,
             [
-                (ep.name, ep.subject, SLICE_QUEUE_GROUP, self._counters[ep.subject])
+                (ep.name, ep.subject, SLICE_QUEUE_GROUP, self._counters[ep.subject],
+                 self._buffer_data(ep.subject))
                 for ep in self._endpoints
             ],
         )
+
+    def _buffer_data(self, subject: str) -> dict[str, Any] | None:
+        """The endpoint's subscription buffer: pending now, bound, and slow-consumer drops."""
+        sub = self._by_subject.get(subject)
+        if sub is None:
+            return None
+        stats = sub.statistics()
+        return {"pending": stats.pending, "max_pending": stats.max_pending,
+                "dropped": stats.dropped}

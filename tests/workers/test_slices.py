@@ -130,6 +130,7 @@ async def test_discovery_ping_info_stats(open_bus: BusFactory) -> None:
     record = next(e for e in stats["endpoints"] if e["subject"] == subjects.CONSENT_RECORD)
     assert record["num_requests"] == 2 and record["num_errors"] == 1
     assert record["processing_time"] > 0 and record["last_error"]
+    assert record["data"]["dropped"] == 0 and record["data"]["max_pending"] > 0
 
 
 @pytest.mark.nats
@@ -181,3 +182,33 @@ async def test_stop_finishes_in_flight_requests(monkeypatch: pytest.MonkeyPatch)
                 release.set()
     assert len(replies) == 4
     assert all(msgspec.json.decode(r.data)["ok"] for r in replies)
+
+
+async def test_beyond_concurrency_and_pending_the_overflow_is_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """1 in flight + 1 handed over + 2 pending fit; the rest are dropped and counted."""
+    from lukhas.identity.passkey.providers.null_webauthn import NullWebAuthnProvider
+
+    release = anyio.Event()
+    original = NullWebAuthnProvider.verify
+
+    async def stuck(self: NullWebAuthnProvider, assertion: Any) -> Any:
+        await release.wait()
+        return await original(self, assertion)
+
+    monkeypatch.setattr(NullWebAuthnProvider, "verify", stuck)
+    async with open_test_runtime() as (runtime, _):
+        service = SliceService(runtime, concurrency=1, max_pending=2)
+        async with anyio.create_task_group() as tg:
+            await tg.start(service.run)
+            for _ in range(10):
+                await runtime.bus.publish(subjects.PASSKEY_VERIFY, b'{"challenge":"c"}')
+            await anyio.wait_all_tasks_blocked()
+            stats = await call(runtime.bus, f"$SRV.STATS.{subjects.SERVICE_NAME}", b"")
+            release.set()
+            await service.stop()
+    verify = next(e for e in stats["endpoints"] if e["subject"] == subjects.PASSKEY_VERIFY)
+    assert verify["data"]["dropped"] > 0
+    assert verify["data"]["pending"] <= 2
+    assert service.statistics().dropped == verify["data"]["dropped"]
