@@ -31,7 +31,12 @@ demo: install
 	$(BIN)/lukhas demo
 
 bench: install
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/lukhas bench
+
+# The long fault and fuzz runs (marked `soak`), left out of `make test` to keep it fast.
+soak: install
+	$(BIN)/pytest -m soak
 
 clean:
 	rm -rf $(VENV) .lukhas artifacts *.egg-info

@@ -11,6 +11,7 @@ from lukhas.errors import InvalidRequest, PayloadTooLarge
 T = TypeVar("T")
 
 _json_encoder = msgspec.json.Encoder()
+_TOO_DEEP = "input is nested too deeply"
 
 
 def convert(message_type: type[T], fields: dict[str, Any]) -> T:
@@ -23,6 +24,8 @@ def convert(message_type: type[T], fields: dict[str, Any]) -> T:
         return msgspec.convert(fields, type=message_type)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(str(exc)) from None
+    except RecursionError:
+        raise InvalidRequest(_TOO_DEEP) from None
 
 
 def decode(message_type: type[T], data: bytes, *, max_bytes: int) -> T:
@@ -38,11 +41,24 @@ def decode(message_type: type[T], data: bytes, *, max_bytes: int) -> T:
         return msgspec.json.decode(data, type=message_type)
     except msgspec.DecodeError as exc:  # also covers ValidationError
         raise InvalidRequest(str(exc)) from None
+    except UnicodeDecodeError:  # msgspec raises it, not DecodeError, for invalid UTF-8
+        raise InvalidRequest("request body is not valid UTF-8") from None
+    except RecursionError:
+        raise InvalidRequest(_TOO_DEEP) from None
 
 
 def encoded_size(value: Any) -> int:
-    """Bytes `value` takes as compact JSON (the measure of every size limit)."""
-    return len(_json_encoder.encode(value))
+    """Bytes `value` takes as compact JSON (the measure of every size limit).
+
+    Raises:
+        InvalidRequest: `value` cannot be JSON (e.g. nested too deep, or not JSON types).
+    """
+    try:
+        return len(_json_encoder.encode(value))
+    except RecursionError:
+        raise InvalidRequest(_TOO_DEEP) from None
+    except (msgspec.EncodeError, TypeError, UnicodeEncodeError) as exc:
+        raise InvalidRequest(f"not encodable as JSON: {exc}") from None
 
 
 def check_size(value: Any, limit: int, what: str) -> int:
