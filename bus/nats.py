@@ -57,6 +57,10 @@ logger = logging.getLogger(__name__)
 # second; once connected, the caller's (unbounded by default) setting takes over.
 _FIRST_CONNECT_RETRIES = 1
 _FIRST_CONNECT_RETRY_WAIT = 0.1
+# nats-py can wait forever closing a socket whose TLS handshake failed (it awaits the
+# pre-TLS stream's `wait_closed()`), so the first connect, and the close after it fails,
+# get deadlines of their own.
+_CLOSE_TIMEOUT = 2.0
 
 # JetStream's "stream name already in use" (another creator got there first).
 _STREAM_NAME_IN_USE = 10058
@@ -483,24 +487,27 @@ class NatsBus:
 
     async def _connect(self, **options: Any) -> None:
         servers = [part.strip() for part in self.url.split(",") if part.strip()]
+        attempts = (_FIRST_CONNECT_RETRIES + 1) * len(servers)
+        deadline = attempts * (options.get("connect_timeout", 2.0) + _FIRST_CONNECT_RETRY_WAIT)
         try:
-            await self._client.connect(
-                servers,
-                error_cb=self._on_error,
-                disconnected_cb=self._on_disconnected,
-                reconnected_cb=self._on_reconnected,
-                closed_cb=self._on_closed,
-                allow_reconnect=True,
-                max_reconnect_attempts=_FIRST_CONNECT_RETRIES,
-                reconnect_time_wait=_FIRST_CONNECT_RETRY_WAIT,
-                **options,
-            )
+            with anyio.fail_after(deadline + _CLOSE_TIMEOUT):
+                await self._client.connect(
+                    servers,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    closed_cb=self._on_closed,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=_FIRST_CONNECT_RETRIES,
+                    reconnect_time_wait=_FIRST_CONNECT_RETRY_WAIT,
+                    **options,
+                )
         except (OSError, TimeoutError, nats.errors.Error) as exc:
-            with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
                 await self._client.close()
             raise BusConnectError(_redact(self.url), _describe(self._first_cause(exc))) from exc
         except BaseException:
-            with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
                 await self._client.close()
             raise
         self._connected_once = True
@@ -520,7 +527,7 @@ class NatsBus:
         told = [e for e in self._connect_errors if isinstance(e, nats.errors.Error)]
         if told:
             return told[0]
-        if self._connect_errors and isinstance(raised, nats.errors.NoServersError):
+        if self._connect_errors and isinstance(raised, nats.errors.NoServersError | TimeoutError):
             return self._connect_errors[-1]
         return raised
 

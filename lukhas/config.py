@@ -50,6 +50,9 @@ def _text(env: Mapping[str, str], name: str) -> str | None:
     return raw.strip() or None if raw is not None else None
 
 
+#: Where passkey ceremonies may run unless LUKHAS_WEBAUTHN_ORIGINS says otherwise.
+DEFAULT_WEBAUTHN_ORIGINS: tuple[str, ...] = ("http://localhost:8000",)
+
 #: Every variable `Settings.from_env` reads; compose.yaml and the README are checked against it.
 KNOWN_VARIABLES: tuple[str, ...] = (
     "LUKHAS_DRY_RUN_MODE",
@@ -120,7 +123,7 @@ class Settings:
     handoff_max_bytes: int = 65_536
     webauthn_rp_id: str = "localhost"
     webauthn_rp_name: str = "LUKHAS"
-    webauthn_origins: tuple[str, ...] = ("http://localhost:8000",)
+    webauthn_origins: tuple[str, ...] = DEFAULT_WEBAUTHN_ORIGINS
     webauthn_require_uv: bool = True
     webauthn_challenge_ttl_s: int = 120
     passkey_provider: str = "webauthn"
@@ -146,7 +149,7 @@ class Settings:
         env = os.environ if env is None else env
         origins = tuple(
             o.strip() for o in env.get("LUKHAS_WEBAUTHN_ORIGINS", "").split(",") if o.strip()
-        ) or cls.webauthn_origins
+        ) or DEFAULT_WEBAUTHN_ORIGINS
         log_level = (env.get("LUKHAS_LOG_LEVEL") or "INFO").strip().upper()
         if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ConfigError("LUKHAS_LOG_LEVEL", log_level, "DEBUG, INFO, WARNING or ERROR")

@@ -15,8 +15,10 @@ per window per emit point. Emitters' dropped-node reports (`MATRIZ_DROPS`) are f
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
@@ -62,6 +64,43 @@ DURABLE_NAME = "observability"
 
 _RETRY_MIN_S = 0.1
 _RETRY_MAX_S = 5.0
+#: Gaps kept in the record of aggregated stream sequences before the oldest are forgotten.
+_MAX_SEEN_RANGES = 1024
+
+
+class _SeenSequences:
+    """Stream sequences this process has aggregated, as sorted, merged (first, last) ranges.
+
+    nats-server persists consumer acks lazily, so after a server crash it redelivers nodes
+    that were aggregated and acked; they are recognised here and not counted twice. New
+    nodes arrive in stream order, so this stays one range plus one per gap.
+    """
+
+    def __init__(self) -> None:
+        self._ranges: list[tuple[int, int]] = []
+
+    def add(self, seq: int) -> bool:
+        """Record `seq`; False if it was recorded before."""
+        ranges = self._ranges
+        i = bisect.bisect_right(ranges, (seq, math.inf))
+        if i and ranges[i - 1][1] >= seq:
+            return False
+        joins_prev = i > 0 and ranges[i - 1][1] == seq - 1
+        joins_next = i < len(ranges) and ranges[i][0] == seq + 1
+        if joins_prev and joins_next:
+            ranges[i - 1] = (ranges[i - 1][0], ranges.pop(i)[1])
+        elif joins_prev:
+            ranges[i - 1] = (ranges[i - 1][0], seq)
+        elif joins_next:
+            ranges[i] = (seq, ranges[i][1])
+        else:
+            ranges.insert(i, (seq, seq))
+            if len(ranges) > _MAX_SEEN_RANGES:
+                del ranges[0]
+        return True
+
+    def clear(self) -> None:
+        self._ranges.clear()
 
 
 class ObservabilityStatistics(NamedTuple):
@@ -158,6 +197,7 @@ class ObservabilityWorker:
         self._consumed = 0
         self._acked = 0
         self._next_stream_seq: int | None = None
+        self._seen = _SeenSequences()
         self._stats_requests = 0
 
     # -- public surface ----------------------------------------------------------------------
@@ -336,8 +376,11 @@ class ObservabilityWorker:
                     continue
                 retry_s = _RETRY_MIN_S
                 for msg in msgs:
-                    self._aggregate.ingest(msg.data)
-                self._consumed += len(msgs)
+                    if self._seen.add(msg.metadata.sequence.stream):
+                        self._aggregate.ingest(msg.data)
+                        self._consumed += 1
+                    else:  # a redelivery of a node counted already: just ack it again
+                        logger.debug("skipping redelivered MATRIZ node %s", msg.metadata.sequence)
                 try:
                     for msg in msgs:  # after aggregation: an unacked node is redelivered
                         await msg.ack()
@@ -364,6 +407,7 @@ class ObservabilityWorker:
             start = self._next_stream_seq
             if start is not None and info.state.last_seq + 1 < start:
                 start = None
+                self._seen.clear()  # sequences restarted: the old ones mean other nodes
             return await self._pull_subscribe(js, start_seq=start)
         except (nats.js.errors.APIError, nats.errors.Error) as exc:
             logger.warning("could not recreate the MATRIZ consumer: %s", exc)

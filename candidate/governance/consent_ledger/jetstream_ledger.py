@@ -31,13 +31,16 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import anyio
 import msgspec
 from nats.errors import Error as NatsError
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -49,13 +52,21 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import (
+    APIError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from nats.js.kv import KeyValue
 
 from candidate._jetstream import ensure_kv, ensure_stream, is_wrong_last_sequence
 from candidate.governance.consent_ledger import _chain
 from candidate.governance.consent_ledger.errors import LedgerContention
 from lukhas.config import Settings
+from lukhas.errors import Unavailable
 from lukhas.governance.consent_ledger.messages import ConsentEntry
 from lukhas.observability.pseudonym import Pseudonymizer
 
@@ -67,6 +78,8 @@ SUBJECT_PREFIX = "lukhas.ledger.consent"
 
 #: Records fetched per pull when reading a subject's history.
 _READ_BATCH = 256
+#: Fetches of a new read consumer that may find it leaderless (503) before the read fails.
+_READ_UNAVAILABLE_RETRIES = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,12 +198,26 @@ class JetStreamConsentLedger:
     # -- ConsentProvider ------------------------------------------------------------------
 
     async def record(self, entry: ConsentEntry, *, idempotency_key: str | None) -> dict[str, Any]:
-        return await self._write(entry, idempotency_key)
+        with _unavailable_when_jetstream_is("record"):
+            return await self._write(entry, idempotency_key)
 
     async def revoke(self, entry: ConsentEntry, *, idempotency_key: str | None) -> dict[str, Any]:
-        return await self._write(entry, idempotency_key)
+        with _unavailable_when_jetstream_is("revoke"):
+            return await self._write(entry, idempotency_key)
 
     async def status(self, user_id: str, scope: str) -> dict[str, Any]:
+        with _unavailable_when_jetstream_is("status"):
+            return await self._status(user_id, scope)
+
+    async def history(self, user_id: str) -> dict[str, Any]:
+        with _unavailable_when_jetstream_is("history"):
+            return await self._history(user_id)
+
+    async def verify_chain(self, user_id: str) -> dict[str, Any]:
+        with _unavailable_when_jetstream_is("verify"):
+            return await self._verify_chain(user_id)
+
+    async def _status(self, user_id: str, scope: str) -> dict[str, Any]:
         pseudonym = self._pseudonymize(user_id)
         reply: dict[str, Any] = {
             "ok": True, "provider": self.name, "user_id": user_id, "scope": scope,
@@ -210,14 +237,14 @@ class JetStreamConsentLedger:
             reply["expires_at"] = state.expires_at
         return reply
 
-    async def history(self, user_id: str) -> dict[str, Any]:
+    async def _history(self, user_id: str) -> dict[str, Any]:
         pseudonym = self._pseudonymize(user_id)
         records = [
             _history_record(user_id, seq, data) for seq, data in await self._read(pseudonym)
         ]
         return {"ok": True, "provider": self.name, "user_id": user_id, "records": records}
 
-    async def verify_chain(self, user_id: str) -> dict[str, Any]:
+    async def _verify_chain(self, user_id: str) -> dict[str, Any]:
         pseudonym = self._pseudonymize(user_id)
         report = _chain.verify(await self._read(pseudonym), pseudonym=pseudonym)
         reply: dict[str, Any] = {
@@ -377,10 +404,19 @@ class JetStreamConsentLedger:
                 return records
             sub = await self._js.pull_subscribe_bind(consumer=name, stream=stream)
             try:
+                unavailable = 0
                 while remaining > 0:
-                    batch = await sub.fetch(
-                        batch=min(remaining, _READ_BATCH), timeout=self.options.timeout_s
-                    )
+                    try:
+                        batch = await sub.fetch(
+                            batch=min(remaining, _READ_BATCH), timeout=self.options.timeout_s
+                        )
+                    except ServiceUnavailableError:
+                        # In a cluster a new consumer answers 503 until it has a leader.
+                        unavailable += 1
+                        if unavailable > _READ_UNAVAILABLE_RETRIES:
+                            raise
+                        await anyio.sleep(0.01 * unavailable)
+                        continue
                     for msg in batch:
                         records.append((msg.metadata.sequence.stream, msg.data))
                     remaining -= len(batch)
@@ -406,6 +442,21 @@ class JetStreamConsentLedger:
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
+
+
+@contextmanager
+def _unavailable_when_jetstream_is(operation: str) -> Iterator[None]:
+    """JetStream did not answer (a leader election, a lost server, a timeout): that is a
+    clear, retryable `unavailable` for the caller, not an internal error."""
+    try:
+        yield
+    except (
+        NatsTimeoutError, NoRespondersError, NoStreamResponseError, ServiceUnavailableError
+    ) as exc:
+        raise Unavailable(
+            f"consent ledger {operation}: JetStream did not answer ({type(exc).__name__}); "
+            "retry with the same idempotency key"
+        ) from None
 
 
 def _msg_id(pseudonym: str, action: str, scope: str, key: str) -> str:
