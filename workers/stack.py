@@ -70,17 +70,25 @@ async def embedded_server(
 
 
 @asynccontextmanager
-async def open_worker_runtime(settings: Settings, *, producer: str) -> AsyncIterator[Runtime]:
-    """Bus + runtime + provider wiring + the MATRIZ stream (on JetStream), torn down in order."""
+async def open_worker_runtime(
+    settings: Settings, *, producer: str, serves_slices: bool = True
+) -> AsyncIterator[Runtime]:
+    """Bus + runtime + the MATRIZ stream (on JetStream) + provider wiring when this process
+    serves the slices, torn down in order."""
     async with AsyncExitStack() as stack:
         bus: Bus = await stack.enter_async_context(connect(settings))
         if bus.backend == "nats":
-            await ensure_matriz_stream(bus.jetstream())  # type: ignore[attr-defined]
+            await ensure_matriz_stream(
+                bus.jetstream(), replicas=settings.ledger_replicas  # type: ignore[attr-defined]
+            )
         runtime = await stack.enter_async_context(
             open_runtime(settings, bus=bus, producer=producer)
         )
-        await wire_providers(runtime, passkey_provider=settings.passkey_provider)  # type: ignore[arg-type]
-        stack.callback(unwire_providers)
+        if serves_slices:
+            await wire_providers(
+                runtime, passkey_provider=settings.passkey_provider  # type: ignore[arg-type]
+            )
+            stack.callback(unwire_providers)
         yield runtime
 
 
@@ -128,7 +136,9 @@ async def run_up(
 
 async def run_worker(settings: Settings, name: str, *, ready: Ready) -> None:
     """One worker, as a container runs it: `slices` or `observability`."""
-    async with open_worker_runtime(settings, producer=f"lukhas-{name}") as runtime:
+    async with open_worker_runtime(
+        settings, producer=f"lukhas-{name}", serves_slices=name == "slices"
+    ) as runtime:
         service: _Service
         if name == "slices":
             service = SliceService(runtime)

@@ -34,6 +34,7 @@ async def ensure_matriz_stream(
     *,
     max_age_s: float = MATRIZ_MAX_AGE_S,
     max_bytes: int = MATRIZ_MAX_BYTES,
+    replicas: int = 1,
 ) -> StreamInfo:
     """Create the `MATRIZ` stream over `matriz.>` unless it exists; return its info.
 
@@ -56,6 +57,7 @@ async def ensure_matriz_stream(
         discard=DiscardPolicy.OLD,
         max_age=max_age_s,
         max_bytes=max_bytes,
+        num_replicas=replicas,
     ))
     if created:
         logger.info(
