@@ -12,6 +12,7 @@ from lukhas import subjects
 from lukhas._validation import decode
 from lukhas.config import Settings
 from lukhas.governance.consent_ledger import api as consent
+from lukhas.governance.consent_ledger import registry as consent_registry
 from lukhas.governance.consent_ledger.messages import (
     ConsentHistoryQuery,
     ConsentStatusQuery,
@@ -20,6 +21,7 @@ from lukhas.governance.consent_ledger.messages import (
     VerifyConsentChain,
 )
 from lukhas.identity.passkey import api as passkey
+from lukhas.identity.passkey import registry as passkey_registry
 from lukhas.identity.passkey.messages import (
     MAX_ASSERTION_BYTES,
     ChallengeRequest,
@@ -57,6 +59,10 @@ class Endpoint:
     call: Callable[[Any], Awaitable[Reply]]
     api: Callable[..., Any]
     max_bytes: int
+    #: Whether a request may wait on I/O (a JetStream ack, a flush): such endpoints get the
+    #: concurrent handler pool; the rest are answered inline by their reader, which in
+    #: asyncio is several times cheaper than handing each message to another task.
+    waits_on_io: bool = True
 
     @property
     def emit_point(self) -> EmitPoint:
@@ -69,8 +75,14 @@ class Endpoint:
 
 
 def build_endpoints(settings: Settings) -> tuple[Endpoint, ...]:
-    """Every endpoint, with body limits checked before decoding."""
+    """Every endpoint, with body limits checked before decoding.
+
+    Consent and passkey endpoints wait on I/O only when a real provider answers them (the
+    builtin null providers never do); handoffs always wait for their publish to be confirmed.
+    """
     cap = settings.request_max_bytes
+    consent_io = consent_registry.get_provider(settings).name != "null"
+    passkey_io = passkey_registry.get_provider(settings).name != "null"
     consent_max = min(CONSENT_MAX_BYTES, cap)
     passkey_max = min(2 * MAX_ASSERTION_BYTES, cap)
     handoff_max = min(settings.handoff_max_bytes + HANDOFF_ENVELOPE_BYTES, cap)
@@ -80,49 +92,49 @@ def build_endpoints(settings: Settings) -> tuple[Endpoint, ...]:
             lambda m: consent.record_consent(
                 m.user_id, m.scope, m.metadata, idempotency_key=m.idempotency_key
             ),
-            consent.record_consent, consent_max,
+            consent.record_consent, consent_max, waits_on_io=consent_io,
         ),
         Endpoint(
             "consent_revoke", subjects.CONSENT_REVOKE, RevokeConsent,
             lambda m: consent.revoke_consent(
                 m.user_id, m.scope, idempotency_key=m.idempotency_key
             ),
-            consent.revoke_consent, consent_max,
+            consent.revoke_consent, consent_max, waits_on_io=consent_io,
         ),
         Endpoint(
             "consent_status", subjects.CONSENT_STATUS, ConsentStatusQuery,
             lambda m: consent.consent_status(m.user_id, m.scope),
-            consent.consent_status, consent_max,
+            consent.consent_status, consent_max, waits_on_io=consent_io,
         ),
         Endpoint(
             "consent_history", subjects.CONSENT_HISTORY, ConsentHistoryQuery,
             lambda m: consent.consent_history(m.user_id),
-            consent.consent_history, consent_max,
+            consent.consent_history, consent_max, waits_on_io=consent_io,
         ),
         Endpoint(
             "consent_verify", subjects.CONSENT_VERIFY, VerifyConsentChain,
             lambda m: consent.verify_consent_chain(m.user_id),
-            consent.verify_consent_chain, consent_max,
+            consent.verify_consent_chain, consent_max, waits_on_io=consent_io,
         ),
         Endpoint(
             "passkey_verify", subjects.PASSKEY_VERIFY, dict[str, Any],
-            passkey.verify_passkey, passkey.verify_passkey, passkey_max,
+            passkey.verify_passkey, passkey.verify_passkey, passkey_max, waits_on_io=passkey_io,
         ),
         Endpoint(
             "passkey_register_options", subjects.PASSKEY_REGISTER_OPTIONS,
             RegisterOptionsRequest,
             lambda m: passkey.passkey_registration_options(m.user_id, m.user_name),
-            passkey.passkey_registration_options, passkey_max,
+            passkey.passkey_registration_options, passkey_max, waits_on_io=passkey_io,
         ),
         Endpoint(
             "passkey_register_verify", subjects.PASSKEY_REGISTER_VERIFY, _RegisterVerify,
             lambda m: passkey.register_passkey(m.user_id, m.credential),
-            passkey.register_passkey, passkey_max,
+            passkey.register_passkey, passkey_max, waits_on_io=passkey_io,
         ),
         Endpoint(
             "passkey_challenge", subjects.PASSKEY_CHALLENGE, ChallengeRequest,
             lambda m: passkey.passkey_challenge(m.user_id),
-            passkey.passkey_challenge, passkey_max,
+            passkey.passkey_challenge, passkey_max, waits_on_io=passkey_io,
         ),
         Endpoint(
             "context_handoff", subjects.CONTEXT_HANDOFF, HandoffContext,

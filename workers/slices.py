@@ -144,8 +144,12 @@ class SliceService:
         send: MemoryObjectSendStream[tuple[Endpoint, Envelope]],
     ) -> None:
         async with send:
-            async for env in sub:
-                await send.send((endpoint, env))
+            if endpoint.waits_on_io:
+                async for env in sub:
+                    await send.send((endpoint, env))
+            else:
+                async for env in sub:
+                    await self._handle(endpoint, env)
 
     async def _work(self, receive: MemoryObjectReceiveStream[tuple[Endpoint, Envelope]]) -> None:
         async with receive:

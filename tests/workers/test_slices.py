@@ -147,41 +147,61 @@ async def test_nats_micro_client_types_parse_our_discovery(nats_url: str) -> Non
     assert len(info.endpoints) == len(service.endpoints)
 
 
-async def test_stop_finishes_in_flight_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_stop_finishes_in_flight_requests() -> None:
     """Requests already taken are answered after stop(); none is lost."""
-    from lukhas.governance.consent_ledger.providers.null_provider import NullConsentProvider
+    from lukhas.governance.consent_ledger import registry
 
     release = anyio.Event()
     entered = 0
-    original = NullConsentProvider.record
 
-    async def slow(self: NullConsentProvider, entry: Any, *, idempotency_key: Any) -> Any:
-        nonlocal entered
-        entered += 1
-        await release.wait()
-        return await original(self, entry, idempotency_key=idempotency_key)
+    class SlowLedger:  # a provider that waits on I/O, so requests run concurrently
+        name = "slow"
 
-    monkeypatch.setattr(NullConsentProvider, "record", slow)
+        async def record(self, entry: Any, *, idempotency_key: Any) -> dict[str, Any]:
+            nonlocal entered
+            entered += 1
+            await release.wait()
+            return {"ok": True, "provider": self.name, "entry": {"scope": entry.scope}}
+
+        revoke = record
+
+        async def status(self, user_id: str, scope: str) -> dict[str, Any]: ...
+        async def history(self, user_id: str) -> dict[str, Any]: ...
+        async def verify_chain(self, user_id: str) -> dict[str, Any]: ...
+
+    registry.register(SlowLedger())
     replies: list[Envelope] = []
-    async with open_test_runtime() as (runtime, _):
-        bus = runtime.bus
-        service = SliceService(runtime, concurrency=4)
-        async with anyio.create_task_group() as tg:
-            await tg.start(service.run)
+    settings = dry_run_settings(dry_run=False, feature_governance_ledger=True)
+    try:
+        async with open_test_runtime(settings) as (runtime, _):
+            bus = runtime.bus
+            service = SliceService(runtime, concurrency=4)
+            async with anyio.create_task_group() as tg:
+                await tg.start(service.run)
 
-            async def client(i: int) -> None:
-                body = msgspec.json.encode({"user_id": f"usr_{i}", "scope": "s"})
-                replies.append(await bus.request(subjects.CONSENT_RECORD, body, timeout=10))
+                async def client(i: int) -> None:
+                    body = msgspec.json.encode({"user_id": f"usr_{i}", "scope": "s"})
+                    replies.append(await bus.request(subjects.CONSENT_RECORD, body, timeout=10))
 
-            async with anyio.create_task_group() as clients:
-                for i in range(4):
-                    clients.start_soon(client, i)
-                await anyio.wait_all_tasks_blocked()
-                assert entered == 4
-                await service.stop()
-                release.set()
+                async with anyio.create_task_group() as clients:
+                    for i in range(4):
+                        clients.start_soon(client, i)
+                    await anyio.wait_all_tasks_blocked()
+                    assert entered == 4
+                    await service.stop()
+                    release.set()
+    finally:
+        registry.reset()
     assert len(replies) == 4
     assert all(msgspec.json.decode(r.data)["ok"] for r in replies)
+
+
+async def test_null_providers_are_answered_inline_real_ones_by_the_pool() -> None:
+    from workers.endpoints import build_endpoints
+
+    inline = {ep.name for ep in build_endpoints(dry_run_settings()) if not ep.waits_on_io}
+    assert "consent_record" in inline and "passkey_verify" in inline
+    assert "context_handoff" not in inline  # it waits for its publish to be confirmed
 
 
 async def test_beyond_concurrency_and_pending_the_overflow_is_counted(
