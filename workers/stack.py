@@ -40,14 +40,6 @@ class _Service(Protocol):
     async def stop(self) -> None: ...
 
 
-async def wait_for_shutdown_signal() -> int:
-    """Wait for SIGINT or SIGTERM; returns the signal number."""
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            return int(signum)
-    raise RuntimeError("signal receiver ended")  # pragma: no cover - the loop never ends
-
-
 @asynccontextmanager
 async def embedded_server(
     settings: Settings, *, port: int | None, data_dir: str | None, force: bool = False
@@ -93,19 +85,25 @@ async def open_worker_runtime(
 
 
 async def serve(services: list[_Service], ready: Ready, describe: Callable[[], str]) -> None:
-    """Start `services`, announce `describe()`, wait for a signal, stop them gracefully."""
-    async with anyio.create_task_group() as tg:
-        for service in services:
-            await tg.start(service.run)
-        ready(describe())
-        signum = await wait_for_shutdown_signal()
-        logger.info("received %s: draining", signal.Signals(signum).name)
-        with anyio.move_on_after(DRAIN_TIMEOUT_S, shield=True) as scope:
+    """Start `services`, announce `describe()`, wait for a signal, stop them gracefully.
+
+    The signal handlers are installed before anything starts, so a SIGTERM that follows
+    the "ready" line at once is a graceful shutdown, never the default (fatal) action.
+    """
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
             for service in services:
-                await service.stop()
-        if scope.cancelled_caught:
-            logger.warning("shutdown exceeded %.0fs; cancelling the rest", DRAIN_TIMEOUT_S)
-            tg.cancel_scope.cancel()
+                await tg.start(service.run)
+            ready(describe())
+            async for signum in signals:
+                logger.info("received %s: draining", signal.Signals(signum).name)
+                break
+            with anyio.move_on_after(DRAIN_TIMEOUT_S, shield=True) as scope:
+                for service in services:
+                    await service.stop()
+            if scope.cancelled_caught:
+                logger.warning("shutdown exceeded %.0fs; cancelling the rest", DRAIN_TIMEOUT_S)
+                tg.cancel_scope.cancel()
 
 
 async def run_up(
