@@ -1,0 +1,160 @@
+"""The benchmark's human output: a progress bar while it runs, a rich summary table after."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich import box
+from rich.console import Console, Group
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+
+class Steps:
+    """Advance a progress bar step by step; silent when there is no bar."""
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self._progress = progress
+        self._task = progress.add_task("starting", total=total) if progress else None
+
+    def begin(self, description: str) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, description=description)
+
+    def done(self) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.advance(self._task)
+
+
+@contextmanager
+def progress_steps(total: int, *, show: bool) -> Iterator[Steps]:
+    """A transient progress bar on stderr (so stdout keeps only the results)."""
+    if not show:
+        yield Steps(None, total)
+        return
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("[progress.description]{task.description:<44}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    with progress:
+        yield Steps(progress, total)
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def _verdict(passed: bool | None) -> Text:
+    if passed is None:
+        return Text("n/a", style="dim")
+    return Text("PASS", style="bold green") if passed else Text("FAIL", style="bold red")
+
+
+def _target_map(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {t["name"]: t for t in results["targets"]}
+
+
+def build_table(results: dict[str, Any]) -> Table:
+    """Every measurement as a row: LUKHAS, its baseline, the ratio, the target and verdict."""
+    machine = results["machine"]
+    tp, lat, mz = results["throughput"], results["latency"], results["matriz"]
+    table = Table(
+        title=f"lukhas bench: {machine['cpus']} CPU(s) {machine['cpu_model']}, "
+        f"Python {machine['python']}, nats-server {machine['nats_server']}; "
+        f"concurrency {tp['concurrency']}, open loop {_num(lat['rate'])}/s",
+        box=box.SIMPLE_HEAVY,
+        title_justify="left",
+    )
+    for column, justify in (
+        ("measurement", "left"), ("LUKHAS", "right"), ("baseline", "right"),
+        ("ratio", "right"), ("target", "right"), ("", "center"),
+    ):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    targets = _target_map(results)
+
+    def add(label: str, value: str, baseline: str, ratio: str, target: str | None = None) -> None:
+        found = targets.get(target or "")
+        table.add_row(
+            label, value, baseline, ratio,
+            "—" if found is None else found["target"],
+            _verdict(None if found is None else found["passed"]),
+        )
+
+    for name, row in tp["slices"].items():
+        add(f"{name} req/s", _num(row["rps"]), f"echo {_num(row['echo_rps'])}",
+            _ratio(row["ratio_vs_echo"]), f"throughput.{name}.vs_echo")
+    for name, row in tp["slices"].items():
+        if row.get("faststream_rps") is not None:
+            add(f"{name} req/s vs FastStream", _num(row["rps"]),
+                f"FastStream {_num(row['faststream_rps'])}", _ratio(row["ratio_vs_faststream"]),
+                f"throughput.{name}.vs_faststream")
+    table.add_section()
+    for name, row in lat["slices"].items():
+        add(f"{name} p50/p95/p99 ms",
+            f"{row['p50_ms']:.2f}/{row['p95_ms']:.2f}/{row['p99_ms']:.2f}",
+            f"echo {row['echo_p50_ms']:.2f}/{row['echo_p95_ms']:.2f}/{row['echo_p99_ms']:.2f}",
+            _ratio(row["ratio_p95_vs_echo"]), f"latency.{name}.p95_vs_echo")
+    for name, row in lat["slices"].items():
+        add(f"{name} p95 vs manifest SLA", f"{row['p95_ms']:.2f} ms",
+            f"SLA {_num(row['sla_p95_ms'])} ms", _ratio(row["p95_vs_sla"]),
+            f"latency.{name}.sla")
+    table.add_section()
+    add("MATRIZ emitter nodes/s, flushed", _num(mz["emitter_nodes_per_s"]),
+        f"publish {_num(mz['raw_publish_per_s'])}", _ratio(mz["ratio_vs_raw"]),
+        "matriz.emitter.vs_raw")
+    paced = mz["paced"]
+    add(f"MATRIZ dropped @{_num(paced['rate'])} calls/s, {paced['duration_s']:g} s",
+        f"{paced['dropped']} of {paced['emitted']:,}",
+        f"peak buffer {paced['peak_buffered']:,}/{paced['buffer']:,}", "",
+        "matriz.paced.dropped")
+    table.add_section()
+    lim = results["handoff_limiter"]
+    add(f"handoff limiter accepted, {_num(lim['offered_rate'])}/s offered",
+        f"{lim['accepted']:,}", f"rate×t+burst {_num(lim['expected'], 1)}",
+        f"{lim['error_pct']:+.2f}%", "handoff.limiter.accuracy")
+    add("handoff limiter decide() ns, allow/refuse",
+        f"{lim['decide_ns_allowed']:.0f}/{lim['decide_ns_refused']:.0f}", "", "")
+    ho = results["handoff"]
+    add("handoffs/s confirmed, over NATS", _num(ho["handoffs_per_s"]),
+        f"publish {_num(ho['raw_publish_per_s'])}", _ratio(ho["ratio_vs_raw"]))
+    led = results["ledger"]
+    add("ledger appends/s, JetStream acks", _num(led["appends_per_s"]),
+        f"js.publish {_num(led['raw_js_publish_per_s'])}", _ratio(led["ratio_vs_raw"]))
+    return table
+
+
+def render(results: dict[str, Any], *, console: Console | None = None) -> str:
+    """The summary table and the notes, as text for the terminal (ANSI when it is one)."""
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # a file or a pipe: no width to fit, keep rows whole
+            console = Console(width=140)
+    passed = sum(1 for t in results["targets"] if t["passed"])
+    summary = Text(
+        f"targets: {passed} of {len(results['targets'])} met", style="bold"
+    )
+    notes = Text("\n".join(f"• {note}" for note in results["notes"]), style="dim")
+    with console.capture() as capture:
+        console.print(Group(build_table(results), summary, notes))
+    return capture.get().rstrip("\n")
