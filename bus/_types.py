@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol, runtime_checkable
@@ -103,6 +103,17 @@ class Bus(Protocol):
             BusClosed: the bus is closed.
             InvalidSubject: the subject is empty or holds wildcards or spaces.
             InvalidHeader: a header name is not a valid token.
+        """
+        ...
+
+    async def publish_batch(self, messages: Iterable[tuple[str, bytes]]) -> None:
+        """Send several header-less `(subject, data)` messages in order, cheaper than one
+        `publish()` each; all are checked before any is sent.
+
+        Raises:
+            BusClosed: the bus is closed.
+            InvalidSubject: a subject holds wildcards, spaces or empty tokens.
+            PayloadTooLarge: a message is larger than the server allows.
         """
         ...
 

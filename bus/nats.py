@@ -12,7 +12,7 @@ import contextlib
 import logging
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 # second; once connected, the caller's (unbounded by default) setting takes over.
 _FIRST_CONNECT_RETRIES = 1
 _FIRST_CONNECT_RETRY_WAIT = 0.1
+#: Subjects remembered as valid by `NatsBus._check_subject` (cleared when full).
+_VALID_SUBJECTS_KEPT = 4096
 # nats-py can wait forever closing a socket whose TLS handshake failed (it awaits the
 # pre-TLS stream's `wait_closed()`), so the first connect, and the close after it fails,
 # get deadlines of their own.
@@ -295,6 +297,7 @@ class NatsBus:
         self._connect_errors: list[Exception] = []
         self._slow_log = LogThrottle(1.0)
         self._error_log = LogThrottle(5.0)
+        self._valid_subjects: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<NatsBus {_redact(self.url)} closed={self.is_closed}>"
@@ -325,14 +328,60 @@ class NatsBus:
             BusError: disconnected and the reconnect buffer is full.
         """
         self._check_open()
-        validate_subject(subject)
+        self._check_subject(subject)
         if reply is not None:
             validate_subject(reply)
         self._check_payload(data)
-        wire_headers = normalize_headers(headers) or None
-        with _translated(subject):
+        wire_headers = normalize_headers(headers) or None if headers else None
+        # Hot path: a plain try/except, not the `_translated` generator context manager.
+        try:
             await self._client.publish(subject, data, reply=reply or "", headers=wire_headers)
+        except nats.errors.Error as exc:
+            with _translated(subject):
+                raise exc from None
         self._published += 1
+
+    async def publish_batch(self, messages: Iterable[tuple[str, bytes]]) -> None:
+        """Send several header-less messages in order, handed to nats-py as one write.
+
+        Every subject and size is checked before anything is sent, so a bad message
+        sends none of the batch. For a MATRIZ batch this takes about a third of the CPU
+        of one `publish()` per message (`lukhas bench`).
+
+        Raises:
+            BusClosed: the bus is closed or its connection draining.
+            InvalidSubject: a subject is not a literal subject.
+            PayloadTooLarge: a message is larger than the server's `max_payload`.
+            BusError: disconnected and the reconnect buffer is full.
+        """
+        self._check_open()
+        client = self._client
+        frames = []
+        size = 0
+        for subject, data in messages:
+            self._check_subject(subject)
+            self._check_payload(data)
+            frames.append(b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(data), data))
+            size += len(data)
+        if not frames:
+            await checkpoint()
+            return
+        if client.is_draining_pubs:
+            raise BusClosed()
+        chunk = b"".join(frames)
+        # What nats-py's own publish() checks and counts, once for the whole batch.
+        if not client.is_connected and (
+            client._max_pending_size <= 0
+            or len(chunk) + client._pending_data_size > client._max_pending_size
+        ):
+            raise BusError("not connected to NATS and the outbound buffer is full")
+        client.stats["out_msgs"] += len(frames)
+        client.stats["out_bytes"] += size
+        with _translated("publish_batch"):
+            await client._send_command(chunk)
+            if client._flush_queue is not None and client._flush_queue.empty():
+                await client._flush_pending()
+        self._published += len(frames)
 
     @asynccontextmanager
     async def subscribe(
@@ -600,6 +649,15 @@ class NatsBus:
     def _check_accepting(self) -> None:
         if self.is_closed or self._draining:
             raise BusClosed()
+
+    def _check_subject(self, subject: str) -> None:
+        """`validate_subject`, remembered: hot subjects (MATRIZ, handoffs) repeat."""
+        if subject in self._valid_subjects:
+            return
+        validate_subject(subject)
+        if len(self._valid_subjects) >= _VALID_SUBJECTS_KEPT:
+            self._valid_subjects.clear()
+        self._valid_subjects.add(subject)
 
     def _check_payload(self, data: bytes) -> None:
         limit = self._client.max_payload

@@ -7,6 +7,7 @@ task group encodes and publishes in batches.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -63,7 +64,13 @@ class MatrizNode(msgspec.Struct, frozen=True, omit_defaults=True):
     @property
     def subject(self) -> str:
         """Where the node is published: `matriz.<TYPE>.<label tokens>`."""
-        return matriz_subject(self.type, self.labels[0].removeprefix("label:"))
+        return _subject_of(self.type, self.labels[0])
+
+
+@functools.lru_cache(maxsize=1024)
+def _subject_of(node_type: str, first_label: str) -> str:
+    # Emit points are few; the subject of each is built once, not once per node.
+    return matriz_subject(node_type, first_label.removeprefix("label:"))
 
 
 class DropReport(msgspec.Struct, frozen=True):
@@ -188,15 +195,16 @@ class MatrizEmitter:
 
     async def _publish(self, batch: list[MatrizNode]) -> None:
         encode = self._encoder.encode
-        for node in batch:
-            try:
-                await self._bus.publish(node.subject, encode(node))
-            except BusError as exc:
-                # Emission must never fail the service; the loss is counted and reported.
-                self._dropped += 1
-                logger.debug("matriz publish failed: %s", exc)
-            else:
-                self._published += 1
+        messages = [(_subject_of(node.type, node.labels[0]), encode(node)) for node in batch]
+        try:
+            # One write for the batch: a publish() per node cost ~3x the CPU (lukhas bench).
+            await self._bus.publish_batch(messages)
+        except BusError as exc:
+            # Emission must never fail the service; the loss is counted and reported.
+            self._dropped += len(batch)
+            logger.debug("matriz publish of %d node(s) failed: %s", len(batch), exc)
+        else:
+            self._published += len(batch)
         if self._dropped != self._reported_drops:
             await self._report_drops()
 

@@ -439,3 +439,27 @@ async def test_publish_refuses_bad_reply_subject(open_bus: BusFactory, subject_r
     async with open_bus() as bus:
         with pytest.raises(InvalidSubject):
             await bus.publish(subject_root, b"x", reply="_INBOX.*")
+
+
+async def test_publish_batch_delivers_in_order(open_bus: BusFactory, subject_root: str) -> None:
+    async with open_bus() as bus, bus.subscribe(f"{subject_root}.>") as sub:
+        await bus.publish_batch(
+            [(f"{subject_root}.a", b"1"), (f"{subject_root}.b", b"2"), (f"{subject_root}.a", b"3")]
+        )
+        await bus.flush()
+        got = [await sub.next(5) for _ in range(3)]
+    assert [(e.subject.rsplit(".", 1)[1], e.data) for e in got] == [
+        ("a", b"1"), ("b", b"2"), ("a", b"3")
+    ]
+
+
+async def test_publish_batch_checks_every_subject_before_sending(
+    open_bus: BusFactory, subject_root: str
+) -> None:
+    async with open_bus() as bus, bus.subscribe(f"{subject_root}.>") as sub:
+        with pytest.raises(InvalidSubject):
+            await bus.publish_batch([(f"{subject_root}.ok", b"1"), (f"{subject_root}.*", b"2")])
+        await bus.publish(f"{subject_root}.marker", b"m")
+        await bus.flush()
+        first = await sub.next(5)
+    assert first.subject.endswith(".marker")
