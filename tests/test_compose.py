@@ -63,3 +63,8 @@ def test_dockerfile_entrypoint_is_the_lukhas_command() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["lukhas"]' in dockerfile
     _parses(["worker", "slices"])
+
+
+def test_readme_documents_every_environment_variable() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert [v for v in KNOWN_VARIABLES if f"`{v}`" not in readme] == []
