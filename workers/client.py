@@ -11,35 +11,39 @@ import msgspec
 from rich.console import Console
 from rich.table import Table
 
-from bus import connect
+from bus import Bus, connect
 from lukhas.config import Settings
 from lukhas.observability.tracing import make_traceparent
+from lukhas.subjects import SERVICE_NAME
 from workers import discovery
 
 _encoder = msgspec.json.Encoder()
 
 
-async def request_json(
-    settings: Settings, subject: str, body: Any, timeout: float = 5.0
-) -> dict[str, Any]:
-    """Send `body` as JSON with a fresh traceparent; return the decoded reply.
+async def call_json(bus: Bus, subject: str, body: Any, timeout: float = 5.0) -> dict[str, Any]:
+    """Send `body` as JSON on `bus` with a fresh traceparent; return the decoded reply.
 
     Raises:
         NoResponders: no worker serves `subject`.
         RequestTimeout: no reply within `timeout`.
     """
-    async with connect(settings) as bus:
-        reply = await bus.request(
-            subject, _encoder.encode(body),
-            headers={"traceparent": make_traceparent()}, timeout=timeout,
-        )
+    reply = await bus.request(
+        subject, _encoder.encode(body),
+        headers={"traceparent": make_traceparent()}, timeout=timeout,
+    )
     return msgspec.json.decode(reply.data)
+
+
+async def request_json(
+    settings: Settings, subject: str, body: Any, timeout: float = 5.0
+) -> dict[str, Any]:
+    """One request on a connection of its own (the CLI's `request` and `matriz stats`)."""
+    async with connect(settings) as bus:
+        return await call_json(bus, subject, body, timeout)
 
 
 async def ping_service(settings: Settings, timeout: float = 2.0) -> int:
     """How many slice service instances answer `$SRV.PING.<name>` within `timeout`."""
-    from lukhas.subjects import SERVICE_NAME
-
     async with connect(settings) as bus:
         inbox = f"_INBOX.health.{time.monotonic_ns()}"
         async with bus.subscribe(inbox) as sub:

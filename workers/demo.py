@@ -9,10 +9,10 @@ from typing import Any
 
 import anyio
 
-from bus import BusConnectError, connect
+from bus import Bus, BusConnectError, connect
 from lukhas import subjects
 from lukhas.config import Settings
-from workers.client import print_stats_table, request_json
+from workers.client import call_json, print_stats_table
 from workers.observability import ObservabilityWorker
 from workers.slices import SliceService
 from workers.stack import embedded_server, open_worker_runtime
@@ -20,13 +20,13 @@ from workers.stack import embedded_server, open_worker_runtime
 Out = Callable[[str], None]
 
 
-async def _calls(settings: Settings, out: Out) -> bool:
+async def _calls(bus: Bus, settings: Settings, out: Out) -> bool:
     """Every slice, a rate-limited burst and an invalid request; True if all went as expected."""
     good = True
 
     async def call(subject: str, body: Any, expect_ok: bool | None = True) -> dict[str, Any]:
         nonlocal good
-        reply = await request_json(settings, subject, body)
+        reply = await call_json(bus, subject, body)
         ok = reply.get("ok")
         mark = "ok " if expect_ok is None or ok is expect_ok else "!! "
         good = good and mark == "ok "
@@ -44,7 +44,7 @@ async def _calls(settings: Settings, out: Out) -> bool:
     async with anyio.create_task_group() as tg:
         async def one() -> None:
             nonlocal limited
-            reply = await request_json(settings, subjects.CONTEXT_HANDOFF, {"ctx": {"n": 1}})
+            reply = await call_json(bus, subjects.CONTEXT_HANDOFF, {"ctx": {"n": 1}})
             limited += reply.get("reason") == "rate_limited"
         for _ in range(settings.handoff_burst + 20):
             tg.start_soon(one)
@@ -62,35 +62,31 @@ def _summary(reply: dict[str, Any]) -> str:
     )
 
 
-async def _show_stats(settings: Settings, *, expect_nodes: int = 0) -> None:
+async def _show_stats(bus: Bus, *, expect_nodes: int = 0) -> None:
     """Print the snapshot once it counts `expect_nodes` nodes (or after 5 s, whatever it has)."""
     snapshot: dict[str, Any] = {}
     with anyio.move_on_after(5):
         while True:
-            snapshot = await request_json(settings, subjects.OBSERVABILITY_STATS, {})
+            snapshot = await call_json(bus, subjects.OBSERVABILITY_STATS, {})
             counted = sum(p.get("count", 0) for p in snapshot.get("emit_points", {}).values())
             if counted >= expect_nodes:
                 break
     print_stats_table(snapshot)
 
 
-async def _reachable(settings: Settings) -> bool:
-    try:
-        async with connect(settings):
-            return True
-    except BusConnectError:
-        return False
-
-
 async def run_demo(settings: Settings, *, nats_url: str | None, out: Out) -> bool:
     """Run against `nats_url` (or NATS_URL) if it answers, else an embedded stack."""
     url = nats_url or settings.nats_url
     client = dataclasses.replace(settings, nats_url=url, dry_run=False, offline=False)
-    if url and await _reachable(client):
-        out(f"demo against the stack at {url}")
-        good = await _calls(client, out)
-        await _show_stats(client)
-        return good
+    if url:
+        try:
+            async with connect(client) as bus:
+                out(f"demo against the stack at {url}")
+                good = await _calls(bus, client, out)
+                await _show_stats(bus)
+                return good
+        except BusConnectError:
+            out(f"no stack answers at {url}: starting an embedded one")
     # A small handoff budget so the burst shows rate limiting; DRY_RUN so passkeys accept.
     local = dataclasses.replace(
         settings, nats_url=None, dry_run=True, offline=False,
@@ -105,11 +101,12 @@ async def run_demo(settings: Settings, *, nats_url: str | None, out: Out) -> boo
                 async with anyio.create_task_group() as tg:
                     await tg.start(slices.run)
                     await tg.start(observability.run)
-                    good = await _calls(served, out)
-                    await runtime.emitter.flush()
-                    await _show_stats(
-                        served, expect_nodes=runtime.emitter.statistics().published
-                    )
+                    async with connect(served) as bus:
+                        good = await _calls(bus, served, out)
+                        await runtime.emitter.flush()
+                        await _show_stats(
+                            bus, expect_nodes=runtime.emitter.statistics().published
+                        )
                     await slices.stop()
                     await observability.stop()
     return good
