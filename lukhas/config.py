@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from lukhas.errors import ConfigError
+from lukhas.observability.pseudonym import key_problem
 
 T = TypeVar("T")
 
@@ -50,6 +51,30 @@ def _text(env: Mapping[str, str], name: str) -> str | None:
     return raw.strip() or None if raw is not None else None
 
 
+def _pseudonym_keys(env: Mapping[str, str], *, dry_run: bool) -> tuple[str, ...]:
+    """LUKHAS_PSEUDONYM_KEYS (current first, comma-separated) or the single LUKHAS_PSEUDONYM_KEY.
+
+    Outside DRY_RUN a short or published key is refused: pseudonyms are only as private as
+    the key, and anyone holding a public one can map user ids to them.
+    """
+    many, one = _text(env, "LUKHAS_PSEUDONYM_KEYS"), _text(env, "LUKHAS_PSEUDONYM_KEY")
+    if many is not None and one is not None:
+        raise ConfigError(
+            "LUKHAS_PSEUDONYM_KEY", "<hidden>",
+            "unset while LUKHAS_PSEUDONYM_KEYS is set (list the current key first there)",
+        )
+    name = "LUKHAS_PSEUDONYM_KEYS" if many is not None else "LUKHAS_PSEUDONYM_KEY"
+    keys = tuple(k.strip() for k in (many or one or "").split(",") if k.strip())
+    if many is not None and len(set(keys)) != len(keys):
+        raise ConfigError(name, "<hidden>", "distinct keys, the current one first")
+    if not dry_run:
+        for key in keys:
+            problem = key_problem(key)
+            if problem is not None:
+                raise ConfigError(name, "<hidden>", problem)
+    return keys
+
+
 #: Where passkey ceremonies may run unless LUKHAS_WEBAUTHN_ORIGINS says otherwise.
 DEFAULT_WEBAUTHN_ORIGINS: tuple[str, ...] = ("http://localhost:8000",)
 
@@ -83,6 +108,7 @@ KNOWN_VARIABLES: tuple[str, ...] = (
     "LUKHAS_WEBAUTHN_CHALLENGE_TTL_S",
     "LUKHAS_PASSKEY_PROVIDER",
     "LUKHAS_PSEUDONYM_KEY",
+    "LUKHAS_PSEUDONYM_KEYS",
     "LUKHAS_TENANT",
     "LUKHAS_WORKER_CONCURRENCY",
     "LUKHAS_WORKER_MAX_PENDING",
@@ -127,7 +153,10 @@ class Settings:
     webauthn_require_uv: bool = True
     webauthn_challenge_ttl_s: int = 120
     passkey_provider: str = "webauthn"
+    #: The current pseudonym key (the first of LUKHAS_PSEUDONYM_KEYS).
     pseudonym_key: str | None = None
+    #: Earlier pseudonym keys, newest first: still read, never written with.
+    pseudonym_previous_keys: tuple[str, ...] = ()
     tenant: str = "default"
     worker_concurrency: int = 256
     worker_max_pending: int = 65_536
@@ -159,11 +188,13 @@ class Settings:
         replicas = _number(env, "LUKHAS_LEDGER_REPLICAS", 1, int, minimum=1)
         if replicas > 5:
             raise ConfigError("LUKHAS_LEDGER_REPLICAS", str(replicas), "an int from 1 to 5")
+        dry_run = _flag(env, "LUKHAS_DRY_RUN_MODE")
+        pseudonym_keys = _pseudonym_keys(env, dry_run=dry_run)
         port = _number(env, "LUKHAS_METRICS_PORT", 9464, int, minimum=0)
         if port > 65535:
             raise ConfigError("LUKHAS_METRICS_PORT", str(port), "a port from 0 to 65535")
         return cls(
-            dry_run=_flag(env, "LUKHAS_DRY_RUN_MODE"),
+            dry_run=dry_run,
             offline=_flag(env, "LUKHAS_OFFLINE"),
             nats_url=_text(env, "NATS_URL"),
             nats_user=_text(env, "NATS_USER"),
@@ -196,7 +227,8 @@ class Settings:
                 env, "LUKHAS_WEBAUTHN_CHALLENGE_TTL_S", 120, int, minimum=1
             ),
             passkey_provider=passkey_provider,
-            pseudonym_key=_text(env, "LUKHAS_PSEUDONYM_KEY"),
+            pseudonym_key=pseudonym_keys[0] if pseudonym_keys else None,
+            pseudonym_previous_keys=pseudonym_keys[1:],
             tenant=_text(env, "LUKHAS_TENANT") or "default",
             worker_concurrency=_number(env, "LUKHAS_WORKER_CONCURRENCY", 256, int, minimum=1),
             worker_max_pending=_number(env, "LUKHAS_WORKER_MAX_PENDING", 65_536, int, minimum=1),

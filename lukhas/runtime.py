@@ -87,7 +87,11 @@ async def open_runtime(
             settings=settings,
             bus=bus,
             emitter=emitter,
-            pseudonymize=Pseudonymizer(settings.pseudonym_key, warn=not settings.dry_run),
+            pseudonymize=Pseudonymizer(
+                settings.pseudonym_key,
+                previous=settings.pseudonym_previous_keys,
+                warn=not settings.dry_run,
+            ),
             producer=producer,
         )
         async with anyio.create_task_group() as tg:

@@ -17,7 +17,7 @@ from lukhas.config import Settings
 from lukhas.runtime import Runtime
 from lukhas.testing import MatrizRecorder
 
-PSEUDONYM_KEY = "test-candidate-pseudonym-key"
+PSEUDONYM_KEY = "test-candidate-pseudonym-key-0123456789"
 
 
 def user() -> str:

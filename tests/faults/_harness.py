@@ -41,7 +41,7 @@ def worker_env(url: str, **extra: str) -> dict[str, str]:
     return {
         "NATS_URL": url,
         "FEATURE_GOVERNANCE_LEDGER": "true",
-        "LUKHAS_PSEUDONYM_KEY": "fault-test-pseudonym-key",
+        "LUKHAS_PSEUDONYM_KEY": "fault-test-pseudonym-key-0123456789abcdef",
         "LUKHAS_METRICS_PORT": "0",
         **extra,
     }

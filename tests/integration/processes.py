@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 BASE_ENV = {
-    "LUKHAS_PSEUDONYM_KEY": "integration-test-key",
+    "LUKHAS_PSEUDONYM_KEY": "integration-test-pseudonym-key-0123456789",
     "LUKHAS_METRICS_PORT": "0",
     "LUKHAS_LOG_LEVEL": "INFO",
 }

@@ -157,7 +157,11 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_client_commands_request_health_and_stats(server: NatsServer) -> None:
-    env = {"NATS_URL": server.url, "LUKHAS_PSEUDONYM_KEY": "k", "LUKHAS_METRICS_PORT": "0"}
+    env = {
+        "NATS_URL": server.url,
+        "LUKHAS_PSEUDONYM_KEY": "integration-stack-pseudonym-key-0123456789",
+        "LUKHAS_METRICS_PORT": "0",
+    }
     with running("worker", "slices", env=env), running("worker", "observability", env=env):
         ok = _cli("request", subjects.CONSENT_RECORD, '{"user_id":"usr_cli","scope":"s"}', env=env)
         bad = _cli("request", subjects.CONSENT_RECORD, '{"user_id":1}', env=env)

@@ -64,7 +64,7 @@ class AuthServer:
     def settings(self, user: str, **overrides: object) -> Settings:
         return Settings(
             nats_url=self.url, nats_user=user, nats_password=self.passwords[user],
-            pseudonym_key="auth-test-key", **overrides,  # type: ignore[arg-type]
+            pseudonym_key="auth-test-pseudonym-key-0123456789abcdef", **overrides,  # type: ignore[arg-type]
         )
 
     def env(self, user: str, **extra: str) -> dict[str, str]:
@@ -146,7 +146,7 @@ FULL_FLAGS = {
     "FEATURE_GOVERNANCE_LEDGER": "true",
     "FEATURE_IDENTITY_PASSKEY": "true",
     "FEATURE_ORCHESTRATION_HANDOFF": "true",
-    "LUKHAS_PSEUDONYM_KEY": "auth-test-key",
+    "LUKHAS_PSEUDONYM_KEY": "auth-test-pseudonym-key-0123456789abcdef",
     "LUKHAS_METRICS_PORT": "0",
 }
 

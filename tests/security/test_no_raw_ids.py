@@ -40,7 +40,7 @@ pytestmark = pytest.mark.nats
 
 logger = logging.getLogger(__name__)
 
-PSEUDONYM_KEY = "no-raw-ids-pseudonym-key"
+PSEUDONYM_KEY = "no-raw-ids-pseudonym-key-0123456789abcdef"
 
 
 _REQUEST_SUBJECTS = frozenset({
