@@ -10,6 +10,8 @@ from nats.js.errors import APIError, BucketNotFoundError
 from nats.js.kv import KeyValue
 
 from bus.nats import ensure_stream as bus_ensure_stream
+from lukhas.errors import ConfigError
+from lukhas.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -59,3 +61,21 @@ async def ensure_kv(
         if exc.err_code != _STREAM_NAME_IN_USE:
             raise
         return await js.key_value(bucket)
+
+
+def jetstream_of(runtime: Runtime, flag: str, what: str) -> JetStreamContext:
+    """The runtime bus's JetStream context, for the provider that `flag` turned on.
+
+    Raises:
+        ConfigError: the bus is not NATS (OFFLINE, or the memory bus).
+    """
+    jetstream = getattr(runtime.bus, "jetstream", None)
+    if runtime.bus.backend != "nats" or jetstream is None:
+        raise ConfigError(
+            flag,
+            "true",
+            f"false while the bus is {runtime.bus.backend!r}: {what} needs NATS with "
+            "JetStream (unset LUKHAS_OFFLINE and give NATS_URL, or let `lukhas up` start one)",
+        )
+    js: JetStreamContext = jetstream()
+    return js

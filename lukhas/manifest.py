@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import inspect
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -63,35 +62,45 @@ def load_manifest(path: Path) -> ModuleManifest:
 
 
 def check_manifest(manifest: ModuleManifest) -> list[str]:
-    """Every way `manifest` and the code disagree; empty when they match."""
+    """Every way `manifest` and the code disagree; empty when they match.
+
+    The code's side is the slice's endpoint declarations (`<module>.endpoints.ENDPOINTS`):
+    their capabilities, emit points and subjects, plus the public `api` functions.
+    """
     problems: list[str] = []
     try:
         api = importlib.import_module(f"{manifest.module}.api")
-    except ImportError as exc:
-        return [f"{manifest.module}.api cannot be imported: {exc}"]
+        declared_endpoints = importlib.import_module(f"{manifest.module}.endpoints").ENDPOINTS
+    except (ImportError, AttributeError) as exc:
+        return [f"{manifest.module} has no api module or endpoint declarations: {exc}"]
 
-    points: set[str] = set()
+    by_capability = {ep.capability: ep for ep in declared_endpoints}
     for name in manifest.capabilities:
         fn = getattr(api, name, None)
         if fn is None or not callable(fn):
             problems.append(f"capability {name} is not a function of {api.__name__}")
-            continue
-        point = getattr(fn, "__matriz_emit_point__", None)
-        if point is None:
-            problems.append(f"capability {name} is not MATRIZ-instrumented")
-            continue
-        points.add(point.name)
+        if name not in by_capability:
+            problems.append(f"capability {name} is served by no declared endpoint")
+    undeclared = sorted(set(by_capability) - set(manifest.capabilities))
+    if undeclared:
+        problems.append(f"endpoint capabilities missing from the manifest: {undeclared}")
+
+    points = {ep.emit_point.name for ep in declared_endpoints}
     declared = set(manifest.matriz_emit_points)
     if points != declared:
         missing, extra = sorted(declared - points), sorted(points - declared)
         problems.append(f"emit points differ: declared only {missing}, in code only {extra}")
-    undeclared = sorted(
-        name for name, fn in inspect.getmembers(api, callable)
-        if hasattr(fn, "__matriz_emit_point__") and fn.__module__ == api.__name__
-        and name not in manifest.capabilities
-    )
-    if undeclared:
-        problems.append(f"instrumented public functions missing from capabilities: {undeclared}")
+
+    served = {ep.subject: ep.tag for ep in declared_endpoints}
+    if manifest.subjects and set(manifest.subjects) != set(served):
+        missing, extra = sorted(set(manifest.subjects) - set(served)), sorted(
+            set(served) - set(manifest.subjects))
+        problems.append(f"subjects differ: manifest only {missing}, served only {extra}")
+    problems += [
+        f"subject {subject} is tagged {tag!r} in the manifest, {served[subject]!r} in code"
+        for subject, tag in manifest.subjects.items()
+        if served.get(subject) is not None and served[subject] != tag
+    ]
 
     known_subjects = {
         value for name, value in vars(subjects).items() if name.isupper() and isinstance(value, str)
@@ -108,8 +117,7 @@ def check_manifest(manifest: ModuleManifest) -> list[str]:
         problems.append(f"feature flag {flag} is not a setting in lukhas/config.py")
     elif fields[attribute].default is not False:
         problems.append(f"feature flag {flag} does not default to false")
-    package = Path(importlib.import_module(manifest.module).__file__ or "").parent
-    source = "".join(p.read_text() for p in package.rglob("*.py") if "tests" not in p.parts)
-    if f"settings.{attribute}" not in source:
-        problems.append(f"no code in {manifest.module} reads settings.{attribute}")
+    registry = getattr(importlib.import_module(f"{manifest.module}.registry"), "REGISTRY", None)
+    if getattr(registry, "flag", None) != attribute:
+        problems.append(f"{manifest.module}.registry is not gated by settings.{attribute}")
     return problems

@@ -9,7 +9,7 @@ task started inside. The public APIs keep the promotion plan's signatures and fi
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -25,9 +25,6 @@ from lukhas.observability.pseudonym import Pseudonymizer
 
 logger = logging.getLogger(__name__)
 
-#: Publishes to a durable stream and resolves with the stream sequence once acknowledged.
-DurablePublish = Callable[[str, bytes, Mapping[str, str]], Awaitable[int]]
-
 _current: ContextVar[Runtime | None] = ContextVar("lukhas_runtime", default=None)
 
 
@@ -42,8 +39,6 @@ class Runtime:
     producer: str = "lukhas"
     #: Per-runtime state a slice keeps between calls (e.g. the handoff limiter), by owner name.
     slice_state: dict[str, Any] = field(default_factory=dict)
-    #: Wired by workers/bootstrap.py when FEATURE_ORCHESTRATION_HANDOFF is on outside DRY_RUN.
-    durable_publish: DurablePublish | None = None
 
 
 def bound_runtime() -> Runtime | None:

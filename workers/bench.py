@@ -40,13 +40,13 @@ from nats.aio.msg import Msg
 from bus import NatsServer, open_nats_bus
 from bus.server import find_nats_server
 from lukhas import subjects
+from lukhas.catalog import ENDPOINTS
 from lukhas.config import Settings
 from lukhas.runtime import open_runtime
 from workers import _bench_sections as sections
 from workers._bench_faststream import faststream_version, serve_faststream
 from workers._bench_report import Steps, progress_steps, render
 from workers._manifests import load_manifests, sla_by_emit_point
-from workers.endpoints import build_endpoints
 from workers.loadgen import ClosedLoopResult, OpenLoopResult
 from workers.slices import SliceService
 from workers.streams import ensure_matriz_stream
@@ -275,7 +275,7 @@ async def _slice_latency(
 ) -> dict[str, Any]:
     """Each slice at a fixed open-loop rate next to the raw echo, alternating in rounds."""
     slas = sla_by_emit_point(load_manifests())
-    emit_points = {ep.name: ep.emit_point.name for ep in build_endpoints(settings)}
+    emit_points = {ep.name: ep.emit_point.name for ep in ENDPOINTS}
     rows: dict[str, Any] = {}
     for name, (subject, body) in SLICE_REQUESTS.items():
         payload = msgspec.json.encode(body)

@@ -9,6 +9,7 @@ with the null providers whatever is registered.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -16,14 +17,16 @@ from typing import Any, Literal
 from lukhas.errors import ConfigError
 from lukhas.governance.consent_ledger import registry as consent_registry
 from lukhas.identity.passkey import registry as passkey_registry
+from lukhas.orchestration.context import registry as context_registry
 from lukhas.runtime import Runtime
-from workers.streams import HANDOFF_STREAM, durable_publisher, ensure_handoff_stream
+from workers.streams import HANDOFF_STREAM, DurableHandoffPublisher, ensure_handoff_stream
 
 logger = logging.getLogger(__name__)
 
 LEDGER_MODULE = "candidate.governance.consent_ledger.jetstream_ledger"
 WEBAUTHN_MODULE = "candidate.identity.passkey.webauthn_provider"
 FIDO2_MOCK_MODULE = "candidate.identity.passkey.fido2_mock"
+PASSKEY_MODULES = {"webauthn": WEBAUTHN_MODULE, "fido2_mock": FIDO2_MOCK_MODULE}
 
 PasskeyProviderName = Literal["webauthn", "fido2_mock"]
 
@@ -35,14 +38,15 @@ async def wire_providers(
     ledger_options: Mapping[str, Any] | None = None,
     passkey_options: Mapping[str, Any] | None = None,
 ) -> None:
-    """Build, `ensure()` and register the real provider of every slice whose flag is on.
+    """Run the `_wire()` of every slice whose flag is on: each builds, `ensure()`s and
+    registers its real provider with the slice's registry.
 
     Nothing happens in DRY_RUN or for a slice whose flag is off. Wiring is all or nothing:
     if one provider fails, none stays registered.
 
     Args:
         passkey_provider: "webauthn" (py_webauthn on JetStream KV) or "fido2_mock" (the
-            deterministic in-memory CI provider, which needs no JetStream).
+            deterministic in-memory test double, which needs no JetStream).
         ledger_options: `LedgerOptions` fields to override (stream, bucket, subject prefix,
             consent TTL...); the rest come from the settings.
         passkey_options: `WebAuthnOptions` fields (or, for fido2_mock, keyword arguments)
@@ -50,18 +54,26 @@ async def wire_providers(
 
     Raises:
         ConfigError: a flag is on but what its provider needs is missing (a NATS bus with
-            JetStream, a stable LUKHAS_PSEUDONYM_KEY).
+            JetStream, a stable LUKHAS_PSEUDONYM_KEYS).
         ValueError: `passkey_provider` is not a known provider.
     """
     settings = runtime.settings
     if settings.dry_run:
         logger.info("DRY_RUN: real providers stay unwired; the null providers answer")
         return
+    passkey_module = PASSKEY_MODULES.get(passkey_provider)
+    if passkey_module is None:
+        raise ValueError(
+            f"unknown passkey provider {passkey_provider!r}: expected webauthn or fido2_mock"
+        )
     try:
         if settings.feature_governance_ledger:
-            await _wire_ledger(runtime, dict(ledger_options or {}))
+            _require_stable_pseudonyms(runtime, "FEATURE_GOVERNANCE_LEDGER")
+            await wire_module(LEDGER_MODULE, runtime, **dict(ledger_options or {}))
         if settings.feature_identity_passkey:
-            await _wire_passkey(runtime, passkey_provider, dict(passkey_options or {}))
+            if passkey_provider == "webauthn":
+                _require_stable_pseudonyms(runtime, "FEATURE_IDENTITY_PASSKEY")
+            await wire_module(passkey_module, runtime, **dict(passkey_options or {}))
         if settings.feature_orchestration_handoff:
             await _wire_handoff(runtime)
     except BaseException:
@@ -69,66 +81,46 @@ async def wire_providers(
         raise
 
 
+async def wire_module(name: str, runtime: Runtime, **options: Any) -> None:
+    """Import `name` and run its `_wire`: the plan's extension point for real providers.
+
+    `_wire()` may take no arguments (the plan's example, registering a provider that needs
+    nothing) or the runtime and keyword options; it may be a coroutine function.
+    """
+    module = importlib.import_module(name)
+    wire = getattr(module, "_wire", None)
+    if not callable(wire):
+        raise TypeError(f"{name} has no _wire() to register its provider with")
+    result = wire(runtime, **options) if inspect.signature(wire).parameters else wire()
+    if inspect.isawaitable(result):
+        await result
+
+
 def unwire_providers() -> None:
     """Forget every registered real provider (shutdown, tests)."""
     consent_registry.reset()
     passkey_registry.reset()
+    context_registry.reset()
 
 
 #: Short alias.
 unwire = unwire_providers
 
 
-async def _wire_ledger(runtime: Runtime, overrides: dict[str, Any]) -> None:
-    flag = "FEATURE_GOVERNANCE_LEDGER"
-    js = _jetstream(runtime, flag, "the JetStream consent ledger")
-    _require_stable_pseudonyms(runtime, flag)
-    module = importlib.import_module(LEDGER_MODULE)
-    ledger = module.JetStreamConsentLedger.from_settings(
-        js, runtime.pseudonymize, runtime.settings, **overrides
-    )
-    await ledger.ensure()
-    consent_registry.register(ledger)
-    logger.info("%s: consent ledger provider %r registered", flag, ledger.name)
-
-
-async def _wire_passkey(runtime: Runtime, name: str, overrides: dict[str, Any]) -> None:
-    flag = "FEATURE_IDENTITY_PASSKEY"
-    settings = runtime.settings
-    provider: Any
-    if name == "webauthn":
-        js = _jetstream(runtime, flag, "the WebAuthn passkey provider")
-        _require_stable_pseudonyms(runtime, flag)
-        module = importlib.import_module(WEBAUTHN_MODULE)
-        provider = module.WebAuthnPasskeyProvider.from_settings(
-            js, runtime.pseudonymize, settings, **overrides
-        )
-    elif name == "fido2_mock":
-        module = importlib.import_module(FIDO2_MOCK_MODULE)
-        mock_options: dict[str, Any] = {
-            "rp_id": settings.webauthn_rp_id,
-            "origins": settings.webauthn_origins,
-            "require_uv": settings.webauthn_require_uv,
-            "challenge_ttl_s": float(settings.webauthn_challenge_ttl_s),
-            **overrides,
-        }
-        provider = module.Fido2MockProvider(runtime.pseudonymize, **mock_options)
-    else:
-        raise ValueError(f"unknown passkey provider {name!r}: expected webauthn or fido2_mock")
-    await provider.ensure()
-    passkey_registry.register(provider)
-    logger.info("%s: passkey provider %r registered", flag, provider.name)
-
-
 async def _wire_handoff(runtime: Runtime) -> None:
     flag = "FEATURE_ORCHESTRATION_HANDOFF"
-    js = _jetstream(runtime, flag, "durable handoffs")
+    js = jetstream_of(runtime, flag, "durable handoffs")
     await ensure_handoff_stream(js, replicas=runtime.settings.ledger_replicas)
-    runtime.durable_publish = durable_publisher(js)
+    context_registry.register(DurableHandoffPublisher(js))
     logger.info("%s: handoffs go through JetStream stream %s", flag, HANDOFF_STREAM)
 
 
-def _jetstream(runtime: Runtime, flag: str, what: str) -> Any:
+def jetstream_of(runtime: Runtime, flag: str, what: str) -> Any:
+    """The runtime bus's JetStream context, for a provider that `flag` turned on.
+
+    Raises:
+        ConfigError: the bus is not NATS (OFFLINE, or the memory bus).
+    """
     jetstream = getattr(runtime.bus, "jetstream", None)
     if runtime.bus.backend != "nats" or jetstream is None:
         raise ConfigError(
@@ -143,7 +135,7 @@ def _jetstream(runtime: Runtime, flag: str, what: str) -> Any:
 def _require_stable_pseudonyms(runtime: Runtime, flag: str) -> None:
     if getattr(runtime.pseudonymize, "ephemeral", False):
         raise ConfigError(
-            "LUKHAS_PSEUDONYM_KEY",
+            "LUKHAS_PSEUDONYM_KEYS",
             "",
             f"a secret key while {flag}=true: durable state is keyed by pseudonym, which "
             "must be the same in every worker and across restarts",

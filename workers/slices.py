@@ -21,6 +21,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 import lukhas
 from bus import BusError, Envelope, Subscription
+from lukhas.catalog import ENDPOINTS
+from lukhas.config import Settings
+from lukhas.endpoint import Endpoint, Reply
 from lukhas.errors import LukhasError
 from lukhas.observability.matriz_decorators import emit_rejected
 from lukhas.observability.tracing import bind_trace, parse_traceparent
@@ -28,7 +31,6 @@ from lukhas.runtime import Runtime
 from lukhas.subjects import SERVICE_NAME, SLICE_QUEUE_GROUP
 from workers import discovery
 from workers.discovery import EndpointCounters, ServiceIdentity
-from workers.endpoints import Endpoint, Reply, build_endpoints
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,30 @@ _encoder = msgspec.json.Encoder()
 ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 _HTTP_LIKE_CODES = {"invalid_request": "400", "payload_too_large": "413", "internal": "500"}
+
+
+class Served(NamedTuple):
+    """An endpoint as this worker serves it: its limit and dispatch under the settings."""
+
+    endpoint: Endpoint[Any]
+    max_bytes: int
+    #: Answered by a handler-pool task (it may wait on I/O) rather than inline by its reader.
+    pooled: bool
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.name
+
+    @property
+    def subject(self) -> str:
+        return self.endpoint.subject
+
+
+def serve_plan(settings: Settings) -> tuple[Served, ...]:
+    """How this worker serves each declared endpoint under `settings`."""
+    return tuple(
+        Served(ep, ep.body_limit(settings), ep.waits_on_io(settings)) for ep in ENDPOINTS
+    )
 
 
 class ServiceStatistics(NamedTuple):
@@ -72,7 +98,7 @@ class SliceService:
         self._bus = runtime.bus
         self._concurrency = concurrency or runtime.settings.worker_concurrency
         self._max_pending = max_pending or runtime.settings.worker_max_pending
-        self._endpoints = build_endpoints(runtime.settings)
+        self._endpoints = serve_plan(runtime.settings)
         self._counters = {ep.subject: EndpointCounters() for ep in self._endpoints}
         self.identity = ServiceIdentity(
             name=SERVICE_NAME,
@@ -87,11 +113,11 @@ class SliceService:
         self._errors = 0
 
     @property
-    def endpoints(self) -> tuple[Endpoint, ...]:
+    def endpoints(self) -> tuple[Served, ...]:
         return self._endpoints
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        send, receive = anyio.create_memory_object_stream[tuple[Endpoint, Envelope]](
+        send, receive = anyio.create_memory_object_stream[tuple[Served, Envelope]](
             self._concurrency
         )
         async with AsyncExitStack() as stack:
@@ -139,24 +165,25 @@ class SliceService:
 
     async def _read(
         self,
-        endpoint: Endpoint,
+        endpoint: Served,
         sub: Subscription,
-        send: MemoryObjectSendStream[tuple[Endpoint, Envelope]],
+        send: MemoryObjectSendStream[tuple[Served, Envelope]],
     ) -> None:
         async with send:
-            if endpoint.waits_on_io:
+            if endpoint.pooled:
                 async for env in sub:
                     await send.send((endpoint, env))
             else:
                 async for env in sub:
                     await self._handle(endpoint, env)
 
-    async def _work(self, receive: MemoryObjectReceiveStream[tuple[Endpoint, Envelope]]) -> None:
+    async def _work(self, receive: MemoryObjectReceiveStream[tuple[Served, Envelope]]) -> None:
         async with receive:
             async for endpoint, env in receive:
                 await self._handle(endpoint, env)
 
-    async def _handle(self, endpoint: Endpoint, env: Envelope) -> None:
+    async def _handle(self, served: Served, env: Envelope) -> None:
+        endpoint = served.endpoint
         self._in_flight += 1
         started = time.perf_counter_ns()
         error_code: str | None = None
@@ -165,9 +192,9 @@ class SliceService:
         with bind_trace(trace_id):
             reached_api = False
             try:
-                message = endpoint.decode(env.data)
+                message = endpoint.decode(env.data, max_bytes=served.max_bytes)
                 reached_api = True
-                reply = await endpoint.call(message)
+                reply = await endpoint.handler(message)
             except Exception as exc:  # the one handler boundary: every failure becomes a reply
                 reply, error_code = error_reply(exc)
                 headers = {

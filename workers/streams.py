@@ -2,7 +2,7 @@
 
 `MATRIZ` captures `matriz.>` so the observability worker, a durable consumer, loses no node
 across restarts. `HANDOFF` captures `lukhas.context.>` when durable handoffs are on, and
-`durable_publisher` is how the handoff slice publishes into it without importing nats.
+`DurableHandoffPublisher` is the handoff slice's provider for it, so the slice never imports nats.
 Creation is idempotent and safe when two workers race to create a stream.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 import nats.errors
 from nats.js import JetStreamContext
@@ -17,7 +18,6 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 
 from bus import BusError, RequestTimeout
 from bus.nats import ensure_stream
-from lukhas.runtime import DurablePublish
 from lukhas.subjects import CONTEXT_TARGET_PREFIX, MATRIZ_ALL
 
 logger = logging.getLogger(__name__)
@@ -108,19 +108,29 @@ async def ensure_handoff_stream(js: JetStreamContext, *, replicas: int = 1) -> S
     return info
 
 
-def durable_publisher(js: JetStreamContext, *, timeout_s: float = 5.0) -> DurablePublish:
-    """A `DurablePublish` over `js.publish`: resolves with the stream sequence once acked.
+class DurableHandoffPublisher:
+    """The handoff slice's delivery provider under FEATURE_ORCHESTRATION_HANDOFF: a JetStream
+    publish into `HANDOFF`, answered once the stream acknowledges it.
 
     nats-py errors become bus errors, which the handoff slice reports as `unavailable`.
     """
 
-    async def publish(subject: str, data: bytes, headers: Mapping[str, str]) -> int:
+    name = "jetstream"
+    waits_on_io = True
+
+    def __init__(self, js: JetStreamContext, *, timeout_s: float = 5.0) -> None:
+        self._js = js
+        self._timeout_s = timeout_s
+
+    async def deliver(
+        self, subject: str, body: bytes, headers: Mapping[str, str]
+    ) -> dict[str, Any]:
         try:
-            ack = await js.publish(subject, data, timeout=timeout_s, headers=dict(headers))
+            ack = await self._js.publish(
+                subject, body, timeout=self._timeout_s, headers=dict(headers)
+            )
         except nats.errors.TimeoutError:
-            raise RequestTimeout(subject, timeout_s) from None
+            raise RequestTimeout(subject, self._timeout_s) from None
         except nats.errors.Error as exc:
             raise BusError(f"JetStream publish to {subject} failed: {exc}") from exc
-        return ack.seq
-
-    return publish
+        return {"mode": "feature", "seq": ack.seq}

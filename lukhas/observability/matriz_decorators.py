@@ -92,6 +92,8 @@ def instrument(
     salience: float = 0.5,
     urgency: float = 0.5,
     subject_arg: str | None = None,
+    subject_field: str | None = None,
+    capability: str | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Emit one MATRIZ node per call of the decorated (async or sync) function.
 
@@ -99,16 +101,26 @@ def instrument(
         node_type: the MATRIZ node type, e.g. `CONSENT`, `DECISION`, `CONTEXT`.
         label: the emit point label, e.g. `governance:record`.
         subject_arg: the parameter holding the raw user id, pseudonymized into the node.
+        subject_field: for a handler taking one message, the message field holding the raw
+            user id (pseudonymized into the node).
+        capability: the node's capability (default: the function's name), e.g. the public
+            API function a handler serves.
     """
 
     def decorate(fn: Callable[P, R]) -> Callable[P, R]:
         point = EmitPoint(node_type, label, fn.__module__, fn.__qualname__)
         EMIT_POINTS[f"{fn.__module__}.{fn.__qualname__}"] = point
-        capability = fn.__name__
+        name = capability or fn.__name__
         subject_index = _positional_index(fn, subject_arg)
 
+        def subject_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+            if subject_field is not None:
+                value = getattr(args[0], subject_field, None) if args else None
+                return value if isinstance(value, str) else None
+            return _subject_from(args, kwargs, subject_arg, subject_index)
+
         def begin(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-            notes = _CallNotes(subject=_subject_from(args, kwargs, subject_arg, subject_index))
+            notes = _CallNotes(subject=subject_of(args, kwargs))
             trace = trace_id_var.get()
             trace_token = trace_id_var.set(new_trace_id()) if trace is None else None
             return notes, _notes.set(notes), trace_token, time.perf_counter()
@@ -120,7 +132,7 @@ def instrument(
             _notes.reset(notes_token)
             if trace_token is not None:
                 trace_id_var.reset(trace_token)
-            _emit(point, capability, salience, urgency, outcome, latency_ms, trace_id, notes)
+            _emit(point, name, salience, urgency, outcome, latency_ms, trace_id, notes)
 
         if inspect.iscoroutinefunction(fn):
 

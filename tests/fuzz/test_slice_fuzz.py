@@ -43,8 +43,7 @@ from tests.fuzz._hostile import (
     raw_bodies,
 )
 from workers.bootstrap import unwire_providers, wire_providers
-from workers.endpoints import build_endpoints
-from workers.slices import SliceService
+from workers.slices import SliceService, serve_plan
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ def fuzz_settings(**overrides: Any) -> Settings:
 
 
 def limits(settings: Settings) -> dict[str, int]:
-    return {ep.subject: ep.max_bytes for ep in build_endpoints(settings)}
+    return {ep.subject: ep.max_bytes for ep in serve_plan(settings)}
 
 
 @dataclass

@@ -197,9 +197,9 @@ async def test_stop_finishes_in_flight_requests() -> None:
 
 
 async def test_null_providers_are_answered_inline_real_ones_by_the_pool() -> None:
-    from workers.endpoints import build_endpoints
+    from workers.slices import serve_plan
 
-    inline = {ep.name for ep in build_endpoints(dry_run_settings()) if not ep.waits_on_io}
+    inline = {ep.name for ep in serve_plan(dry_run_settings()) if not ep.pooled}
     assert "consent_record" in inline and "passkey_verify" in inline
     assert "context_handoff" not in inline  # it waits for its publish to be confirmed
 

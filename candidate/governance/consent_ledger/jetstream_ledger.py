@@ -62,13 +62,15 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
-from candidate._jetstream import ensure_kv, ensure_stream, is_wrong_last_sequence
+from candidate._jetstream import ensure_kv, ensure_stream, is_wrong_last_sequence, jetstream_of
 from candidate.governance.consent_ledger import _chain
 from candidate.governance.consent_ledger.errors import LedgerContention
 from lukhas.config import Settings
 from lukhas.errors import Unavailable
+from lukhas.governance.consent_ledger import registry
 from lukhas.governance.consent_ledger.messages import ConsentEntry
 from lukhas.observability.pseudonym import Pseudonymizer
+from lukhas.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +137,7 @@ class JetStreamConsentLedger:
     """
 
     name = "jetstream"
+    waits_on_io = True
 
     def __init__(
         self,
@@ -499,3 +502,15 @@ def _history_record(user_id: str, seq: int, data: bytes | None) -> dict[str, Any
         "prev_hash": record.get("prev_hash"),
         "hash": record.get("hash"),
     }
+
+
+async def _wire(runtime: Runtime, **overrides: Any) -> None:
+    """Build the ledger on the runtime's JetStream, ensure it, and register it (the bootstrap
+    calls this only under FEATURE_GOVERNANCE_LEDGER outside DRY_RUN)."""
+    js = jetstream_of(runtime, "FEATURE_GOVERNANCE_LEDGER", "the JetStream consent ledger")
+    ledger = JetStreamConsentLedger.from_settings(
+        js, runtime.pseudonymize, runtime.settings, **overrides
+    )
+    await ledger.ensure()
+    registry.register(ledger)
+    logger.info("FEATURE_GOVERNANCE_LEDGER: consent ledger provider %r registered", ledger.name)

@@ -21,8 +21,10 @@ import msgspec
 
 from candidate.identity.passkey import _ceremony as ceremony
 from candidate.identity.passkey._ceremony import Refused, b64url, from_b64url
+from lukhas.identity.passkey import registry
 from lukhas.identity.passkey.messages import AuthenticationResponse, RegistrationResponse
 from lukhas.observability.pseudonym import Pseudonymizer
+from lukhas.runtime import Runtime
 
 DEFAULT_SEED = b"lukhas.fido2_mock"
 #: Challenges held before expired ones are dropped.
@@ -48,6 +50,7 @@ class Fido2MockProvider:
     """`PasskeyProvider` named "fido2_mock"; deterministic and local."""
 
     name = "fido2_mock"
+    waits_on_io = False
 
     def __init__(
         self,
@@ -205,3 +208,18 @@ class Fido2MockProvider:
         if record.pseudonym is not None and record.pseudonym != bound:
             raise Refused("invalid_assertion", "the challenge was issued to another user")
         record.used = True  # single-threaded event loop: check and set cannot interleave
+
+
+async def _wire(runtime: Runtime, **overrides: Any) -> None:
+    """Register the mock (a test double: its signatures are forgeable by design)."""
+    settings = runtime.settings
+    options: dict[str, Any] = {
+        "rp_id": settings.webauthn_rp_id,
+        "origins": settings.webauthn_origins,
+        "require_uv": settings.webauthn_require_uv,
+        "challenge_ttl_s": float(settings.webauthn_challenge_ttl_s),
+        **overrides,
+    }
+    provider = Fido2MockProvider(runtime.pseudonymize, **options)
+    await provider.ensure()
+    registry.register(provider)

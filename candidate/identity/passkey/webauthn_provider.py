@@ -47,7 +47,7 @@ from webauthn.helpers.structs import (
     UserVerificationRequirement,
 )
 
-from candidate._jetstream import ensure_kv
+from candidate._jetstream import ensure_kv, jetstream_of
 from candidate.identity.passkey import _ceremony as ceremony
 from candidate.identity.passkey._ceremony import Refused, b64url, from_b64url
 from candidate.identity.passkey._store import (
@@ -57,8 +57,10 @@ from candidate.identity.passkey._store import (
     StoredCredential,
 )
 from lukhas.config import Settings
+from lukhas.identity.passkey import registry
 from lukhas.identity.passkey.messages import AuthenticationResponse, RegistrationResponse
 from lukhas.observability.pseudonym import Pseudonymizer
+from lukhas.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +109,7 @@ class WebAuthnPasskeyProvider:
     """`PasskeyProvider` with py_webauthn and JetStream KV. Await `ensure()` before use."""
 
     name = "webauthn"
+    waits_on_io = True
 
     def __init__(
         self,
@@ -418,3 +421,15 @@ def _descriptor(ref: CredentialRef) -> PublicKeyCredentialDescriptor:
     return PublicKeyCredentialDescriptor(
         id=from_b64url(ref.id, "credential id"), transports=transports or None
     )
+
+
+async def _wire(runtime: Runtime, **overrides: Any) -> None:
+    """Build the provider on the runtime's JetStream, ensure its buckets, and register it
+    (the bootstrap calls this only under FEATURE_IDENTITY_PASSKEY outside DRY_RUN)."""
+    js = jetstream_of(runtime, "FEATURE_IDENTITY_PASSKEY", "the WebAuthn passkey provider")
+    provider = WebAuthnPasskeyProvider.from_settings(
+        js, runtime.pseudonymize, runtime.settings, **overrides
+    )
+    await provider.ensure()
+    registry.register(provider)
+    logger.info("FEATURE_IDENTITY_PASSKEY: passkey provider %r registered", provider.name)

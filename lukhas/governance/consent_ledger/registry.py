@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
-from lukhas.config import Settings
 from lukhas.governance.consent_ledger.messages import ConsentEntry
 from lukhas.governance.consent_ledger.providers.null_provider import NullConsentProvider
+from lukhas.registry import ProviderRegistry
 
 
-@runtime_checkable
 class ConsentProvider(Protocol):
-    """What a consent ledger provides. Replies are the wire dicts (`ok`, `provider`, ...)."""
+    """What a full consent ledger provides; replies are the wire dicts (`ok`, `provider`...).
+
+    Only `name` and `record` are required: an operation a provider lacks is answered with a
+    `not_supported` refusal. `waits_on_io` (default true) says whether calls may wait on I/O.
+    """
 
     name: str
 
@@ -28,26 +31,13 @@ class ConsentProvider(Protocol):
     async def verify_chain(self, user_id: str) -> dict[str, Any]: ...
 
 
-_provider: ConsentProvider | None = None
 _null = NullConsentProvider()
 
-
-def register(provider: ConsentProvider) -> None:
-    """Install the real provider; it is used only while the feature flag is on."""
-    global _provider
-    if not isinstance(provider, ConsentProvider):
-        raise TypeError(f"{provider!r} does not implement ConsentProvider")
-    _provider = provider
-
-
-def reset() -> None:
-    """Forget the registered provider (tests, shutdown)."""
-    global _provider
-    _provider = None
-
-
-def get_provider(settings: Settings) -> ConsentProvider:
-    """The registered provider when FEATURE_GOVERNANCE_LEDGER is on outside DRY_RUN, else null."""
-    if settings.dry_run or not settings.feature_governance_ledger or _provider is None:
-        return _null
-    return _provider
+#: The slice's registry: the null provider unless FEATURE_GOVERNANCE_LEDGER is on outside
+#: DRY_RUN and a real provider is registered.
+REGISTRY: ProviderRegistry[ConsentProvider] = ProviderRegistry(
+    "feature_governance_ledger", lambda settings: _null
+)
+register = REGISTRY.register
+reset = REGISTRY.reset
+get_provider = REGISTRY.get

@@ -61,9 +61,12 @@ class RegisterOptionsRequest(msgspec.Struct, frozen=True, tag="passkey.register.
     user_name: UserName | None = None
 
 
-class RegisterVerifyRequest(msgspec.Struct, frozen=True, tag="passkey.register.verify"):
+class RegisterCredential(msgspec.Struct, frozen=True, tag="passkey.register.verify"):
+    """What `lukhas.identity.passkey.register.verify` takes: the credential stays an open
+    object here, since the provider parses RegistrationResponseJSON with py_webauthn."""
+
     user_id: UserId
-    credential: RegistrationResponse
+    credential: dict[str, Any]
 
 
 class ChallengeRequest(msgspec.Struct, frozen=True, tag="passkey.challenge"):

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 from lukhas.config import Settings
 from lukhas.identity.passkey.providers.null_webauthn import NullWebAuthnProvider
+from lukhas.registry import ProviderRegistry
 
 
-@runtime_checkable
 class PasskeyProvider(Protocol):
-    """What a passkey verifier provides. Replies are the wire dicts (`ok`, `provider`, ...)."""
+    """What a full passkey verifier provides; replies are the wire dicts (`ok`, `provider`...).
+
+    Only `name` and `verify` are required: an operation a provider lacks is answered with a
+    `not_supported` refusal. `waits_on_io` (default true) says whether calls may wait on I/O.
+    """
 
     name: str
 
@@ -24,28 +28,20 @@ class PasskeyProvider(Protocol):
     async def challenge(self, user_id: str | None) -> dict[str, Any]: ...
 
 
-_provider: PasskeyProvider | None = None
+_accepting = NullWebAuthnProvider(accept=True)
+_refusing = NullWebAuthnProvider(accept=False)
 
 
-def register(provider: PasskeyProvider) -> None:
-    """Install the real provider; it is used only while the feature flag is on."""
-    global _provider
-    if not isinstance(provider, PasskeyProvider):
-        raise TypeError(f"{provider!r} does not implement PasskeyProvider")
-    _provider = provider
+def _builtin(settings: Settings) -> PasskeyProvider:
+    """The null provider accepts only in DRY_RUN, so a misconfigured deployment fails closed."""
+    return _accepting if settings.dry_run else _refusing
 
 
-def reset() -> None:
-    """Forget the registered provider (tests, shutdown)."""
-    global _provider
-    _provider = None
-
-
-def get_provider(settings: Settings) -> PasskeyProvider:
-    """The registered provider when FEATURE_IDENTITY_PASSKEY is on outside DRY_RUN, else null.
-
-    The null provider accepts only in DRY_RUN, so a misconfigured deployment fails closed.
-    """
-    if settings.dry_run or not settings.feature_identity_passkey or _provider is None:
-        return NullWebAuthnProvider(accept=settings.dry_run)
-    return _provider
+#: The slice's registry: the null provider unless FEATURE_IDENTITY_PASSKEY is on outside
+#: DRY_RUN and a real provider is registered.
+REGISTRY: ProviderRegistry[PasskeyProvider] = ProviderRegistry(
+    "feature_identity_passkey", _builtin
+)
+register = REGISTRY.register
+reset = REGISTRY.reset
+get_provider = REGISTRY.get

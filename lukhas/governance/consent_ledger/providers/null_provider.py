@@ -17,6 +17,7 @@ class NullConsentProvider:
     """
 
     name = "null"
+    waits_on_io = False
 
     async def record(self, entry: ConsentEntry, *, idempotency_key: str | None) -> dict[str, Any]:
         return {"ok": True, "provider": self.name, "entry": msgspec.structs.asdict(entry)}

@@ -20,6 +20,7 @@ class NullWebAuthnProvider:
     """Echoes the challenge in DRY_RUN; refuses everything otherwise (fail closed)."""
 
     name = "null"
+    waits_on_io = False
 
     def __init__(self, *, accept: bool) -> None:
         self._accept = accept

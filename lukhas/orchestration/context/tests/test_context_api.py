@@ -17,7 +17,8 @@ async def test_handoff_context_dryrun() -> None:
     assert out["ok"] is True
     assert out["mode"] == "dryrun"
     assert out["latency_ms"] >= 0
-    assert out["context_size"] == len(delivered.data)
+    assert out["context_size"] == len(str({"foo": "bar"}))  # the plan's measure
+    assert out["envelope_bytes"] == len(delivered.data)
     body = msgspec.json.decode(delivered.data)
     assert body["ctx"] == {"foo": "bar"}
     assert body["trace_id"] == node["provenance"]["trace_id"]

@@ -1,0 +1,108 @@
+"""The consent ledger's endpoints: one instrumented handler per subject, and their declaration.
+
+Each handler takes the decoded message, emits one MATRIZ node and asks the registry's
+provider; `api.py` is the public Python face over the same handlers.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from lukhas import subjects
+from lukhas.endpoint import Endpoint, Reply
+from lukhas.governance.consent_ledger.messages import (
+    ConsentEntry,
+    ConsentHistoryQuery,
+    ConsentStatusQuery,
+    RecordConsent,
+    RevokeConsent,
+    VerifyConsentChain,
+)
+from lukhas.governance.consent_ledger.registry import REGISTRY
+from lukhas.observability.matriz_decorators import annotate, instrument
+from lukhas.observability.tracing import current_trace_id, new_trace_id
+from lukhas.registry import not_supported
+from lukhas.runtime import current_runtime
+
+#: Bytes a consent request body may take (its metadata is capped at 8 KiB).
+MAX_BODY_BYTES = 16_384
+
+
+async def _call(operation: str, *args: Any, **kwargs: Any) -> Reply:
+    settings = current_runtime().settings
+    method = REGISTRY.operation(settings, operation)
+    if method is None:
+        return not_supported(REGISTRY.get(settings), operation)
+    reply: Reply = await method(*args, **kwargs)
+    return reply
+
+
+def _entry(user_id: str, scope: str, metadata: dict[str, Any], action: str) -> ConsentEntry:
+    return ConsentEntry(
+        trace_id=current_trace_id() or new_trace_id(),
+        ts=time.time_ns() // 1_000_000,
+        user_id=user_id,
+        scope=scope,
+        metadata=metadata,
+        action=action,
+    )
+
+
+@instrument(
+    "CONSENT", label="governance:record", salience=0.6, urgency=0.2,
+    subject_field="user_id", capability="record_consent",
+)
+async def record(cmd: RecordConsent) -> Reply:
+    annotate(consent_scope=cmd.scope)
+    entry = _entry(cmd.user_id, cmd.scope, cmd.metadata, "grant")
+    return await _call("record", entry, idempotency_key=cmd.idempotency_key)
+
+
+@instrument(
+    "CONSENT", label="governance:revoke", salience=0.7, urgency=0.6,
+    subject_field="user_id", capability="revoke_consent",
+)
+async def revoke(cmd: RevokeConsent) -> Reply:
+    annotate(consent_scope=cmd.scope)
+    entry = _entry(cmd.user_id, cmd.scope, {}, "revoke")
+    return await _call("revoke", entry, idempotency_key=cmd.idempotency_key)
+
+
+@instrument(
+    "CONSENT", label="governance:status", salience=0.3, urgency=0.3,
+    subject_field="user_id", capability="consent_status",
+)
+async def status(query: ConsentStatusQuery) -> Reply:
+    annotate(consent_scope=query.scope)
+    return await _call("status", query.user_id, query.scope)
+
+
+@instrument(
+    "CONSENT", label="governance:history", salience=0.3, urgency=0.2,
+    subject_field="user_id", capability="consent_history",
+)
+async def history(query: ConsentHistoryQuery) -> Reply:
+    return await _call("history", query.user_id)
+
+
+@instrument(
+    "CONSENT", label="governance:verify", salience=0.5, urgency=0.4,
+    subject_field="user_id", capability="verify_consent_chain",
+)
+async def verify(query: VerifyConsentChain) -> Reply:
+    return await _call("verify_chain", query.user_id)
+
+
+RECORD = Endpoint("consent_record", subjects.CONSENT_RECORD, RecordConsent, record,
+                  "record_consent", MAX_BODY_BYTES, REGISTRY.waits_on_io)
+REVOKE = Endpoint("consent_revoke", subjects.CONSENT_REVOKE, RevokeConsent, revoke,
+                  "revoke_consent", MAX_BODY_BYTES, REGISTRY.waits_on_io)
+STATUS = Endpoint("consent_status", subjects.CONSENT_STATUS, ConsentStatusQuery, status,
+                  "consent_status", MAX_BODY_BYTES, REGISTRY.waits_on_io)
+HISTORY = Endpoint("consent_history", subjects.CONSENT_HISTORY, ConsentHistoryQuery, history,
+                   "consent_history", MAX_BODY_BYTES, REGISTRY.waits_on_io)
+VERIFY = Endpoint("consent_verify", subjects.CONSENT_VERIFY, VerifyConsentChain, verify,
+                  "verify_consent_chain", MAX_BODY_BYTES, REGISTRY.waits_on_io)
+
+ENDPOINTS: tuple[Endpoint[Any], ...] = (RECORD, REVOKE, STATUS, HISTORY, VERIFY)

@@ -1,0 +1,1 @@
+"""Builtin handoff delivery: core NATS publishes confirmed by a group flush."""
