@@ -11,6 +11,8 @@ single `record` method, and that registers fine. An operation the provider lacks
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -67,7 +69,35 @@ class ProviderRegistry(Generic[P]):
         """Whether the provider serving under `settings` may wait on I/O (default: yes)."""
         return bool(getattr(self.get(settings), "waits_on_io", True))
 
-    def operation(self, settings: Settings, name: str) -> Callable[..., Any] | None:
-        """The serving provider's `name` method, or None when it does not implement it."""
-        method = getattr(self.get(settings), name, None)
-        return method if callable(method) else None
+    async def call(
+        self, settings: Settings, operation: str, *args: Any, **options: Any
+    ) -> dict[str, Any]:
+        """Run `operation` on the serving provider; `not_supported` when it has none.
+
+        Keyword `options` the provider's method does not take are left out, and a plain
+        (non-async) method is fine: the plan's providers are `def record(self, entry)`.
+        """
+        provider = self.get(settings)
+        method = getattr(provider, operation, None)
+        if not callable(method):
+            return not_supported(provider, operation)
+        accepted = _accepted_options(method)
+        if accepted is not None:
+            options = {k: v for k, v in options.items() if k in accepted}
+        result = method(*args, **options)
+        if inspect.isawaitable(result):
+            result = await result
+        return result  # type: ignore[no-any-return]
+
+
+@functools.lru_cache(maxsize=256)
+def _accepted_options_of(function: Callable[..., Any]) -> frozenset[str] | None:
+    params = inspect.signature(function).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params)
+
+
+def _accepted_options(method: Callable[..., Any]) -> frozenset[str] | None:
+    """The keyword names `method` takes, None when it takes any (`**kwargs`)."""
+    return _accepted_options_of(getattr(method, "__func__", method))

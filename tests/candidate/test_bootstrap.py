@@ -128,7 +128,7 @@ async def test_the_real_providers_need_a_stable_pseudonym_key(
         async with open_test_runtime(settings, bus=bus) as (runtime, _):
             with pytest.raises(ConfigError) as caught:
                 await wire_providers(runtime, ledger_options=names.ledger_options())
-            assert caught.value.variable == "LUKHAS_PSEUDONYM_KEY"
+            assert caught.value.variable == "LUKHAS_PSEUDONYM_KEYS"
 
 
 async def test_wiring_is_all_or_nothing(nats_url: str, names: Names) -> None:

@@ -22,20 +22,14 @@ from lukhas.governance.consent_ledger.messages import (
 from lukhas.governance.consent_ledger.registry import REGISTRY
 from lukhas.observability.matriz_decorators import annotate, instrument
 from lukhas.observability.tracing import current_trace_id, new_trace_id
-from lukhas.registry import not_supported
 from lukhas.runtime import current_runtime
 
 #: Bytes a consent request body may take (its metadata is capped at 8 KiB).
 MAX_BODY_BYTES = 16_384
 
 
-async def _call(operation: str, *args: Any, **kwargs: Any) -> Reply:
-    settings = current_runtime().settings
-    method = REGISTRY.operation(settings, operation)
-    if method is None:
-        return not_supported(REGISTRY.get(settings), operation)
-    reply: Reply = await method(*args, **kwargs)
-    return reply
+async def _call(operation: str, *args: Any, **options: Any) -> Reply:
+    return await REGISTRY.call(current_runtime().settings, operation, *args, **options)
 
 
 def _entry(user_id: str, scope: str, metadata: dict[str, Any], action: str) -> ConsentEntry:

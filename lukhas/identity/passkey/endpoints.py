@@ -21,7 +21,6 @@ from lukhas.identity.passkey.messages import (
 )
 from lukhas.identity.passkey.registry import REGISTRY
 from lukhas.observability.matriz_decorators import annotate, instrument
-from lukhas.registry import not_supported
 from lukhas.runtime import current_runtime
 
 #: Bytes a passkey request body may take: an assertion or credential plus its envelope.
@@ -29,12 +28,7 @@ MAX_BODY_BYTES = 2 * MAX_ASSERTION_BYTES
 
 
 async def _call(operation: str, *args: Any) -> Reply:
-    settings = current_runtime().settings
-    method = REGISTRY.operation(settings, operation)
-    reply: Reply = (
-        not_supported(REGISTRY.get(settings), operation) if method is None
-        else await method(*args)
-    )
+    reply = await REGISTRY.call(current_runtime().settings, operation, *args)
     if reply.get("ok") is not True and "reason" in reply:
         annotate(label=f"reason:{reply['reason']}")
     return reply
