@@ -107,6 +107,12 @@ KNOWN_VARIABLES: tuple[str, ...] = (
     "LUKHAS_WEBAUTHN_REQUIRE_UV",
     "LUKHAS_WEBAUTHN_CHALLENGE_TTL_S",
     "LUKHAS_PASSKEY_PROVIDER",
+    "LUKHAS_PASSKEY_ENROLMENT_TTL_S",
+    "LUKHAS_PASSKEY_CHALLENGE_RATE",
+    "LUKHAS_PASSKEY_CHALLENGE_BURST",
+    "LUKHAS_PASSKEY_CHALLENGE_GLOBAL_RATE",
+    "LUKHAS_PASSKEY_CHALLENGE_GLOBAL_BURST",
+    "LUKHAS_PASSKEY_CHALLENGES_MAX_BYTES",
     "LUKHAS_PSEUDONYM_KEY",
     "LUKHAS_PSEUDONYM_KEYS",
     "LUKHAS_TENANT",
@@ -153,6 +159,12 @@ class Settings:
     webauthn_require_uv: bool = True
     webauthn_challenge_ttl_s: int = 120
     passkey_provider: str = "webauthn"
+    passkey_enrolment_ttl_s: int = 300
+    passkey_challenge_rate: float = 10.0
+    passkey_challenge_burst: int = 20
+    passkey_challenge_global_rate: float = 200.0
+    passkey_challenge_global_burst: int = 400
+    passkey_challenges_max_bytes: int = 64 * 1024 * 1024
     #: The current pseudonym key (the first of LUKHAS_PSEUDONYM_KEYS).
     pseudonym_key: str | None = None
     #: Earlier pseudonym keys, newest first: still read, never written with.
@@ -189,6 +201,12 @@ class Settings:
         if replicas > 5:
             raise ConfigError("LUKHAS_LEDGER_REPLICAS", str(replicas), "an int from 1 to 5")
         dry_run = _flag(env, "LUKHAS_DRY_RUN_MODE")
+        if passkey_provider == "fido2_mock" and not dry_run:
+            raise ConfigError(
+                "LUKHAS_PASSKEY_PROVIDER", passkey_provider,
+                "webauthn outside DRY_RUN (fido2_mock is a test double whose signatures "
+                "anyone can forge)",
+            )
         pseudonym_keys = _pseudonym_keys(env, dry_run=dry_run)
         port = _number(env, "LUKHAS_METRICS_PORT", 9464, int, minimum=0)
         if port > 65535:
@@ -227,6 +245,24 @@ class Settings:
                 env, "LUKHAS_WEBAUTHN_CHALLENGE_TTL_S", 120, int, minimum=1
             ),
             passkey_provider=passkey_provider,
+            passkey_enrolment_ttl_s=_number(
+                env, "LUKHAS_PASSKEY_ENROLMENT_TTL_S", 300, int, minimum=1
+            ),
+            passkey_challenge_rate=_number(
+                env, "LUKHAS_PASSKEY_CHALLENGE_RATE", 10.0, float, minimum=0.001
+            ),
+            passkey_challenge_burst=_number(
+                env, "LUKHAS_PASSKEY_CHALLENGE_BURST", 20, int, minimum=1
+            ),
+            passkey_challenge_global_rate=_number(
+                env, "LUKHAS_PASSKEY_CHALLENGE_GLOBAL_RATE", 200.0, float, minimum=0.001
+            ),
+            passkey_challenge_global_burst=_number(
+                env, "LUKHAS_PASSKEY_CHALLENGE_GLOBAL_BURST", 400, int, minimum=1
+            ),
+            passkey_challenges_max_bytes=_number(
+                env, "LUKHAS_PASSKEY_CHALLENGES_MAX_BYTES", 64 * 1024 * 1024, int, minimum=4096
+            ),
             pseudonym_key=pseudonym_keys[0] if pseudonym_keys else None,
             pseudonym_previous_keys=pseudonym_keys[1:],
             tenant=_text(env, "LUKHAS_TENANT") or "default",

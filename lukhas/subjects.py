@@ -12,6 +12,8 @@ PASSKEY_VERIFY = "lukhas.identity.passkey.verify"
 PASSKEY_REGISTER_OPTIONS = "lukhas.identity.passkey.register.options"
 PASSKEY_REGISTER_VERIFY = "lukhas.identity.passkey.register.verify"
 PASSKEY_CHALLENGE = "lukhas.identity.passkey.challenge"
+PASSKEY_LIST = "lukhas.identity.passkey.list"
+PASSKEY_DELETE = "lukhas.identity.passkey.delete"
 
 CONTEXT_HANDOFF = "lukhas.orchestration.context.handoff"
 #: Handoffs are delivered on `lukhas.context.<target>`.

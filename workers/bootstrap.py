@@ -23,7 +23,6 @@ logger = logging.getLogger(__name__)
 
 LEDGER_MODULE = "candidate.governance.consent_ledger.jetstream_ledger"
 WEBAUTHN_MODULE = "candidate.identity.passkey.webauthn_provider"
-FIDO2_MOCK_MODULE = "candidate.identity.passkey.fido2_mock"
 
 PasskeyProviderName = Literal["webauthn", "fido2_mock"]
 
@@ -41,16 +40,16 @@ async def wire_providers(
     if one provider fails, none stays registered.
 
     Args:
-        passkey_provider: "webauthn" (py_webauthn on JetStream KV) or "fido2_mock" (the
-            deterministic in-memory CI provider, which needs no JetStream).
+        passkey_provider: "webauthn" (py_webauthn on JetStream KV). "fido2_mock" is a test
+            double whose signatures anyone can forge: naming it here (never in DRY_RUN,
+            where nothing is wired) is a ConfigError; tests register it explicitly.
         ledger_options: `LedgerOptions` fields to override (stream, bucket, subject prefix,
             consent TTL...); the rest come from the settings.
-        passkey_options: `WebAuthnOptions` fields (or, for fido2_mock, keyword arguments)
-            to override.
+        passkey_options: `WebAuthnOptions` fields to override.
 
     Raises:
         ConfigError: a flag is on but what its provider needs is missing (a NATS bus with
-            JetStream, a stable LUKHAS_PSEUDONYM_KEY).
+            JetStream, a stable LUKHAS_PSEUDONYM_KEY), or fido2_mock was chosen.
         ValueError: `passkey_provider` is not a known provider.
     """
     settings = runtime.settings
@@ -104,15 +103,11 @@ async def _wire_passkey(runtime: Runtime, name: str, overrides: dict[str, Any]) 
             js, runtime.pseudonymize, settings, **overrides
         )
     elif name == "fido2_mock":
-        module = importlib.import_module(FIDO2_MOCK_MODULE)
-        mock_options: dict[str, Any] = {
-            "rp_id": settings.webauthn_rp_id,
-            "origins": settings.webauthn_origins,
-            "require_uv": settings.webauthn_require_uv,
-            "challenge_ttl_s": float(settings.webauthn_challenge_ttl_s),
-            **overrides,
-        }
-        provider = module.Fido2MockProvider(runtime.pseudonymize, **mock_options)
+        raise ConfigError(
+            "LUKHAS_PASSKEY_PROVIDER", name,
+            "webauthn outside DRY_RUN (fido2_mock is a test double whose signatures anyone "
+            "can forge)",
+        )
     else:
         raise ValueError(f"unknown passkey provider {name!r}: expected webauthn or fido2_mock")
     await provider.ensure()

@@ -25,6 +25,8 @@ from lukhas.identity.passkey import registry as passkey_registry
 from lukhas.identity.passkey.messages import (
     MAX_ASSERTION_BYTES,
     ChallengeRequest,
+    DeletePasskey,
+    ListPasskeys,
     RegisterOptionsRequest,
 )
 from lukhas.observability.matriz_decorators import EmitPoint
@@ -123,7 +125,9 @@ def build_endpoints(settings: Settings) -> tuple[Endpoint, ...]:
         Endpoint(
             "passkey_register_options", subjects.PASSKEY_REGISTER_OPTIONS,
             RegisterOptionsRequest,
-            lambda m: passkey.passkey_registration_options(m.user_id, m.user_name),
+            lambda m: passkey.passkey_registration_options(
+                m.user_id, m.user_name, enrolment_grant=m.enrolment_grant
+            ),
             passkey.passkey_registration_options, passkey_max, waits_on_io=passkey_io,
         ),
         Endpoint(
@@ -133,8 +137,18 @@ def build_endpoints(settings: Settings) -> tuple[Endpoint, ...]:
         ),
         Endpoint(
             "passkey_challenge", subjects.PASSKEY_CHALLENGE, ChallengeRequest,
-            lambda m: passkey.passkey_challenge(m.user_id),
+            lambda m: passkey.passkey_challenge(m.user_id, source=m.source),
             passkey.passkey_challenge, passkey_max, waits_on_io=passkey_io,
+        ),
+        Endpoint(
+            "passkey_list", subjects.PASSKEY_LIST, ListPasskeys,
+            lambda m: passkey.list_passkeys(m.user_id),
+            passkey.list_passkeys, passkey_max, waits_on_io=passkey_io,
+        ),
+        Endpoint(
+            "passkey_delete", subjects.PASSKEY_DELETE, DeletePasskey,
+            lambda m: passkey.delete_passkey(m.user_id, m.credential_id),
+            passkey.delete_passkey, passkey_max, waits_on_io=passkey_io,
         ),
         Endpoint(
             "context_handoff", subjects.CONTEXT_HANDOFF, HandoffContext,

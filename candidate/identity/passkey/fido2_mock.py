@@ -4,8 +4,10 @@ It runs the real ceremony checks (client data type, origin, challenge single use
 hash, flags, counter) but replaces public-key signatures with an HMAC under a key derived
 from a public seed and the credential id, so a test can play the authenticator with
 `Fido2MockProvider.sign(...)`. State is in memory; challenges come from a counter, so two
-runs of the same script see the same challenges. Wired instead of `webauthn` it shows a
-provider swap through the registry and the feature flag.
+runs of the same script see the same challenges. It is a test double: anyone can forge its
+signatures, so it is never wired by configuration outside DRY_RUN (LUKHAS_PASSKEY_PROVIDER
+refuses it); tests register it explicitly. It has no enrolment rule and no credential
+management (those answer `not_supported`).
 """
 
 from __future__ import annotations
@@ -86,7 +88,9 @@ class Fido2MockProvider:
 
     # -- PasskeyProvider ------------------------------------------------------------------
 
-    async def register_options(self, user_id: str, user_name: str | None) -> dict[str, Any]:
+    async def register_options(
+        self, user_id: str, user_name: str | None, enrolment_grant: str | None = None
+    ) -> dict[str, Any]:
         pseudonym = self._pseudonymize(user_id)
         challenge = self._issue("registration", pseudonym)
         options = {
@@ -139,6 +143,12 @@ class Fido2MockProvider:
             "timeout": int(self.challenge_ttl_s * 1000),
         }
         return {"ok": True, "provider": self.name, "options": options}
+
+    async def list_credentials(self, user_id: str) -> dict[str, Any]:
+        return {"ok": False, "provider": self.name, "reason": "not_supported"}
+
+    async def delete_credential(self, user_id: str, credential_id: str) -> dict[str, Any]:
+        return {"ok": False, "provider": self.name, "reason": "not_supported"}
 
     async def verify(self, assertion: dict[str, Any]) -> dict[str, Any]:
         try:
