@@ -19,6 +19,7 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
+from candidate._jetstream import WRONG_LAST_SEQUENCE
 from candidate.identity.passkey._ceremony import Refused, b64url
 
 logger = logging.getLogger(__name__)
@@ -252,6 +253,10 @@ class CredentialStore:
                 return True
             except KeyWrongLastSequenceError:
                 continue
+            except APIError as exc:  # nats-py raises a plain APIError for a CAS delete
+                if not _wrong_last(exc):
+                    raise
+                continue
         raise RuntimeError(f"could not unindex a credential under {pseudonym}")
 
     async def replace(
@@ -279,6 +284,10 @@ class CredentialStore:
         except KeyNotFoundError:
             return []
         return _decode_index(entry.value).credentials
+
+
+def _wrong_last(exc: APIError) -> bool:
+    return exc.err_code in WRONG_LAST_SEQUENCE
 
 
 def _decode_index(value: bytes | None) -> UserIndex:
@@ -421,7 +430,9 @@ class GrantStore:
             raise Refused("invalid_enrolment_grant", "the enrolment grant has expired")
         try:
             await self._kv.delete(key, last=entry.revision)
-        except KeyWrongLastSequenceError:
+        except (KeyWrongLastSequenceError, APIError) as exc:
+            if isinstance(exc, APIError) and not _wrong_last(exc):
+                raise
             raise Refused(
                 "invalid_enrolment_grant", "the enrolment grant was already used"
             ) from None
