@@ -17,7 +17,7 @@ from lukhas.governance.consent_ledger.api import consent_status, record_consent
 from lukhas.identity.passkey.api import passkey_challenge, verify_passkey
 from lukhas.observability.matriz_emit import DropReport, MatrizNode, Outcome, make_node
 from lukhas.orchestration.context.api import handoff_context
-from lukhas.subjects import MATRIZ_DROPS, OBSERVABILITY_STATS, alert_subject
+from lukhas.subjects import MATRIZ_DROPS, OBSERVABILITY_STATS
 from lukhas.testing import dry_run_settings, open_test_runtime
 from tests.workers._promtool import promtool
 from workers.observability import (

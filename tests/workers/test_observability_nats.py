@@ -181,8 +181,8 @@ async def test_two_workers_on_one_durable_report_the_merged_figures(nats_url: st
             with anyio.fail_after(15):
                 while not all(
                     w.snapshot().emit_points[RECORD].count == len(latencies) for w in (a, b)
-                ):
-                    await anyio.sleep(0.02)
+                ):  # each try is a real round trip, no sleep
+                    await client.request(OBSERVABILITY_STATS, b"{}", timeout=5.0)
             snaps = [w.snapshot() for w in (a, b)]
             own = [w.statistics().consumed for w in (a, b)]
             leaders = [w.is_leader() for w in (a, b)]
