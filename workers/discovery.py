@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-
-from hdrh.histogram import HdrHistogram
 from datetime import UTC, datetime
 from typing import Any
+
+from hdrh.histogram import HdrHistogram
 
 PREFIX = "$SRV"
 VERBS = ("PING", "INFO", "STATS")
