@@ -75,6 +75,26 @@ def _pseudonym_keys(env: Mapping[str, str], *, dry_run: bool) -> tuple[str, ...]
     return keys
 
 
+def _slo_windows(env: Mapping[str, str]) -> dict[str, float]:
+    """The SLO alert windows; each short window must be shorter than its long one."""
+    windows = {
+        f"slo_{name}_s": _number(env, f"LUKHAS_SLO_{name.upper()}_S", default, float,
+                                 minimum=0.001)
+        for name, default in (
+            ("page_long", 3600.0), ("page_short", 300.0), ("ticket_long", 21600.0),
+            ("ticket_short", 1800.0), ("period", 30 * 86400.0),
+        )
+    }
+    for kind in ("page", "ticket"):
+        short, long = windows[f"slo_{kind}_short_s"], windows[f"slo_{kind}_long_s"]
+        if short >= long:
+            raise ConfigError(
+                f"LUKHAS_SLO_{kind.upper()}_SHORT_S", f"{short:g}",
+                f"a float below LUKHAS_SLO_{kind.upper()}_LONG_S ({long:g})",
+            )
+    return windows
+
+
 #: Where passkey ceremonies may run unless LUKHAS_WEBAUTHN_ORIGINS says otherwise.
 DEFAULT_WEBAUTHN_ORIGINS: tuple[str, ...] = ("http://localhost:8000",)
 
@@ -125,6 +145,12 @@ KNOWN_VARIABLES: tuple[str, ...] = (
     "LUKHAS_DATA_DIR",
     "LUKHAS_LEDGER_REPLICAS",
     "LUKHAS_LOG_LEVEL",
+    # SLO burn-rate alert windows (seconds) and the error-budget period.
+    "LUKHAS_SLO_PAGE_LONG_S",
+    "LUKHAS_SLO_PAGE_SHORT_S",
+    "LUKHAS_SLO_TICKET_LONG_S",
+    "LUKHAS_SLO_TICKET_SHORT_S",
+    "LUKHAS_SLO_PERIOD_S",
 )
 
 
@@ -179,6 +205,11 @@ class Settings:
     data_dir: str = ".lukhas"
     ledger_replicas: int = 1
     log_level: str = "INFO"
+    slo_page_long_s: float = 3600.0
+    slo_page_short_s: float = 300.0
+    slo_ticket_long_s: float = 21600.0
+    slo_ticket_short_s: float = 1800.0
+    slo_period_s: float = 30 * 86400.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -275,6 +306,7 @@ class Settings:
             data_dir=_text(env, "LUKHAS_DATA_DIR") or ".lukhas",
             ledger_replicas=replicas,
             log_level=log_level,
+            **_slo_windows(env),
         )
 
     @property

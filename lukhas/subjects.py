@@ -26,6 +26,9 @@ MATRIZ_DROPS = "lukhas.observability.matriz.drops"
 
 OBSERVABILITY_STATS = "lukhas.observability.stats"
 ALERTS_PREFIX = "lukhas.observability.alerts"
+#: Each observability worker publishes its mergeable aggregate on `<prefix>.<worker id>`.
+OBSERVABILITY_STATE_PREFIX = "lukhas.observability.state"
+OBSERVABILITY_STATE_ALL = "lukhas.observability.state.*"
 
 #: Queue group every slice worker joins, so N workers split the load.
 SLICE_QUEUE_GROUP = "lukhas-slices"
