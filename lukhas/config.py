@@ -75,6 +75,26 @@ def _pseudonym_keys(env: Mapping[str, str], *, dry_run: bool) -> tuple[str, ...]
     return keys
 
 
+def _slo_windows(env: Mapping[str, str]) -> dict[str, float]:
+    """The SLO alert windows; each short window must be shorter than its long one."""
+    windows = {
+        f"slo_{name}_s": _number(env, f"LUKHAS_SLO_{name.upper()}_S", default, float,
+                                 minimum=0.001)
+        for name, default in (
+            ("page_long", 3600.0), ("page_short", 300.0), ("ticket_long", 21600.0),
+            ("ticket_short", 1800.0), ("period", 30 * 86400.0),
+        )
+    }
+    for kind in ("page", "ticket"):
+        short, long = windows[f"slo_{kind}_short_s"], windows[f"slo_{kind}_long_s"]
+        if short >= long:
+            raise ConfigError(
+                f"LUKHAS_SLO_{kind.upper()}_SHORT_S", f"{short:g}",
+                f"a float below LUKHAS_SLO_{kind.upper()}_LONG_S ({long:g})",
+            )
+    return windows
+
+
 #: Where passkey ceremonies may run unless LUKHAS_WEBAUTHN_ORIGINS says otherwise.
 DEFAULT_WEBAUTHN_ORIGINS: tuple[str, ...] = ("http://localhost:8000",)
 
@@ -107,6 +127,12 @@ KNOWN_VARIABLES: tuple[str, ...] = (
     "LUKHAS_WEBAUTHN_REQUIRE_UV",
     "LUKHAS_WEBAUTHN_CHALLENGE_TTL_S",
     "LUKHAS_PASSKEY_PROVIDER",
+    "LUKHAS_PASSKEY_ENROLMENT_TTL_S",
+    "LUKHAS_PASSKEY_CHALLENGE_RATE",
+    "LUKHAS_PASSKEY_CHALLENGE_BURST",
+    "LUKHAS_PASSKEY_CHALLENGE_GLOBAL_RATE",
+    "LUKHAS_PASSKEY_CHALLENGE_GLOBAL_BURST",
+    "LUKHAS_PASSKEY_CHALLENGES_MAX_BYTES",
     "LUKHAS_PSEUDONYM_KEY",
     "LUKHAS_PSEUDONYM_KEYS",
     "LUKHAS_TENANT",
@@ -119,6 +145,12 @@ KNOWN_VARIABLES: tuple[str, ...] = (
     "LUKHAS_DATA_DIR",
     "LUKHAS_LEDGER_REPLICAS",
     "LUKHAS_LOG_LEVEL",
+    # SLO burn-rate alert windows (seconds) and the error-budget period.
+    "LUKHAS_SLO_PAGE_LONG_S",
+    "LUKHAS_SLO_PAGE_SHORT_S",
+    "LUKHAS_SLO_TICKET_LONG_S",
+    "LUKHAS_SLO_TICKET_SHORT_S",
+    "LUKHAS_SLO_PERIOD_S",
 )
 
 
@@ -153,6 +185,12 @@ class Settings:
     webauthn_require_uv: bool = True
     webauthn_challenge_ttl_s: int = 120
     passkey_provider: str = "webauthn"
+    passkey_enrolment_ttl_s: int = 300
+    passkey_challenge_rate: float = 10.0
+    passkey_challenge_burst: int = 20
+    passkey_challenge_global_rate: float = 200.0
+    passkey_challenge_global_burst: int = 400
+    passkey_challenges_max_bytes: int = 64 * 1024 * 1024
     #: The current pseudonym key (the first of LUKHAS_PSEUDONYM_KEYS).
     pseudonym_key: str | None = None
     #: Earlier pseudonym keys, newest first: still read, never written with.
@@ -167,6 +205,11 @@ class Settings:
     data_dir: str = ".lukhas"
     ledger_replicas: int = 1
     log_level: str = "INFO"
+    slo_page_long_s: float = 3600.0
+    slo_page_short_s: float = 300.0
+    slo_ticket_long_s: float = 21600.0
+    slo_ticket_short_s: float = 1800.0
+    slo_period_s: float = 30 * 86400.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -189,6 +232,12 @@ class Settings:
         if replicas > 5:
             raise ConfigError("LUKHAS_LEDGER_REPLICAS", str(replicas), "an int from 1 to 5")
         dry_run = _flag(env, "LUKHAS_DRY_RUN_MODE")
+        if passkey_provider == "fido2_mock" and not dry_run:
+            raise ConfigError(
+                "LUKHAS_PASSKEY_PROVIDER", passkey_provider,
+                "webauthn outside DRY_RUN (fido2_mock is a test double whose signatures "
+                "anyone can forge)",
+            )
         pseudonym_keys = _pseudonym_keys(env, dry_run=dry_run)
         port = _number(env, "LUKHAS_METRICS_PORT", 9464, int, minimum=0)
         if port > 65535:
@@ -227,6 +276,24 @@ class Settings:
                 env, "LUKHAS_WEBAUTHN_CHALLENGE_TTL_S", 120, int, minimum=1
             ),
             passkey_provider=passkey_provider,
+            passkey_enrolment_ttl_s=_number(
+                env, "LUKHAS_PASSKEY_ENROLMENT_TTL_S", 300, int, minimum=1
+            ),
+            passkey_challenge_rate=_number(
+                env, "LUKHAS_PASSKEY_CHALLENGE_RATE", 10.0, float, minimum=0.001
+            ),
+            passkey_challenge_burst=_number(
+                env, "LUKHAS_PASSKEY_CHALLENGE_BURST", 20, int, minimum=1
+            ),
+            passkey_challenge_global_rate=_number(
+                env, "LUKHAS_PASSKEY_CHALLENGE_GLOBAL_RATE", 200.0, float, minimum=0.001
+            ),
+            passkey_challenge_global_burst=_number(
+                env, "LUKHAS_PASSKEY_CHALLENGE_GLOBAL_BURST", 400, int, minimum=1
+            ),
+            passkey_challenges_max_bytes=_number(
+                env, "LUKHAS_PASSKEY_CHALLENGES_MAX_BYTES", 64 * 1024 * 1024, int, minimum=4096
+            ),
             pseudonym_key=pseudonym_keys[0] if pseudonym_keys else None,
             pseudonym_previous_keys=pseudonym_keys[1:],
             tenant=_text(env, "LUKHAS_TENANT") or "default",
@@ -239,6 +306,7 @@ class Settings:
             data_dir=_text(env, "LUKHAS_DATA_DIR") or ".lukhas",
             ledger_replicas=replicas,
             log_level=log_level,
+            **_slo_windows(env),
         )
 
     @property

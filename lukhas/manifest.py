@@ -26,8 +26,21 @@ EmitPointName = Annotated[str, msgspec.Meta(pattern=r"^[A-Z_]+:[a-z_]+:[a-z_.]+$
 FeatureFlag = Annotated[str, msgspec.Meta(pattern=r"^FEATURE_[A-Z_]+$")]
 
 
+class Slo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A service level objective: the share of calls that must succeed within `latency_ms`.
+
+    A call is a bad event when it fails (MATRIZ outcome `error`) or takes longer than
+    `latency_ms`; the error budget is `1 - objective` of all calls. The observability worker
+    alerts on how fast that budget burns (README, "SLOs and burn-rate alerts").
+    """
+
+    objective: Annotated[float, msgspec.Meta(gt=0, lt=1)]
+    latency_ms: Annotated[float, msgspec.Meta(gt=0)]
+
+
 class Slas(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     p95_ms: Annotated[float, msgspec.Meta(gt=0)]
+    slo: Slo | None = None
 
 
 class ModuleManifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -59,6 +72,26 @@ def load_manifest(path: Path) -> ModuleManifest:
             names the field, e.g. `$.slas.p95_ms`).
     """
     return msgspec.json.decode(path.read_bytes(), type=ModuleManifest)
+
+
+def check_slo(slas: Slas) -> list[str]:
+    """The SLO is present and at least as strict as the p95 SLA beside it.
+
+    "`objective` of calls within `latency_ms`" implies "p95 within `p95_ms`" only when the
+    objective is at least 0.95 and `latency_ms` is at most `p95_ms`; a looser SLO would let
+    the burn-rate alerts stay quiet while the promised p95 is broken.
+    """
+    slo = slas.slo
+    if slo is None:
+        return ["slas.slo is missing (objective and latency_ms beside p95_ms)"]
+    problems = []
+    if slo.objective < 0.95:
+        problems.append(f"slas.slo.objective {slo.objective:g} is below 0.95, so meeting it "
+                        f"does not imply the p95 SLA")
+    if slo.latency_ms > slas.p95_ms:
+        problems.append(f"slas.slo.latency_ms {slo.latency_ms:g} is over slas.p95_ms "
+                        f"{slas.p95_ms:g}")
+    return problems
 
 
 def check_manifest(manifest: ModuleManifest) -> list[str]:
@@ -109,6 +142,8 @@ def check_manifest(manifest: ModuleManifest) -> list[str]:
         f"subject {s} is not a constant in lukhas/subjects.py"
         for s in manifest.subjects if s not in known_subjects
     ]
+
+    problems += check_slo(manifest.slas)
 
     flag = manifest.feature_flag
     attribute = flag.lower()

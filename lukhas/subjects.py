@@ -12,6 +12,8 @@ PASSKEY_VERIFY = "lukhas.identity.passkey.verify"
 PASSKEY_REGISTER_OPTIONS = "lukhas.identity.passkey.register.options"
 PASSKEY_REGISTER_VERIFY = "lukhas.identity.passkey.register.verify"
 PASSKEY_CHALLENGE = "lukhas.identity.passkey.challenge"
+PASSKEY_LIST = "lukhas.identity.passkey.list"
+PASSKEY_DELETE = "lukhas.identity.passkey.delete"
 
 CONTEXT_HANDOFF = "lukhas.orchestration.context.handoff"
 #: Handoffs are delivered on `lukhas.context.<target>`.
@@ -24,6 +26,9 @@ MATRIZ_DROPS = "lukhas.observability.matriz.drops"
 
 OBSERVABILITY_STATS = "lukhas.observability.stats"
 ALERTS_PREFIX = "lukhas.observability.alerts"
+#: Each observability worker publishes its mergeable aggregate on `<prefix>.<worker id>`.
+OBSERVABILITY_STATE_PREFIX = "lukhas.observability.state"
+OBSERVABILITY_STATE_ALL = "lukhas.observability.state.*"
 
 #: Queue group every slice worker joins, so N workers split the load.
 SLICE_QUEUE_GROUP = "lukhas-slices"

@@ -7,7 +7,15 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from lukhas.manifest import ModuleManifest, check_manifest, load_manifest, manifest_paths
+from lukhas.manifest import (
+    ModuleManifest,
+    Slas,
+    Slo,
+    check_manifest,
+    check_slo,
+    load_manifest,
+    manifest_paths,
+)
 
 PATHS = manifest_paths()
 
@@ -60,3 +68,46 @@ def test_schema_errors_name_the_field(tmp_path: Path) -> None:
     with pytest.raises(msgspec.ValidationError, match=r"\$\.slas\.p95_ms"):
         load_manifest(bad)
     assert ModuleManifest.__struct_config__.forbid_unknown_fields
+
+
+def test_every_manifest_has_an_slo_as_strict_as_its_sla() -> None:
+    for manifest in map(load_manifest, PATHS):
+        slo = manifest.slas.slo
+        assert slo is not None, manifest.module
+        assert 0.95 <= slo.objective < 1
+        assert slo.latency_ms <= manifest.slas.p95_ms
+        assert check_slo(manifest.slas) == []
+
+
+@pytest.mark.parametrize(
+    ("slo", "problem"),
+    [
+        (None, "slas.slo is missing"),
+        (Slo(objective=0.9, latency_ms=50), "below 0.95"),
+        (Slo(objective=0.99, latency_ms=80), "latency_ms 80 is over slas.p95_ms 50"),
+    ],
+)
+def test_a_missing_or_loose_slo_fails_the_gate(slo: Slo | None, problem: str) -> None:
+    good = load_manifest(next(p for p in PATHS if "consent_ledger" in str(p)))
+    loose = msgspec.structs.replace(good, slas=Slas(p95_ms=50, slo=slo))
+    problems = check_manifest(loose)
+    assert any(problem in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("slo", "field"),
+    [
+        ('{"objective": 1, "latency_ms": 5}', r"\$\.slas\.slo\.objective"),
+        ('{"objective": 0, "latency_ms": 5}', r"\$\.slas\.slo\.objective"),
+        ('{"objective": 0.99, "latency_ms": 0}', r"\$\.slas\.slo\.latency_ms"),
+        ('{"objective": 0.99, "latency_ms": 5, "window": 1}', r"\$\.slas\.slo"),
+    ],
+)
+def test_slo_schema_errors_name_the_field(tmp_path: Path, slo: str, field: str) -> None:
+    bad = tmp_path / "MODULE_MANIFEST.json"
+    bad.write_text('{"module": "lukhas.x", "owner": "@me", "capabilities": ["f"], '
+                   '"feature_flag": "FEATURE_X", "dependencies": [], '
+                   f'"slas": {{"p95_ms": 10, "slo": {slo}}}, '
+                   '"matriz_emit_points": ["X:a:b"], "acceptance_checklist": []}')
+    with pytest.raises(msgspec.ValidationError, match=field):
+        load_manifest(bad)

@@ -1,11 +1,15 @@
-"""Per-emit-point MATRIZ aggregation: counts, outcomes, HDR latency histograms, SLA windows.
+"""Per-emit-point MATRIZ aggregation: counts, outcomes, HDR latency histograms, SLO burn.
 
 Pure, synchronous logic with no I/O, so it is tested without a bus. It is shared between
 the worker's event loop (which records) and the Prometheus server's threads (which read at
 scrape time), hence the lock around every read and write of the tables.
 
-Windows are tumbling, `window_s` long, counted from the aggregator's creation on its
-`clock`; a node belongs to the window in which the worker aggregated it.
+Mergeable by design. Several observability workers share one durable consumer, so each
+sees a part of the nodes. `export_state()` gives a worker's part as an `AggregateState`
+(counts, the HDR histogram in its standard compressed encoding, the SLO buckets numbered
+from the epoch); `snapshot(peers=...)` and `due_alerts(peers=...)` add the other workers'
+states to this one's. HDR histograms add exactly (bucket by bucket), so the merged p50/p95/p99
+equal those of one worker that saw every node.
 """
 
 from __future__ import annotations
@@ -14,13 +18,22 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Literal, get_args
 
 import msgspec
 from hdrh.histogram import HdrHistogram
 
 from lukhas.observability.matriz_emit import DropReport, Outcome
+from workers._slo import (
+    Buckets,
+    BurnAlert,
+    BurnState,
+    Slo,
+    SloSettings,
+    budget_remaining,
+    evaluate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +58,22 @@ class EmitPointStats(msgspec.Struct, frozen=True):
     p50_ms: float
     p95_ms: float
     p99_ms: float
-    #: The SLA from the module's manifest, or None when no manifest lists the emit point.
+    #: The p95 SLA from the module's manifest, or None when no manifest lists the emit point.
     sla_p95_ms: float | None
-    #: False while the current window holds a breach (enough samples, p95 over the SLA).
+    #: False while an SLO burn-rate alert (page or ticket) fires for this emit point.
     sla_ok: bool
-    window_p95_ms: float = 0.0
-    window_samples: int = 0
     alerts: int = 0
+    #: The manifest's SLO: `slo_objective` of calls must succeed within `slo_latency_ms`.
+    slo_objective: float | None = None
+    slo_latency_ms: float | None = None
+    #: Calls that failed or were slower than `slo_latency_ms` (since the workers started).
+    bad_events: int = 0
+    #: Share of the SLO period's error budget left (negative once overspent).
+    error_budget_remaining: float | None = None
+    #: One entry per alert policy: burn rates over its two windows and whether it fires.
+    burn: list[BurnState] = []
+    #: Sum of all latencies, ms (the Prometheus summary's `_sum`).
+    latency_sum_ms: float = 0.0
 
 
 class StatsSnapshot(msgspec.Struct, frozen=True):
@@ -64,28 +86,48 @@ class StatsSnapshot(msgspec.Struct, frozen=True):
     dropped_by_producer: dict[str, int]
     #: Messages on `matriz.>` that were not valid nodes; counted and skipped.
     invalid_nodes: int
-    #: SLA alerts published since the worker started.
+    #: SLO alerts (firing) published since the worker started.
     alerts: int
     source: Source
-    window_s: float = 60.0
-    min_samples: int = 20
+    #: This worker, and how many live workers' states the figures merge (itself included).
+    worker_id: str = ""
+    workers: int = 1
+    slo_period_s: float = 0.0
 
 
-class SlaAlert(msgspec.Struct, frozen=True):
-    """Published on `lukhas.observability.alerts.<emit point tokens>` at most once a window."""
+class PointState(msgspec.Struct, frozen=True):
+    """One emit point in an `AggregateState`."""
 
-    emit_point: str
-    p95_ms: float
-    sla_p95_ms: float
-    samples: int
-    window_s: float
-    #: Wall-clock time of the check, epoch milliseconds (as MATRIZ `created_ts`).
+    count: int
+    outcomes: dict[str, int]
+    bad: int
+    sum_us: int
+    #: The HDR histogram, V2 compressed and base64 encoded (`HdrHistogram.encode()`).
+    histogram: str | None
+    #: (bucket number, events, bad events) of the alert windows and of the SLO period.
+    windows: list[tuple[int, int, int]] = []
+    period: list[tuple[int, int, int]] = []
+
+
+class AggregateState(msgspec.Struct, frozen=True):
+    """One worker's part of the aggregate, published for its peers to merge."""
+
+    worker_id: str
+    #: Epoch milliseconds when it was taken.
     ts: int
+    bucket_s: float
+    period_bucket_s: float
+    points: dict[str, PointState]
+    invalid_nodes: int = 0
 
 
 class _StateView(msgspec.Struct):
     outcome: Outcome
     latency_ms: Annotated[float, msgspec.Meta(ge=0)]
+
+
+class _TimestampsView(msgspec.Struct):
+    created_ts: int
 
 
 class _NodeView(msgspec.Struct):
@@ -94,6 +136,7 @@ class _NodeView(msgspec.Struct):
     type: Annotated[str, msgspec.Meta(pattern=r"^[A-Z][A-Z0-9_]*$", max_length=32)]
     labels: Annotated[list[str], msgspec.Meta(min_length=1)]
     state: _StateView
+    timestamps: _TimestampsView
 
 
 _node_decoder = msgspec.json.Decoder(_NodeView)
@@ -104,55 +147,93 @@ def _histogram() -> HdrHistogram:
     return HdrHistogram(1, _HIGHEST_US, _SIGNIFICANT_DIGITS)
 
 
-def _ms(value_us: int) -> float:
+def _ms(value_us: float) -> float:
     return round(value_us / 1000.0, 3)
 
 
 class _Point:
     __slots__ = (
-        "name", "sla_p95_ms", "count", "outcomes", "latency", "window", "window_index",
-        "alerted_window", "alerts",
+        "name", "sla_p95_ms", "slo", "slo_latency_us", "count", "outcomes", "bad", "sum_us",
+        "latency", "windows", "period", "firing", "alerts",
     )
 
-    def __init__(self, name: str, sla_p95_ms: float | None) -> None:
+    def __init__(
+        self, name: str, sla_p95_ms: float | None, slo: Slo | None, config: SloSettings
+    ) -> None:
         self.name = name
         self.sla_p95_ms = sla_p95_ms
+        self.slo = slo
+        self.slo_latency_us = None if slo is None else slo.latency_ms * 1000.0
         self.count = 0
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self.bad = 0
+        self.sum_us = 0
         # Allocated on the first sample: a declared but silent emit point costs nothing.
         self.latency: HdrHistogram | None = None
-        self.window: HdrHistogram | None = None
-        self.window_index = -1
-        self.alerted_window = -1
+        self.windows = Buckets(config.bucket_s, config.keep_s)
+        self.period = Buckets(config.period_bucket_s, config.period_s)
+        self.firing: dict[str, bool] = {}
         self.alerts = 0
 
-    def record(self, outcome: str, latency_us: int, window_index: int) -> None:
-        if self.latency is None or self.window is None:
-            self.latency, self.window = _histogram(), _histogram()
-        if self.window_index != window_index:
-            self.window.reset()
-            self.window_index = window_index
+    def record(self, outcome: str, latency_us: int, ts: float, now: float) -> None:
+        if self.latency is None:
+            self.latency = _histogram()
         self.count += 1
         self.outcomes[outcome] += 1
+        self.sum_us += latency_us
         self.latency.record_value(latency_us)
-        self.window.record_value(latency_us)
+        if self.slo_latency_us is not None:
+            bad = outcome == "error" or latency_us > self.slo_latency_us
+            self.bad += bad
+            self.windows.add(ts, bad, now)
+            self.period.add(ts, bad, now)
 
-    def window_p95_us(self, window_index: int) -> tuple[int, int]:
-        """(samples, p95 in µs) of `window_index`, or (0, 0) if that window has none."""
-        if self.window is None or self.window_index != window_index:
-            return 0, 0
-        return self.window.get_total_count(), self.window.get_value_at_percentile(95.0)
+    def export(self) -> PointState:
+        return PointState(
+            count=self.count,
+            outcomes=dict(self.outcomes),
+            bad=self.bad,
+            sum_us=self.sum_us,
+            histogram=None if self.latency is None else self.latency.encode().decode("ascii"),
+            windows=self.windows.export(),
+            period=self.period.export(),
+        )
+
+    def merged(self, parts: Sequence[PointState], config: SloSettings) -> _Point:
+        """A copy of this point with `parts` (other workers' states of it) added."""
+        out = _Point(self.name, self.sla_p95_ms, self.slo, config)
+        out.count, out.bad, out.sum_us = self.count, self.bad, self.sum_us
+        out.outcomes = dict(self.outcomes)
+        out.latency = _histogram()
+        if self.latency is not None:
+            out.latency.add(self.latency)
+        out.windows.merge(self.windows.export())
+        out.period.merge(self.period.export())
+        out.firing, out.alerts = self.firing, self.alerts
+        for part in parts:
+            out.count += part.count
+            out.bad += part.bad
+            out.sum_us += part.sum_us
+            for outcome, n in part.outcomes.items():
+                if outcome in out.outcomes:
+                    out.outcomes[outcome] += n
+            if part.histogram is not None:
+                out.latency.decode_and_add(part.histogram)
+            out.windows.merge(part.windows)
+            out.period.merge(part.period)
+        return out
 
 
 class Aggregator:
-    """Counts and latency histograms per emit point, and the SLA windows.
+    """Counts, latency histograms and SLO buckets per emit point; see the module docstring.
 
     Args:
-        slas: emit point name → SLA p95 in ms (from the manifests); these points are
+        slas: emit point name → p95 SLA in ms (from the manifests); these points are
             reported even before their first node.
-        window_s: length of an SLA window.
-        min_samples: a window with fewer samples never breaches.
-        clock: monotonic seconds; injectable so tests can move between windows.
+        slos: emit point name → its SLO (from the manifests); points without one never alert.
+        slo_settings: the burn-rate alert policies and the SLO period.
+        clock: wall-clock seconds since the epoch (nodes are bucketed by their
+            `created_ts`, so this must be the same clock); tests inject their own.
         max_emit_points: bound on distinct emit points (and producers) tracked; nodes for
             further points are counted as invalid, so a misbehaving producer cannot grow
             memory without bound.
@@ -162,26 +243,26 @@ class Aggregator:
         self,
         slas: Mapping[str, float],
         *,
-        window_s: float = 60.0,
-        min_samples: int = 20,
-        clock: Callable[[], float] = time.monotonic,
+        slos: Mapping[str, Slo] | None = None,
+        slo_settings: SloSettings | None = None,
+        clock: Callable[[], float] = time.time,
         max_emit_points: int = 512,
     ) -> None:
-        if window_s <= 0:
-            raise ValueError(f"window_s must be positive, not {window_s!r}")
-        if min_samples < 1:
-            raise ValueError(f"min_samples must be at least 1, not {min_samples!r}")
-        self.window_s = float(window_s)
-        self.min_samples = min_samples
+        self.config = slo_settings or SloSettings.workbook()
+        self._slos = dict(slos or {})
         self._clock = clock
-        self._epoch = clock()
-        self._max_points = max(max_emit_points, len(slas))
+        self._max_points = max(max_emit_points, len(slas) + len(self._slos))
         self._lock = threading.Lock()
-        self._points = {name: _Point(name, float(sla)) for name, sla in slas.items()}
+        self._points = {
+            name: self._new_point(name, slas.get(name)) for name in {*slas, *self._slos}
+        }
         self._dropped_by_producer: dict[str, int] = {}
         self._invalid_nodes = 0
         self._invalid_reports = 0
         self._alerts = 0
+
+    def _new_point(self, name: str, sla: float | None) -> _Point:
+        return _Point(name, None if sla is None else float(sla), self._slos.get(name), self.config)
 
     def slas(self) -> dict[str, float]:
         """Emit point → p95 SLA in ms."""
@@ -190,9 +271,9 @@ class Aggregator:
                 p.name: p.sla_p95_ms for p in self._points.values() if p.sla_p95_ms is not None
             }
 
-    def window_index(self) -> int:
-        """The number of the current SLA window."""
-        return int((self._clock() - self._epoch) // self.window_s)
+    def slos(self) -> dict[str, Slo]:
+        """Emit point → SLO."""
+        return dict(self._slos)
 
     def ingest(self, data: bytes) -> str | None:
         """Decode and count one node; return its emit point, or None if it was invalid."""
@@ -209,7 +290,9 @@ class Aggregator:
             return None
         emit_point = f"{node.type}:{match.group(1)}"
         latency_us = round(min(node.state.latency_ms * 1000.0, _HIGHEST_US))
-        window_index = self.window_index()
+        now = self._clock()
+        # A producer's clock ahead of ours must not put events in a future window.
+        ts = min(node.timestamps.created_ts / 1000.0, now)
         with self._lock:
             point = self._points.get(emit_point)
             if point is None:
@@ -218,8 +301,8 @@ class Aggregator:
                     logger.warning("emit point %s not tracked: over %d points", emit_point,
                                    self._max_points)
                     return None
-                point = self._points[emit_point] = _Point(emit_point, None)
-            point.record(node.state.outcome, latency_us, window_index)
+                point = self._points[emit_point] = self._new_point(emit_point, None)
+            point.record(node.state.outcome, latency_us, ts, now)
         return emit_point
 
     def ingest_drop_report(self, data: bytes) -> bool:
@@ -240,34 +323,79 @@ class Aggregator:
             self._dropped_by_producer[report.producer] = report.dropped
             return True
 
-    def due_alerts(self) -> list[SlaAlert]:
-        """The breaches of the current window not alerted yet; each is marked as alerted."""
-        window_index = self.window_index()
-        ts = time.time_ns() // 1_000_000
-        alerts = []
+    def export_state(self, worker_id: str) -> AggregateState:
+        """This worker's part, for its peers to merge."""
+        now = self._clock()
         with self._lock:
             for point in self._points.values():
-                if point.sla_p95_ms is None or point.alerted_window == window_index:
+                point.windows.prune(now)
+                point.period.prune(now)
+            points = {name: p.export() for name, p in self._points.items() if p.count}
+            invalid = self._invalid_nodes
+        return AggregateState(
+            worker_id=worker_id,
+            ts=round(now * 1000),
+            bucket_s=self.config.bucket_s,
+            period_bucket_s=self.config.period_bucket_s,
+            points=points,
+            invalid_nodes=invalid,
+        )
+
+    def due_alerts(self, peers: Sequence[AggregateState] = ()) -> list[BurnAlert]:
+        """Alerts that start or stop now, over this worker's and `peers`' events.
+
+        Each (emit point, severity) is published once when its condition starts to hold
+        (`firing`) and once when it stops (`resolved`).
+        """
+        now = self._clock()
+        ts = round(now * 1000)
+        alerts = []
+        with self._lock:
+            for point in self._view(peers).values():
+                slo = point.slo
+                if slo is None:
                     continue
-                samples, p95_us = point.window_p95_us(window_index)
-                p95_ms = _ms(p95_us)
-                if samples < self.min_samples or p95_ms <= point.sla_p95_ms:
-                    continue
-                point.alerted_window = window_index
-                point.alerts += 1
-                self._alerts += 1
-                alerts.append(
-                    SlaAlert(point.name, p95_ms, point.sla_p95_ms, samples, self.window_s, ts)
+                states = evaluate(point.windows, slo, self.config, now)
+                remaining = budget_remaining(
+                    *point.period.window(now, self.config.period_s), slo.objective
                 )
+                own = self._points[point.name]
+                for state in states:
+                    was = own.firing.get(state.severity, False)
+                    if state.firing == was:
+                        continue
+                    own.firing[state.severity] = state.firing
+                    if state.firing:
+                        own.alerts += 1
+                        self._alerts += 1
+                    alerts.append(BurnAlert(
+                        emit_point=point.name,
+                        state="firing" if state.firing else "resolved",
+                        severity=state.severity,
+                        objective=slo.objective,
+                        latency_ms=slo.latency_ms,
+                        burn_rate_threshold=state.burn_rate_threshold,
+                        long_window_s=state.long_window_s,
+                        short_window_s=state.short_window_s,
+                        long_burn_rate=state.long_burn_rate,
+                        short_burn_rate=state.short_burn_rate,
+                        long_window_events=state.long_window_events,
+                        long_window_bad_events=state.long_window_bad_events,
+                        error_budget_remaining=remaining,
+                        budget_period_s=self.config.period_s,
+                        ts=ts,
+                    ))
         return alerts
 
-    def snapshot(self, *, source: Source) -> StatsSnapshot:
-        """Everything the worker knows, as the stats reply carries it."""
-        window_index = self.window_index()
+    def snapshot(
+        self, *, source: Source, worker_id: str = "", peers: Sequence[AggregateState] = ()
+    ) -> StatsSnapshot:
+        """Everything the worker knows, merged with `peers`, as the stats reply carries it."""
+        now = self._clock()
         with self._lock:
             points = {
-                name: self._point_stats(point, window_index)
-                for name, point in sorted(self._points.items())
+                name: self._point_stats(point, now)
+                for name, point in sorted(self._view(peers).items())
             }
             dropped = dict(self._dropped_by_producer)
             invalid, alerts = self._invalid_nodes, self._alerts
@@ -276,35 +404,94 @@ class Aggregator:
             emit_points=points,
             dropped_nodes=sum(dropped.values()),
             dropped_by_producer=dropped,
-            invalid_nodes=invalid,
+            invalid_nodes=invalid + sum(p.invalid_nodes for p in peers),
             alerts=alerts,
             source=source,
-            window_s=self.window_s,
-            min_samples=self.min_samples,
+            worker_id=worker_id,
+            workers=1 + len(peers),
+            slo_period_s=self.config.period_s,
         )
+
+    def own_points(self) -> list[tuple[str, int, int, dict[str, int], int, list[int]]]:
+        """This worker's own monotonic counters per emit point, for Prometheus counters and
+        histograms: (name, count, bad, outcomes, sum µs, cumulative counts at `bounds_us`).
+
+        Prometheus adds the workers' counters itself (`sum by`), so /metrics never exports
+        merged counters, which could go down when a peer leaves.
+        """
+        with self._lock:
+            return [
+                (p.name, p.count, p.bad, dict(p.outcomes), p.sum_us, self._cumulative(p))
+                for p in sorted(self._points.values(), key=lambda p: p.name)
+            ]
 
     def statistics(self) -> tuple[int, int, int]:
         """(invalid nodes, invalid drop reports, alerts) so far."""
         with self._lock:
             return self._invalid_nodes, self._invalid_reports, self._alerts
 
+    # Prometheus histogram bounds in µs: the SLO latencies of the manifests fall on bounds.
+    BOUNDS_US: tuple[int, ...] = (
+        1_000, 2_500, 5_000, 10_000, 20_000, 30_000, 50_000, 100_000, 250_000, 500_000,
+        1_000_000, 2_500_000, 5_000_000, 10_000_000,
+    )
+
+    def _cumulative(self, point: _Point) -> list[int]:
+        counts = [0] * len(self.BOUNDS_US)
+        if point.latency is None:
+            return counts
+        for item in point.latency.get_recorded_iterator():
+            # The value a count was recorded at, to HDR's precision (0.1 %).
+            value = point.latency.get_highest_equivalent_value(item.value_iterated_to)
+            for i, bound in enumerate(self.BOUNDS_US):
+                if value <= bound:
+                    counts[i] += item.count_at_value_iterated_to
+        return counts
+
+    def _view(self, peers: Sequence[AggregateState]) -> dict[str, _Point]:
+        """Own points, or merged copies when peers are given (call with the lock held)."""
+        if not peers:
+            return self._points
+        usable = [p for p in peers if self._compatible(p)]
+        names = {*self._points, *(n for p in usable for n in p.points)}
+        view = {}
+        for name in names:
+            own = self._points.get(name)
+            if own is None:
+                if len(self._points) >= self._max_points:
+                    continue
+                own = self._points[name] = self._new_point(name, None)
+            parts = [p.points[name] for p in usable if name in p.points]
+            view[name] = own.merged(parts, self.config) if parts else own
+        return view
+
+    def _compatible(self, state: AggregateState) -> bool:
+        if (state.bucket_s, state.period_bucket_s) != (
+            self.config.bucket_s, self.config.period_bucket_s
+        ):
+            logger.warning("worker %s uses other SLO windows: its state is not merged",
+                           state.worker_id[:40])
+            return False
+        return True
+
     def _count_invalid(self) -> None:
         with self._lock:
             self._invalid_nodes += 1
 
-    def _point_stats(self, point: _Point, window_index: int) -> EmitPointStats:
-        if point.latency is None:
+    def _point_stats(self, point: _Point, now: float) -> EmitPointStats:
+        if point.latency is None or point.latency.get_total_count() == 0:
             p50 = p95 = p99 = 0
         else:
             quantiles = point.latency.get_percentile_to_value_dict([50.0, 95.0, 99.0])
             p50, p95, p99 = quantiles[50.0], quantiles[95.0], quantiles[99.0]
-        samples, window_p95_us = point.window_p95_us(window_index)
-        window_p95 = _ms(window_p95_us)
-        breached = (
-            point.sla_p95_ms is not None
-            and samples >= self.min_samples
-            and window_p95 > point.sla_p95_ms
-        )
+        slo = point.slo
+        burn: list[BurnState] = []
+        remaining = None
+        if slo is not None:
+            burn = evaluate(point.windows, slo, self.config, now)
+            remaining = budget_remaining(
+                *point.period.window(now, self.config.period_s), slo.objective
+            )
         return EmitPointStats(
             count=point.count,
             errors=point.outcomes["error"],
@@ -313,8 +500,25 @@ class Aggregator:
             p95_ms=_ms(p95),
             p99_ms=_ms(p99),
             sla_p95_ms=point.sla_p95_ms,
-            sla_ok=not breached,
-            window_p95_ms=window_p95,
-            window_samples=samples,
+            sla_ok=not any(point.firing.values()),
             alerts=point.alerts,
+            slo_objective=None if slo is None else slo.objective,
+            slo_latency_ms=None if slo is None else slo.latency_ms,
+            bad_events=point.bad,
+            error_budget_remaining=remaining,
+            burn=burn,
+            latency_sum_ms=_ms(point.sum_us),
         )
+
+
+def decode_state(data: bytes) -> AggregateState:
+    """A peer's published state.
+
+    Raises:
+        msgspec.DecodeError: it is not a valid `AggregateState`.
+    """
+    return _state_decoder.decode(data)
+
+
+_state_decoder = msgspec.json.Decoder(AggregateState)
+

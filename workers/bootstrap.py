@@ -25,8 +25,6 @@ logger = logging.getLogger(__name__)
 
 LEDGER_MODULE = "candidate.governance.consent_ledger.jetstream_ledger"
 WEBAUTHN_MODULE = "candidate.identity.passkey.webauthn_provider"
-FIDO2_MOCK_MODULE = "candidate.identity.passkey.fido2_mock"
-PASSKEY_MODULES = {"webauthn": WEBAUTHN_MODULE, "fido2_mock": FIDO2_MOCK_MODULE}
 
 PasskeyProviderName = Literal["webauthn", "fido2_mock"]
 
@@ -45,35 +43,30 @@ async def wire_providers(
     if one provider fails, none stays registered.
 
     Args:
-        passkey_provider: "webauthn" (py_webauthn on JetStream KV) or "fido2_mock" (the
-            deterministic in-memory test double, which needs no JetStream).
+        passkey_provider: "webauthn" (py_webauthn on JetStream KV). "fido2_mock" is a test
+            double whose signatures anyone can forge: naming it here (never in DRY_RUN,
+            where nothing is wired) is a ConfigError; tests register it explicitly.
         ledger_options: `LedgerOptions` fields to override (stream, bucket, subject prefix,
             consent TTL...); the rest come from the settings.
-        passkey_options: `WebAuthnOptions` fields (or, for fido2_mock, keyword arguments)
-            to override.
+        passkey_options: `WebAuthnOptions` fields to override.
 
     Raises:
         ConfigError: a flag is on but what its provider needs is missing (a NATS bus with
-            JetStream, a stable LUKHAS_PSEUDONYM_KEYS).
+            JetStream, a stable LUKHAS_PSEUDONYM_KEYS), or fido2_mock was chosen.
         ValueError: `passkey_provider` is not a known provider.
     """
     settings = runtime.settings
     if settings.dry_run:
         logger.info("DRY_RUN: real providers stay unwired; the null providers answer")
         return
-    passkey_module = PASSKEY_MODULES.get(passkey_provider)
-    if passkey_module is None:
-        raise ValueError(
-            f"unknown passkey provider {passkey_provider!r}: expected webauthn or fido2_mock"
-        )
     try:
         if settings.feature_governance_ledger:
             _require_stable_pseudonyms(runtime, "FEATURE_GOVERNANCE_LEDGER")
             await wire_module(LEDGER_MODULE, runtime, **dict(ledger_options or {}))
         if settings.feature_identity_passkey:
-            if passkey_provider == "webauthn":
-                _require_stable_pseudonyms(runtime, "FEATURE_IDENTITY_PASSKEY")
-            await wire_module(passkey_module, runtime, **dict(passkey_options or {}))
+            _refuse_test_doubles(passkey_provider)
+            _require_stable_pseudonyms(runtime, "FEATURE_IDENTITY_PASSKEY")
+            await wire_module(WEBAUTHN_MODULE, runtime, **dict(passkey_options or {}))
         if settings.feature_orchestration_handoff:
             await _wire_handoff(runtime)
     except BaseException:
@@ -130,6 +123,17 @@ def jetstream_of(runtime: Runtime, flag: str, what: str) -> Any:
             "JetStream (unset LUKHAS_OFFLINE and give NATS_URL, or let `lukhas up` start one)",
         )
     return jetstream()
+
+
+def _refuse_test_doubles(passkey_provider: str) -> None:
+    if passkey_provider == "fido2_mock":
+        raise ConfigError(
+            "LUKHAS_PASSKEY_PROVIDER", passkey_provider,
+            "webauthn outside DRY_RUN (fido2_mock is a test double whose signatures anyone "
+            "can forge)",
+        )
+    if passkey_provider != "webauthn":
+        raise ValueError(f"unknown passkey provider {passkey_provider!r}: expected webauthn")
 
 
 def _require_stable_pseudonyms(runtime: Runtime, flag: str) -> None:

@@ -2,6 +2,8 @@
 
 Shapes follow nats-py's `nats.micro` (`io.nats.micro.v1.*_response`), so `nats micro ls`
 and any micro client list this service with per-endpoint request/error counts and timings.
+nats.micro only reports an average; each endpoint's `data` here also carries `latency_ms`
+`{"p50", "p95", "p99"}` from an HDR histogram of its processing times.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+from hdrh.histogram import HdrHistogram
 
 PREFIX = "$SRV"
 VERBS = ("PING", "INFO", "STATS")
@@ -32,10 +36,13 @@ class EndpointCounters:
     num_errors: int = 0
     processing_time_ns: int = 0
     last_error: str = ""
+    #: Processing times in µs (1 µs to 1 h, 3 significant digits), for the quantiles.
+    latency: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 3_600_000_000, 3))
 
     def record(self, elapsed_ns: int, error: str | None) -> None:
         self.num_requests += 1
         self.processing_time_ns += elapsed_ns
+        self.latency.record_value(min(max(elapsed_ns // 1000, 1), 3_600_000_000))
         if error is not None:
             self.num_errors += 1
             self.last_error = error
@@ -97,8 +104,16 @@ def stats_response(
                 "average_processing_time": (
                     c.processing_time_ns // c.num_requests if c.num_requests else 0
                 ),
-                "data": data,
+                "data": {**(data or {}), "latency_ms": latency_quantiles(c)},
             }
             for name, subject, queue, c, data in endpoints
         ],
     }
+
+
+def latency_quantiles(counters: EndpointCounters) -> dict[str, float]:
+    """p50/p95/p99 processing time of an endpoint, ms (0 before its first request)."""
+    if counters.latency.get_total_count() == 0:
+        return {"p50": 0.0, "p95": 0.0, "p99": 0.0}
+    values = counters.latency.get_percentile_to_value_dict([50.0, 95.0, 99.0])
+    return {f"p{q:g}": round(values[q] / 1000, 3) for q in (50.0, 95.0, 99.0)}

@@ -8,9 +8,15 @@ batch). On the memory bus, or a server without JetStream, it is a plain subscrip
 `matriz.>`, which sees only what is published while it runs.
 
 Outputs. A stats snapshot on request (`lukhas.observability.stats`), Prometheus text on
-`/metrics`, and an alert on `lukhas.observability.alerts.<emit point tokens>` when the p95 of
-an emit point's current window exceeds the SLA in its module's MODULE_MANIFEST.json — once
-per window per emit point. Emitters' dropped-node reports (`MATRIZ_DROPS`) are folded in.
+`/metrics`, and SLO burn-rate alerts on `lukhas.observability.alerts.<emit point tokens>`:
+one message when an alert starts firing and one when it resolves (see `workers/_slo.py`).
+Emitters' dropped-node reports (`MATRIZ_DROPS`) are folded in.
+
+Several workers. Workers sharing the durable consumer each aggregate a part of the nodes.
+Every `check_interval_s` each publishes its mergeable state (`AggregateState`, with its HDR
+histograms) on `lukhas.observability.state.<worker id>` and keeps its live peers' latest
+states; stats replies and alert checks merge them, so any worker answers for all. Only the
+worker with the smallest id among the live ones publishes alerts, so an alert goes out once.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import bisect
 import functools
 import logging
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
@@ -34,24 +41,35 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from bus import Bus, BusError, Subscription
 from lukhas.config import Settings
-from lukhas.subjects import MATRIZ_ALL, MATRIZ_DROPS, OBSERVABILITY_STATS, alert_subject
+from lukhas.subjects import (
+    MATRIZ_ALL,
+    MATRIZ_DROPS,
+    OBSERVABILITY_STATE_ALL,
+    OBSERVABILITY_STATE_PREFIX,
+    OBSERVABILITY_STATS,
+    alert_subject,
+)
 from workers._aggregate import (
+    AggregateState,
     Aggregator,
     EmitPointStats,
-    SlaAlert,
     Source,
     StatsSnapshot,
+    decode_state,
 )
 from workers._manifests import load_manifests, sla_by_emit_point
-from workers._metrics import MetricsServer
+from workers._metrics import MatrizCollector, MetricsServer
+from workers._slo import BurnAlert, SloSettings, slo_by_emit_point
 from workers.streams import MATRIZ_MAX_AGE_S, MATRIZ_MAX_BYTES, MATRIZ_STREAM, ensure_matriz_stream
 
 __all__ = [
     "DURABLE_NAME",
+    "AggregateState",
+    "BurnAlert",
     "EmitPointStats",
     "ObservabilityStatistics",
     "ObservabilityWorker",
-    "SlaAlert",
+    "SloSettings",
     "StatsSnapshot",
     "load_manifests",
     "sla_by_emit_point",
@@ -64,6 +82,10 @@ DURABLE_NAME = "observability"
 
 _RETRY_MIN_S = 0.1
 _RETRY_MAX_S = 5.0
+#: A peer whose state is older than this many check intervals is taken as gone.
+_PEER_EXPIRY_INTERVALS = 3
+#: Most peer states kept (a bound against a flood of forged worker ids).
+_MAX_PEERS = 64
 #: Gaps kept in the record of aggregated stream sequences before the oldest are forgotten.
 _MAX_SEEN_RANGES = 1024
 
@@ -113,6 +135,8 @@ class ObservabilityStatistics(NamedTuple):
     invalid_drop_reports: int
     stats_requests: int
     alerts: int
+    #: Other observability workers whose states are merged now.
+    peers: int
     #: Nodes the plain subscription lost to a full buffer (0 on JetStream).
     subscription_dropped: int
 
@@ -128,10 +152,10 @@ class ObservabilityWorker:
         metrics_port: port for `/metrics` (0 picks a free one), or None for no HTTP server.
         metrics_addr: address the metrics server binds (loopback unless told otherwise).
         manifests: parsed MODULE_MANIFEST.json objects; default: every one in `lukhas`.
-        window_s: length of the SLA window.
-        min_samples: fewest samples in a window for its p95 to count as a breach.
-        clock: monotonic seconds, for the windows (tests inject their own).
-        check_interval_s: how often the SLAs are checked while running.
+        slo_settings: burn-rate alert policies and SLO period; default: from `settings`.
+        clock: wall-clock epoch seconds, for the SLO windows (tests inject their own).
+        check_interval_s: how often the SLOs are checked and the state is published.
+        worker_id: this worker's name among its peers (default: random).
         durable: name of the durable JetStream consumer.
         stream_max_age_s, stream_max_bytes: limits of the MATRIZ stream if it is created here.
         fetch_batch, fetch_timeout_s: JetStream pull size, and how long one pull waits; a
@@ -151,10 +175,10 @@ class ObservabilityWorker:
         metrics_port: int | None,
         metrics_addr: str = "127.0.0.1",
         manifests: Iterable[Mapping[str, Any]] | None = None,
-        window_s: float = 60.0,
-        min_samples: int = 20,
-        clock: Callable[[], float] = time.monotonic,
+        slo_settings: SloSettings | None = None,
+        clock: Callable[[], float] = time.time,
         check_interval_s: float = 1.0,
+        worker_id: str | None = None,
         durable: str = DURABLE_NAME,
         stream_max_age_s: float = MATRIZ_MAX_AGE_S,
         stream_max_bytes: int = MATRIZ_MAX_BYTES,
@@ -171,10 +195,16 @@ class ObservabilityWorker:
         self._settings = settings
         self._requested_port = metrics_port
         self._metrics_addr = metrics_addr
-        slas = sla_by_emit_point(load_manifests() if manifests is None else manifests)
+        manifests = load_manifests() if manifests is None else list(manifests)
         self._aggregate = Aggregator(
-            slas, window_s=window_s, min_samples=min_samples, clock=clock
+            sla_by_emit_point(manifests),
+            slos=slo_by_emit_point(manifests),
+            slo_settings=slo_settings or SloSettings.from_settings(settings),
+            clock=clock,
         )
+        self._clock = clock
+        self.worker_id = worker_id or os.urandom(8).hex()
+        self._peers: dict[str, tuple[float, AggregateState]] = {}
         self._check_interval_s = check_interval_s
         self._durable = durable
         self._stream_max_age_s = stream_max_age_s
@@ -217,9 +247,25 @@ class ObservabilityWorker:
         """Emit point → p95 SLA in ms, as read from the manifests."""
         return self._aggregate.slas()
 
+    @property
+    def aggregate(self) -> Aggregator:
+        return self._aggregate
+
     def snapshot(self) -> StatsSnapshot:
-        """What the stats request answers: per emit point counts, percentiles and SLA state."""
-        return self._aggregate.snapshot(source=self._source)
+        """What the stats request answers: per emit point counts, percentiles and SLO state,
+        merged over this worker and its live peers."""
+        return self._aggregate.snapshot(
+            source=self._source, worker_id=self.worker_id, peers=self.peer_states()
+        )
+
+    def peer_states(self) -> list[AggregateState]:
+        """The latest state of every live peer (those heard from recently)."""
+        horizon = self._clock() - _PEER_EXPIRY_INTERVALS * self._check_interval_s
+        return [state for heard, state in list(self._peers.values()) if heard >= horizon]
+
+    def is_leader(self) -> bool:
+        """True when this worker publishes the alerts: the smallest id among live workers."""
+        return all(self.worker_id < s.worker_id for s in self.peer_states())
 
     def statistics(self) -> ObservabilityStatistics:
         invalid_nodes, invalid_reports, alerts = self._aggregate.statistics()
@@ -232,28 +278,46 @@ class ObservabilityWorker:
             invalid_drop_reports=invalid_reports,
             stats_requests=self._stats_requests,
             alerts=alerts,
+            peers=len(self.peer_states()),
             subscription_dropped=0 if nodes_sub is None else nodes_sub.statistics().dropped,
         )
 
-    async def check_slas(self) -> list[SlaAlert]:
-        """Publish an alert for each emit point whose current window breaches its SLA.
+    async def check_slos(self) -> list[BurnAlert]:
+        """Publish the SLO alerts that start firing or resolve now; return them.
 
-        Each emit point alerts at most once per window; the periodic check in `run` calls
-        this every `check_interval_s`, and tests may call it directly. Returns the alerts.
+        Burn rates are over this worker's and its live peers' events. Every worker tracks
+        the alert states, only the leader (`is_leader`) publishes. The periodic check in
+        `run` calls this every `check_interval_s`; tests may call it directly.
         """
-        alerts = self._aggregate.due_alerts()
+        alerts = self._aggregate.due_alerts(self.peer_states())
+        if not self.is_leader():
+            return []
         for alert in alerts:
-            logger.warning(
-                "SLA breach at %s: p95 %.3f ms > SLA %g ms over %d samples (window %gs)",
-                alert.emit_point, alert.p95_ms, alert.sla_p95_ms, alert.samples, alert.window_s,
+            logger.log(
+                logging.WARNING if alert.state == "firing" else logging.INFO,
+                "SLO %s %s at %s: burn rate %.2f over %gs and %.2f over %gs (threshold %g), "
+                "error budget left %.1f%%",
+                alert.severity, alert.state, alert.emit_point, alert.long_burn_rate,
+                alert.long_window_s, alert.short_burn_rate, alert.short_window_s,
+                alert.burn_rate_threshold, 100 * alert.error_budget_remaining,
             )
             try:
                 await self._bus.publish(
                     alert_subject(alert.emit_point), self._encoder.encode(alert)
                 )
             except BusError as exc:
-                logger.error("could not publish the SLA alert for %s: %s", alert.emit_point, exc)
+                logger.error("could not publish the SLO alert for %s: %s", alert.emit_point, exc)
         return alerts
+
+    async def publish_state(self) -> None:
+        """Publish this worker's mergeable state for its peers."""
+        state = self._aggregate.export_state(self.worker_id)
+        try:
+            await self._bus.publish(
+                f"{OBSERVABILITY_STATE_PREFIX}.{self.worker_id}", self._encoder.encode(state)
+            )
+        except BusError as exc:
+            logger.warning("could not publish the observability state: %s", exc)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Consume, aggregate and report until `stop()`; ready once every subscription is live.
@@ -270,24 +334,31 @@ class ObservabilityWorker:
                 if self._requested_port is not None:
                     self._metrics = await anyio.to_thread.run_sync(
                         functools.partial(
-                            MetricsServer.start, self.snapshot,
+                            MetricsServer.start,
+                            MatrizCollector(
+                                self.snapshot, self._aggregate.own_points,
+                                self._aggregate.slos(),
+                            ),
                             port=self._requested_port, addr=self._metrics_addr,
                         )
                     )
                     stack.push_async_callback(self._close_metrics)
                 drops = await stack.enter_async_context(self._bus.subscribe(MATRIZ_DROPS))
                 stats = await stack.enter_async_context(self._bus.subscribe(OBSERVABILITY_STATS))
+                peers = await stack.enter_async_context(
+                    self._bus.subscribe(OBSERVABILITY_STATE_ALL)
+                )
                 pull = await self._open_pull()
                 if pull is None:
                     nodes: Subscription | None = await stack.enter_async_context(
                         self._bus.subscribe(MATRIZ_ALL, max_pending=self._max_pending)
                     )
                     self._nodes_sub = nodes
-                    self._subs = [nodes, drops, stats]
+                    self._subs = [nodes, drops, stats, peers]
                 else:
                     nodes = None
                     self._source = "jetstream"
-                    self._subs = [drops, stats]
+                    self._subs = [drops, stats, peers]
                 async with anyio.create_task_group() as tg:
                     if pull is not None:
                         tg.start_soon(self._until_done, self._consume_jetstream, pull)
@@ -296,11 +367,12 @@ class ObservabilityWorker:
                         tg.start_soon(self._until_done, self._consume_subscription, nodes)
                     tg.start_soon(self._until_done, self._consume_drops, drops)
                     tg.start_soon(self._until_done, self._serve_stats, stats)
+                    tg.start_soon(self._until_done, self._consume_peers, peers)
                     tg.start_soon(self._check_periodically)
                     tg.start_soon(self._stop_when_asked)
                     logger.info(
-                        "observability worker ready: source=%s, %d SLAs, metrics=%s",
-                        self._source, len(self.slas),
+                        "observability worker %s ready: source=%s, %d SLOs, metrics=%s",
+                        self.worker_id, self._source, len(self._aggregate.slos()),
                         "off" if self._metrics is None
                         else f"http://{self._metrics_addr}:{self._metrics.port}/metrics",
                     )
@@ -446,6 +518,29 @@ class ObservabilityWorker:
             except BusError as exc:
                 logger.warning("could not answer a stats request: %s", exc)
 
+    async def _consume_peers(self, sub: Subscription) -> None:
+        async for env in sub:
+            peer_id = env.subject.rsplit(".", 1)[-1]
+            if peer_id == self.worker_id:
+                continue
+            try:
+                state = decode_state(env.data)
+            except msgspec.DecodeError as exc:
+                logger.debug("malformed observability state on %s skipped: %s", env.subject, exc)
+                continue
+            if state.worker_id != peer_id:
+                continue
+            if peer_id not in self._peers and len(self._peers) >= _MAX_PEERS:
+                self._expire_peers()
+                if len(self._peers) >= _MAX_PEERS:
+                    continue
+            self._peers[peer_id] = (self._clock(), state)
+
+    def _expire_peers(self) -> None:
+        horizon = self._clock() - _PEER_EXPIRY_INTERVALS * self._check_interval_s
+        for peer_id in [p for p, (heard, _) in self._peers.items() if heard < horizon]:
+            del self._peers[peer_id]
+
     async def _until_done(self, loop: Callable[[Any], Awaitable[None]], source: Any) -> None:
         """Run one consuming loop; if it ends without `stop()` (the bus closed under us),
         stop the rest too, so `run` returns instead of serving half a worker."""
@@ -460,7 +555,9 @@ class ObservabilityWorker:
         with self._check_scope:
             while True:
                 await anyio.sleep(self._check_interval_s)
-                await self.check_slas()
+                await self.publish_state()
+                self._expire_peers()
+                await self.check_slos()
 
     async def _stop_when_asked(self) -> None:
         await self._stopping.wait()

@@ -51,6 +51,10 @@ class Names:
     def challenges_bucket(self) -> str:
         return f"passkey_challenges_{self.tag}"
 
+    @property
+    def grants_bucket(self) -> str:
+        return f"passkey_grants_{self.tag}"
+
     def ledger_options(self, **overrides: Any) -> dict[str, Any]:
         return {
             "stream": self.stream,
@@ -63,13 +67,18 @@ class Names:
         return {
             "credentials_bucket": self.credentials_bucket,
             "challenges_bucket": self.challenges_bucket,
+            "grants_bucket": self.grants_bucket,
             **overrides,
         }
 
     async def drop(self, bus: NatsBus) -> None:
         js = bus.jetstream()
         streams = [self.stream] + [
-            f"KV_{b}" for b in (self.state_bucket, self.credentials_bucket, self.challenges_bucket)
+            f"KV_{b}"
+            for b in (
+                self.state_bucket, self.credentials_bucket, self.challenges_bucket,
+                self.grants_bucket,
+            )
         ]
         for name in streams:
             try:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -28,8 +26,7 @@ from lukhas.identity.passkey.api import (
     register_passkey,
     verify_passkey,
 )
-from lukhas.runtime import Runtime
-from lukhas.testing import MatrizRecorder, open_test_runtime
+from lukhas.testing import open_test_runtime
 from tests.candidate._support import PSEUDONYM_KEY, Names, Stack, nats_bus, nats_settings, user
 from tests.candidate.authenticator import SoftAuthenticator, b64url, from_b64url
 from workers.bootstrap import unwire_providers, wire_providers
@@ -157,17 +154,38 @@ def _mock_assertion(authn: SoftAuthenticator, options: dict[str, Any]) -> dict[s
 
 
 @pytest.mark.parametrize("bus", ["nats", "memory"])
-async def test_the_flag_swaps_in_fido2_mock(wired: Stack, bus: str) -> None:
-    uid = user()
-    authn = SoftAuthenticator()
+async def test_fido2_mock_is_never_wired_by_configuration(
+    nats_url: str, names: Names, bus: str
+) -> None:
+    """The mock's signatures are HMACs under a public seed: anyone can forge them. Naming it
+    outside DRY_RUN is a startup error, from the environment and from the wiring alike."""
+    with pytest.raises(ConfigError) as from_env:
+        Settings.from_env({"LUKHAS_PASSKEY_PROVIDER": "fido2_mock"})
+    assert from_env.value.variable == "LUKHAS_PASSKEY_PROVIDER"
+    assert Settings.from_env(
+        {"LUKHAS_PASSKEY_PROVIDER": "fido2_mock", "LUKHAS_DRY_RUN_MODE": "true"}
+    ).passkey_provider == "fido2_mock"
     if bus == "nats":
-        stack = wired(passkey=True, passkey_provider="fido2_mock")
-    else:  # the mock needs no JetStream, so it wires on the in-memory bus too
+        settings = nats_settings(nats_url, feature_identity_passkey=True)
+    else:
         settings = Settings(
             offline=True, pseudonym_key=PSEUDONYM_KEY, feature_identity_passkey=True
         )
-        stack = _memory_stack(settings)
-    async with stack:
+    async with nats_bus(nats_url, names) as nats:
+        async with open_test_runtime(settings, bus=nats if bus == "nats" else None) as (rt, _):
+            with pytest.raises(ConfigError) as wiring:
+                await wire_providers(rt, passkey_provider="fido2_mock")
+            assert wiring.value.variable == "LUKHAS_PASSKEY_PROVIDER"
+            assert passkey_registry.get_provider(settings).name == "null"
+
+
+async def test_fido2_mock_registered_explicitly_in_a_test() -> None:
+    """Tests that need the mock register it themselves; it keeps the ceremony checks."""
+    uid = user()
+    authn = SoftAuthenticator()
+    settings = Settings(offline=True, pseudonym_key=PSEUDONYM_KEY, feature_identity_passkey=True)
+    async with open_test_runtime(settings) as (runtime, _):
+        passkey_registry.register(Fido2MockProvider(runtime.pseudonymize))
         options = await passkey_registration_options(uid, None)
         assert options["provider"] == "fido2_mock"
         registered = await register_passkey(uid, authn.create(options["options"]))
@@ -182,13 +200,6 @@ async def test_the_flag_swaps_in_fido2_mock(wired: Stack, bus: str) -> None:
         assert replay["ok"] is False and replay["reason"] == "challenge_reused"
         forged = authn.get((await passkey_challenge(uid))["options"])  # a real ECDSA signature
         assert (await verify_passkey(forged))["reason"] == "bad_signature"
-
-
-@asynccontextmanager
-async def _memory_stack(settings: Settings) -> AsyncIterator[tuple[Runtime, MatrizRecorder]]:
-    async with open_test_runtime(settings) as (runtime, recorder):
-        await wire_providers(runtime, passkey_provider="fido2_mock")
-        yield runtime, recorder
 
 
 async def test_fido2_mock_is_deterministic() -> None:

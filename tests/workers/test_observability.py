@@ -17,11 +17,12 @@ from lukhas.governance.consent_ledger.api import consent_status, record_consent
 from lukhas.identity.passkey.api import passkey_challenge, verify_passkey
 from lukhas.observability.matriz_emit import DropReport, MatrizNode, Outcome, make_node
 from lukhas.orchestration.context.api import handoff_context
-from lukhas.subjects import MATRIZ_DROPS, OBSERVABILITY_STATS, alert_subject
+from lukhas.subjects import MATRIZ_DROPS, OBSERVABILITY_STATS
 from lukhas.testing import dry_run_settings, open_test_runtime
+from tests.workers._promtool import promtool
 from workers.observability import (
     ObservabilityWorker,
-    SlaAlert,
+    SloSettings,
     StatsSnapshot,
     load_manifests,
     sla_by_emit_point,
@@ -196,91 +197,6 @@ async def test_stop_aggregates_what_was_already_delivered() -> None:
         await worker.stop()  # idempotent
 
 
-# -- SLA alerts ---------------------------------------------------------------------------------
-
-
-async def test_sla_breach_alerts_once_per_window() -> None:
-    clock = FakeClock()
-    async with open_memory_bus() as bus, bus.subscribe(alert_subject(PASSKEY_VERIFY)) as alerts:
-        worker = worker_on(bus, window_s=10.0, min_samples=20, clock=clock, check_interval_s=3600)
-        async with anyio.create_task_group() as tg:
-            await tg.start(worker.run)
-            await publish_nodes(bus, [node(latency_ms=80.0) for _ in range(19)])
-            await wait_stats(bus, lambda s: total(s) == 19)
-            assert await worker.check_slas() == []  # a breach, but under min_samples
-
-            await publish_nodes(bus, [node(latency_ms=80.0)])
-            snap = await wait_stats(bus, lambda s: total(s) == 20)
-            assert snap.emit_points[PASSKEY_VERIFY].sla_ok is False
-            published = await worker.check_slas()
-            assert [a.emit_point for a in published] == [PASSKEY_VERIFY]
-            alert = msgspec.json.decode((await alerts.next(timeout=5.0)).data, type=SlaAlert)
-            assert alert.emit_point == PASSKEY_VERIFY
-            assert alert.p95_ms == pytest.approx(80.0, rel=1e-3)
-            assert (alert.sla_p95_ms, alert.samples, alert.window_s) == (30.0, 20, 10.0)
-            assert alert.ts > 0
-
-            # Still breaching in the same window: no second alert.
-            await publish_nodes(bus, [node(latency_ms=90.0) for _ in range(20)])
-            await wait_stats(bus, lambda s: total(s) == 40)
-            assert await worker.check_slas() == []
-            assert alerts.statistics().pending == 0
-
-            # Next window: empty at first (no alert, SLA ok), then breaching again.
-            clock.now += 10.0
-            assert await worker.check_slas() == []
-            snap = await request_stats(bus)
-            assert snap.emit_points[PASSKEY_VERIFY].sla_ok is True
-            await publish_nodes(bus, [node(latency_ms=5.0) for _ in range(10)])
-            await publish_nodes(bus, [node(latency_ms=70.0) for _ in range(20)])
-            await wait_stats(bus, lambda s: total(s) == 70)
-            assert len(await worker.check_slas()) == 1
-            second = msgspec.json.decode((await alerts.next(timeout=5.0)).data, type=SlaAlert)
-            assert second.samples == 30
-            assert await worker.check_slas() == []
-            snap = await request_stats(bus)
-            await worker.stop()
-    assert snap.alerts == 2
-    assert snap.emit_points[PASSKEY_VERIFY].alerts == 2
-    assert alerts.statistics().delivered == 2
-
-
-async def test_fast_emit_points_do_not_alert() -> None:
-    async with open_memory_bus() as bus:
-        worker = worker_on(bus, min_samples=5)
-        async with anyio.create_task_group() as tg:
-            await tg.start(worker.run)
-            # Under their SLAs, and one point no manifest lists (so it has no SLA).
-            await publish_nodes(bus, [node(latency_ms=29.0) for _ in range(50)])
-            await publish_nodes(bus, [node("CONTEXT:orchestration:handoff", latency_ms=200.0)
-                                      for _ in range(50)])
-            await publish_nodes(bus, [node("DECISION:tests:unlisted", latency_ms=9e6)
-                                      for _ in range(50)])
-            snap = await wait_stats(bus, lambda s: total(s) == 150)
-            assert await worker.check_slas() == []
-            await worker.stop()
-    unlisted = snap.emit_points["DECISION:tests:unlisted"]
-    assert (unlisted.sla_p95_ms, unlisted.sla_ok, unlisted.count) == (None, True, 50)
-    assert all(p.sla_ok for p in snap.emit_points.values())
-
-
-async def test_periodic_check_publishes_alerts_by_itself() -> None:
-    subject = alert_subject("CONTEXT:orchestration:handoff")
-    assert subject == "lukhas.observability.alerts.CONTEXT.orchestration.handoff"
-    async with open_memory_bus() as bus, bus.subscribe(subject) as alerts:
-        worker = worker_on(bus, min_samples=20, check_interval_s=0.01)
-        async with anyio.create_task_group() as tg:
-            await tg.start(worker.run)
-            await publish_nodes(
-                bus, [node("CONTEXT:orchestration:handoff", latency_ms=400.0) for _ in range(20)]
-            )
-            alert = msgspec.json.decode((await alerts.next(timeout=10.0)).data, type=SlaAlert)
-            await worker.stop()
-    assert (alert.emit_point, alert.sla_p95_ms, alert.samples) == (
-        "CONTEXT:orchestration:handoff", 250.0, 20,
-    )
-
-
 # -- /metrics ------------------------------------------------------------------------------------
 
 
@@ -292,7 +208,7 @@ def _scrape(port: int) -> str:
 
 async def test_metrics_endpoint_serves_the_aggregate() -> None:
     async with open_memory_bus() as bus:
-        worker = worker_on(bus, metrics_port=0)
+        worker = worker_on(bus, metrics_port=0, slo_settings=SloSettings.workbook(min_events=1))
         assert worker.metrics_port is None
         async with anyio.create_task_group() as tg:
             await tg.start(worker.run)
@@ -304,6 +220,7 @@ async def test_metrics_endpoint_serves_the_aggregate() -> None:
             await bus.publish("matriz.CONSENT.governance.record", b"garbage")
             await bus.publish(MATRIZ_DROPS, _encode(DropReport("usr-free-producer", 4, 9)))
             await wait_stats(bus, lambda s: total(s) == 4 and s.dropped_nodes == 4)
+            await worker.check_slos()  # 1 error in 4 calls: burn rate 25 pages (min_events 1)
             text = await anyio.to_thread.run_sync(_scrape, port)
             await worker.stop()
         with pytest.raises(urllib.error.URLError):
@@ -314,15 +231,28 @@ async def test_metrics_endpoint_serves_the_aggregate() -> None:
         f'lukhas_matriz_nodes_total{{{point},outcome="ok"}} 3.0',
         f'lukhas_matriz_nodes_total{{{point},outcome="error"}} 1.0',
         f"lukhas_matriz_errors_total{{{point}}} 1.0",
-        f'lukhas_matriz_latency_ms{{{point},quantile="0.95"}} 12.',
-        f"lukhas_matriz_sla_p95_ms{{{point}}} 50.0",
-        f"lukhas_matriz_sla_ok{{{point}}} 1.0",
-        'lukhas_matriz_sla_p95_ms{emit_point="DECISION:identity:passkey.verify"} 30.0',
+        f"lukhas_slo_events_total{{{point}}} 4.0",
+        f"lukhas_slo_bad_events_total{{{point}}} 1.0",
+        f'lukhas_matriz_latency_seconds_bucket{{{point},le="0.001"}} 1.0',
+        f'lukhas_matriz_latency_seconds_bucket{{{point},le="0.02"}} 4.0',
+        f'lukhas_matriz_latency_seconds_bucket{{{point},le="+Inf"}} 4.0',
+        f"lukhas_matriz_latency_seconds_count{{{point}}} 4.0",
+        f"lukhas_matriz_latency_seconds_sum{{{point}}} 0.037",
+        f'lukhas_matriz_latency_merged_seconds{{{point},quantile="0.95"}} 0.012',
+        f"lukhas_matriz_sla_p95_seconds{{{point}}} 0.05",
+        f"lukhas_slo_objective{{{point}}} 0.99",
+        f"lukhas_slo_latency_seconds{{{point}}} 0.05",
+        f'lukhas_slo_burn_rate{{{point},window="3600s"}} 25.0',
+        f'lukhas_slo_alert_firing{{{point},severity="page"}} 1.0',
+        'lukhas_matriz_sla_p95_seconds{emit_point="DECISION:identity:passkey.verify"} 0.03',
         "lukhas_matriz_dropped_nodes_total 4.0",
         'lukhas_matriz_producer_dropped_nodes_total{producer="usr-free-producer"} 4.0',
         "lukhas_matriz_invalid_nodes_total 1.0",
     ):
         assert series in text, f"{series!r} missing from:\n{text}"
+    assert "_ms" not in text
+    check = await promtool("check", "metrics", stdin=text)
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 async def test_metrics_port_in_use_fails_the_start() -> None:

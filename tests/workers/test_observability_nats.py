@@ -17,7 +17,9 @@ from bus.nats import NatsBus
 from lukhas.observability.matriz_emit import MatrizNode, make_node
 from lukhas.subjects import OBSERVABILITY_STATS, alert_subject
 from lukhas.testing import dry_run_settings
-from workers.observability import DURABLE_NAME, ObservabilityWorker, SlaAlert, StatsSnapshot
+from workers._aggregate import Aggregator
+from workers._slo import Slo
+from workers.observability import DURABLE_NAME, BurnAlert, ObservabilityWorker, StatsSnapshot
 from workers.streams import MATRIZ_STREAM, ensure_matriz_stream
 
 pytestmark = pytest.mark.nats
@@ -136,7 +138,7 @@ async def test_durable_consumer_loses_nothing_and_counts_nothing_twice(nats_url:
     assert second.statistics().acked == 15
 
 
-async def test_sla_alert_over_nats(nats_url: str) -> None:
+async def test_slo_alert_over_nats(nats_url: str) -> None:
     async with (
         fresh_matriz(nats_url) as (client, _js),
         open_nats_bus(nats_url) as worker_bus,
@@ -145,13 +147,55 @@ async def test_sla_alert_over_nats(nats_url: str) -> None:
         worker = worker_on(worker_bus, check_interval_s=3600)
         async with anyio.create_task_group() as tg:
             await tg.start(worker.run)
-            await publish_nodes(client, 25, latency_ms=120.0)
+            await publish_nodes(client, 25, latency_ms=120.0)  # all over the 50 ms SLO latency
             await wait_stats(client, lambda s: count(s) == 25)
-            assert len(await worker.check_slas()) == 1
-            alert = msgspec.json.decode((await alerts.next(timeout=5.0)).data, type=SlaAlert)
+            assert {a.severity for a in await worker.check_slos()} == {"page", "ticket"}
+            alert = msgspec.json.decode((await alerts.next(timeout=5.0)).data, type=BurnAlert)
             await worker.stop()
-    assert (alert.emit_point, alert.sla_p95_ms, alert.samples) == (RECORD, 50.0, 25)
-    assert alert.p95_ms == pytest.approx(120.0, rel=1e-3)
+    assert (alert.emit_point, alert.state, alert.latency_ms) == (RECORD, "firing", 50.0)
+    assert alert.long_window_bad_events == alert.long_window_events == 25
+    assert alert.long_burn_rate == pytest.approx(100.0)
+
+
+async def test_two_workers_on_one_durable_report_the_merged_figures(nats_url: str) -> None:
+    """The durable consumer splits the nodes; either worker answers with all of them."""
+    latencies = [float(ms) for ms in range(1, 301)]
+    reference = Aggregator({RECORD: 50.0}, slos={RECORD: Slo(0.99, 50.0)})
+    for ms in latencies:
+        reference.ingest(msgspec.json.encode(node(ms)))
+    whole = reference.snapshot(source="jetstream").emit_points[RECORD]
+    async with (
+        fresh_matriz(nats_url) as (client, _js),
+        open_nats_bus(nats_url) as bus_a,
+        open_nats_bus(nats_url) as bus_b,
+    ):
+        a = worker_on(bus_a, check_interval_s=0.05, fetch_batch=16, worker_id="a")
+        b = worker_on(bus_b, check_interval_s=0.05, fetch_batch=16, worker_id="b")
+        async with anyio.create_task_group() as tg:
+            await tg.start(a.run)
+            await tg.start(b.run)
+            for ms in latencies:
+                n = node(ms)
+                await client.publish(n.subject, msgspec.json.encode(n))
+            await client.flush()
+            with anyio.fail_after(15):
+                while not all(
+                    w.snapshot().emit_points[RECORD].count == len(latencies) for w in (a, b)
+                ):  # each try is a real round trip, no sleep
+                    await client.request(OBSERVABILITY_STATS, b"{}", timeout=5.0)
+            snaps = [w.snapshot() for w in (a, b)]
+            own = [w.statistics().consumed for w in (a, b)]
+            leaders = [w.is_leader() for w in (a, b)]
+            await a.stop()
+            await b.stop()
+    assert sum(own) == len(latencies) and all(own), own  # each took a part
+    for snap in snaps:
+        point = snap.emit_points[RECORD]
+        assert snap.workers == 2
+        assert (point.p50_ms, point.p95_ms, point.p99_ms) == (
+            whole.p50_ms, whole.p95_ms, whole.p99_ms)
+        assert point.bad_events == whole.bad_events == 250
+    assert leaders == [True, False]
 
 
 async def test_without_jetstream_it_subscribes() -> None:

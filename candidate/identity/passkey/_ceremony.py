@@ -9,10 +9,12 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
+
+from webauthn.helpers import parse_authenticator_data, parse_client_data_json
+from webauthn.helpers.exceptions import WebAuthnException
 
 Reason = Literal[
     "unknown_credential",
@@ -26,8 +28,14 @@ Reason = Literal[
     "invalid_assertion",
 ]
 
-#: Every reason a passkey refusal may give (the closed set of the wire contract).
+#: Every reason a refused assertion may give (the closed set of the wire contract).
 REASONS: frozenset[str] = frozenset(get_args(Reason))
+
+#: Reasons of the enrolment, management and challenge subjects.
+OtherReason = Literal[
+    "enrolment_grant_required", "invalid_enrolment_grant", "not_found", "rate_limited"
+]
+RefusalReason = Reason | OtherReason
 
 FLAG_UP = 0x01
 FLAG_UV = 0x04
@@ -42,7 +50,7 @@ GET = "webauthn.get"
 class Refused(Exception):
     """A ceremony refusal: the reply is `{"ok": false, "reason": ..., "message": ...}`."""
 
-    def __init__(self, reason: Reason, message: str) -> None:
+    def __init__(self, reason: RefusalReason, message: str) -> None:
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
@@ -79,29 +87,27 @@ class ClientData:
 
 
 def parse_client_data(raw: bytes, *, expected_type: str) -> ClientData:
-    """Parse clientDataJSON and check its type.
+    """Parse clientDataJSON (py_webauthn's `parse_client_data_json`) and check its type.
 
     Raises:
         Refused: invalid_assertion, malformed or of the wrong ceremony type.
     """
     try:
-        data = json.loads(raw)
-    except ValueError:
-        raise Refused("invalid_assertion", "clientDataJSON is not JSON") from None
-    if not isinstance(data, dict):
-        raise Refused("invalid_assertion", "clientDataJSON is not a JSON object")
-    kind, challenge, origin = data.get("type"), data.get("challenge"), data.get("origin")
-    if not isinstance(kind, str) or not isinstance(challenge, str) or not isinstance(origin, str):
-        raise Refused("invalid_assertion", "clientDataJSON lacks type, challenge or origin")
+        data = parse_client_data_json(raw)
+    except (WebAuthnException, ValueError, TypeError, AttributeError, binascii.Error) as exc:
+        raise Refused("invalid_assertion", f"clientDataJSON is malformed: {exc}") from None
+    kind = str(getattr(data.type, "value", data.type))
+    if not isinstance(data.origin, str):
+        raise Refused("invalid_assertion", "clientDataJSON origin is not a string")
     if kind != expected_type:
         raise Refused(
             "invalid_assertion", f"clientDataJSON type is {kind!r}, not {expected_type!r}"
         )
     return ClientData(
         type=kind,
-        challenge=from_b64url(challenge, "clientDataJSON.challenge"),
-        origin=origin,
-        cross_origin=data.get("crossOrigin") is True,
+        challenge=data.challenge,
+        origin=data.origin,
+        cross_origin=data.cross_origin is True,
     )
 
 
@@ -139,10 +145,22 @@ class AuthDataHeader:
 
 
 def parse_auth_data_header(raw: bytes) -> AuthDataHeader:
-    """Raises Refused(invalid_assertion) when authenticatorData is shorter than 37 bytes."""
-    if len(raw) < 37:
-        raise Refused("invalid_assertion", f"authenticatorData is {len(raw)} bytes, under 37")
-    return AuthDataHeader(raw[:32], raw[32], int.from_bytes(raw[33:37], "big"))
+    """The head of authenticatorData, parsed by py_webauthn's `parse_authenticator_data`.
+
+    Raises:
+        Refused: invalid_assertion, authenticatorData is malformed (e.g. under 37 bytes).
+    """
+    try:
+        parsed = parse_authenticator_data(raw)
+    except (WebAuthnException, ValueError, TypeError, IndexError) as exc:
+        raise Refused("invalid_assertion", f"authenticatorData is malformed: {exc}") from None
+    flags = parsed.flags
+    bits = (
+        (FLAG_UP if flags.up else 0) | (FLAG_UV if flags.uv else 0)
+        | (FLAG_BE if flags.be else 0) | (FLAG_BS if flags.bs else 0)
+        | (FLAG_AT if flags.at else 0)
+    )
+    return AuthDataHeader(parsed.rp_id_hash, bits, parsed.sign_count)
 
 
 def check_auth_data(header: AuthDataHeader, *, rp_id: str, require_uv: bool) -> None:
@@ -153,6 +171,22 @@ def check_auth_data(header: AuthDataHeader, *, rp_id: str, require_uv: bool) -> 
         raise Refused("user_not_verified", "the authenticator reports no user presence")
     if require_uv and not header.user_verified:
         raise Refused("user_not_verified", "user verification is required but was not done")
+    if header.backed_up and not header.backup_eligible:
+        raise Refused("invalid_assertion", "flags BS set without BE: not a valid backup state")
+
+
+def check_backup_eligibility(header: AuthDataHeader, *, registered: bool) -> None:
+    """BE is fixed when a credential is registered; an assertion that differs is refused.
+
+    Raises:
+        Refused: invalid_assertion, naming the BE flag.
+    """
+    if header.backup_eligible != registered:
+        raise Refused(
+            "invalid_assertion",
+            f"backup eligibility flag BE is {int(header.backup_eligible)} but was "
+            f"{int(registered)} at registration",
+        )
 
 
 def check_counter(stored: int, new: int) -> None:
@@ -192,6 +226,6 @@ def reason_from_library(message: str) -> Reason:
     return "invalid_assertion"
 
 
-def refusal(provider: str, reason: Reason, message: str) -> dict[str, Any]:
+def refusal(provider: str, reason: RefusalReason, message: str) -> dict[str, Any]:
     """The wire form of a refusal."""
     return {"ok": False, "provider": provider, "reason": reason, "message": message}

@@ -4,8 +4,10 @@ It runs the real ceremony checks (client data type, origin, challenge single use
 hash, flags, counter) but replaces public-key signatures with an HMAC under a key derived
 from a public seed and the credential id, so a test can play the authenticator with
 `Fido2MockProvider.sign(...)`. State is in memory; challenges come from a counter, so two
-runs of the same script see the same challenges. Wired instead of `webauthn` it shows a
-provider swap through the registry and the feature flag.
+runs of the same script see the same challenges. It is a test double: anyone can forge its
+signatures, so it is never wired by configuration outside DRY_RUN (LUKHAS_PASSKEY_PROVIDER
+refuses it); tests register it explicitly. It has no enrolment rule and no credential
+management (those answer `not_supported`).
 """
 
 from __future__ import annotations
@@ -21,10 +23,8 @@ import msgspec
 
 from candidate.identity.passkey import _ceremony as ceremony
 from candidate.identity.passkey._ceremony import Refused, b64url, from_b64url
-from lukhas.identity.passkey import registry
 from lukhas.identity.passkey.messages import AuthenticationResponse, RegistrationResponse
 from lukhas.observability.pseudonym import Pseudonymizer
-from lukhas.runtime import Runtime
 
 DEFAULT_SEED = b"lukhas.fido2_mock"
 #: Challenges held before expired ones are dropped.
@@ -89,7 +89,9 @@ class Fido2MockProvider:
 
     # -- PasskeyProvider ------------------------------------------------------------------
 
-    async def register_options(self, user_id: str, user_name: str | None) -> dict[str, Any]:
+    async def register_options(
+        self, user_id: str, user_name: str | None, enrolment_grant: str | None = None
+    ) -> dict[str, Any]:
         pseudonym = self._pseudonymize(user_id)
         challenge = self._issue("registration", pseudonym)
         options = {
@@ -209,17 +211,3 @@ class Fido2MockProvider:
             raise Refused("invalid_assertion", "the challenge was issued to another user")
         record.used = True  # single-threaded event loop: check and set cannot interleave
 
-
-async def _wire(runtime: Runtime, **overrides: Any) -> None:
-    """Register the mock (a test double: its signatures are forgeable by design)."""
-    settings = runtime.settings
-    options: dict[str, Any] = {
-        "rp_id": settings.webauthn_rp_id,
-        "origins": settings.webauthn_origins,
-        "require_uv": settings.webauthn_require_uv,
-        "challenge_ttl_s": float(settings.webauthn_challenge_ttl_s),
-        **overrides,
-    }
-    provider = Fido2MockProvider(runtime.pseudonymize, **options)
-    await provider.ensure()
-    registry.register(provider)

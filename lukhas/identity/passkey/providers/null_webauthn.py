@@ -32,11 +32,19 @@ class NullWebAuthnProvider:
         checked = convert(DryRunAssertion, {"challenge": challenge})
         return {"ok": True, "provider": self.name, "challenge": checked.challenge}
 
-    async def register_options(self, user_id: str, user_name: str | None) -> dict[str, Any]:
+    async def register_options(
+        self, user_id: str, user_name: str | None, enrolment_grant: str | None = None
+    ) -> dict[str, Any]:
         return dict(_REFUSAL)
 
     async def register_verify(self, user_id: str, credential: dict[str, Any]) -> dict[str, Any]:
         return dict(_REFUSAL)
 
     async def challenge(self, user_id: str | None) -> dict[str, Any]:
+        return dict(_REFUSAL)
+
+    async def list_credentials(self, user_id: str) -> dict[str, Any]:
+        return dict(_REFUSAL)
+
+    async def delete_credential(self, user_id: str, credential_id: str) -> dict[str, Any]:
         return dict(_REFUSAL)
