@@ -135,9 +135,16 @@ def stats_table(snapshot: dict[str, Any]) -> Table:
     return table
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich would exit 1 itself; the CLI answers a closed pipe the same way everywhere.
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def print_stats_table(snapshot: dict[str, Any]) -> None:
-    console = Console()
+    console = _Console()
     if not console.is_terminal:  # piped: no terminal width to fit, keep names whole
-        console = Console(width=160)
+        console = _Console(width=160)
     console.print(stats_table(snapshot))
 
