@@ -239,14 +239,19 @@ def test_up_refuses_a_nats_port_another_program_holds() -> None:
     assert f"--port {port + 1}" in result.stderr and "Traceback" not in result.stderr
 
 
+def _make_n(*args: str) -> subprocess.CompletedProcess[str]:
+    # Not as a sub-make of `make test`: no inherited flags, no "Entering directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    return subprocess.run(["make", "--no-print-directory", "-n", "-o", "install", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=30, env=env)
+
+
 def test_make_run_passes_port_and_args() -> None:
-    dry = subprocess.run(["make", "-n", "-o", "install", "run", "PORT=4223", "ARGS=--join"],
-                         cwd=REPO, capture_output=True, text=True, timeout=30)
+    dry = _make_n("run", "PORT=4223", "ARGS=--join")
     assert dry.returncode == 0, dry.stderr
     assert ".venv/bin/lukhas up --port 4223 --join" in dry.stdout
-    plain = subprocess.run(["make", "-n", "-o", "install", "run"],
-                           cwd=REPO, capture_output=True, text=True, timeout=30)
-    assert plain.stdout.strip().endswith(".venv/bin/lukhas up")
+    plain = _make_n("run")
+    assert plain.stdout.split() == [".venv/bin/lukhas", "up"]
 
 
 def test_up_offline_runs_everything_in_memory_and_exits_0_on_sigterm() -> None:

@@ -104,13 +104,17 @@ def test_ci_run_fails_when_tests_or_gate_fail_and_always_runs_the_gate(
 def test_make_verify_reuses_the_junit_of_make_test_for_this_commit() -> None:
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                          text=True).stdout.strip() or "unversioned"
-    plan = subprocess.run(["make", "-n", "-o", "install", "test", "verify", "REUSE_TESTS=1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=30)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+
+    def make_n(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["make", "--no-print-directory", "-n", "-o", "install", *args],
+                              cwd=REPO, capture_output=True, text=True, timeout=30, env=env)
+
+    plan = make_n("test", "verify", "REUSE_TESTS=1")
     assert plan.returncode == 0, plan.stderr
     assert f"pytest --junitxml=artifacts/{sha}/junit.xml" in plan.stdout
     assert f"lukhas verify --junit artifacts/{sha}/junit.xml" in plan.stdout
-    alone = subprocess.run(["make", "-n", "-o", "install", "verify"], cwd=REPO,
-                           capture_output=True, text=True, timeout=30)
+    alone = make_n("verify")
     assert "--junit" not in alone.stdout  # plain `make verify` runs the suite itself
 
 

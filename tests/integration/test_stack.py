@@ -283,11 +283,16 @@ async def test_demo_uses_the_running_stack_and_says_so(
     from lukhas.config import Settings
     from workers.demo import run_demo
 
-    with running("up", "--port", "0", "--data-dir", str(tmp_path)) as up:
+    # A small handoff budget on both sides, so the demo's burst is rate limited however
+    # slowly a loaded machine sends it.
+    budget = {"LUKHAS_HANDOFF_RATE": "1", "LUKHAS_HANDOFF_BURST": "5"}
+    with running("up", "--port", "0", "--data-dir", str(tmp_path), env=budget) as up:
         url = _up_url(up.stdout[-1])
         lines: list[str] = []
-        ok = await run_demo(Settings(pseudonym_key="demo-test"), nats_url=None,
-                            default_url=url, out=lines.append)
+        ok = await run_demo(
+            Settings(pseudonym_key="demo-test", handoff_rate=1.0, handoff_burst=5),
+            nats_url=None, default_url=url, out=lines.append,
+        )
         table = capsys.readouterr().out
         up.signal(signal.SIGTERM)
         assert up.wait(30) == 0
