@@ -3,6 +3,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# `make run PORT=4223` moves the embedded nats-server; `make run ARGS="--join"` passes more.
+PORT ?=
+ARGS ?=
+# `make test` leaves its JUnit XML with the commit's artifacts; `make verify REUSE_TESTS=1`
+# (what CI runs right after `make test`) takes the test gate from it instead of a second run.
+SHA := $(shell git rev-parse HEAD 2>/dev/null || echo unversioned)
+JUNIT := artifacts/$(SHA)/junit.xml
+REUSE_TESTS ?=
 
 .PHONY: install run test lint verify demo bench soak clean
 
@@ -17,18 +25,19 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 run: install
-	$(BIN)/lukhas up
+	$(BIN)/lukhas up $(if $(PORT),--port $(PORT)) $(ARGS)
 
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/pytest
+	mkdir -p $(dir $(JUNIT))
+	$(BIN)/pytest --junitxml=$(JUNIT)
 
 verify: install
-	$(BIN)/lukhas verify
+	$(BIN)/lukhas verify $(if $(REUSE_TESTS),--junit $(JUNIT)) $(ARGS)
 
 demo: install
-	$(BIN)/lukhas demo
+	$(BIN)/lukhas demo $(ARGS)
 
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[bench]'

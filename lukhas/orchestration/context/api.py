@@ -121,7 +121,10 @@ async def handoff_context(
     return {
         **reply,
         "latency_ms": round((time.perf_counter() - started) * 1000.0, 3),
-        "context_size": len(body),
+        # The plan's meaning: the context's size as `str(ctx)` renders it, 0 when empty.
+        "context_size": len(str(cmd.ctx)) if cmd.ctx else 0,
+        # What was published on the bus: the encoded envelope (ctx, target, trace, ts).
+        "envelope_bytes": len(body),
         "target": cmd.target,
         "subject": subject,
     }

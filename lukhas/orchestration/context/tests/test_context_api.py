@@ -17,12 +17,22 @@ async def test_handoff_context_dryrun() -> None:
     assert out["ok"] is True
     assert out["mode"] == "dryrun"
     assert out["latency_ms"] >= 0
-    assert out["context_size"] == len(delivered.data)
+    assert out["context_size"] == len(str({"foo": "bar"}))  # the plan's len(str(ctx))
+    assert out["envelope_bytes"] == len(delivered.data)
     body = msgspec.json.decode(delivered.data)
     assert body["ctx"] == {"foo": "bar"}
     assert body["trace_id"] == node["provenance"]["trace_id"]
     assert delivered.headers["traceparent"].split("-")[1] == body["trace_id"]
     assert node["type"] == "CONTEXT"
+
+
+async def test_empty_context_has_size_0_as_the_plan_says() -> None:
+    async with open_test_runtime() as (runtime, _):
+        async with runtime.bus.subscribe("lukhas.context.default") as target:
+            out = await handoff_context({})
+            delivered = await target.next(timeout=5)
+    assert out["context_size"] == 0
+    assert out["envelope_bytes"] == len(delivered.data) > 0
 
 
 async def test_handoff_to_named_target() -> None:
