@@ -299,7 +299,9 @@ def root_from_inclusion_proof(
     return r
 
 
-def verify_inclusion(index: int, size: int, leaf: bytes, proof: Sequence[bytes], root: bytes) -> None:
+def verify_inclusion(
+    index: int, size: int, leaf: bytes, proof: Sequence[bytes], root: bytes
+) -> None:
     """Check that `leaf` (a leaf hash) is leaf `index` of the tree of `size` with this `root`.
 
     Raises:
