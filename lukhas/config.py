@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from lukhas.errors import ConfigError
@@ -144,6 +144,7 @@ KNOWN_VARIABLES: tuple[str, ...] = (
     "LUKHAS_METRICS_ADDR",
     "LUKHAS_DATA_DIR",
     "LUKHAS_LEDGER_REPLICAS",
+    "LUKHAS_LEDGER_SIGNING_KEY",
     "LUKHAS_LOG_LEVEL",
     # SLO burn-rate alert windows (seconds) and the error-budget period.
     "LUKHAS_SLO_PAGE_LONG_S",
@@ -204,6 +205,8 @@ class Settings:
     metrics_addr: str = "127.0.0.1"
     data_dir: str = ".lukhas"
     ledger_replicas: int = 1
+    #: The ledger's signed-note signer key (secret; validated, never printed).
+    ledger_signing_key: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
     slo_page_long_s: float = 3600.0
     slo_page_short_s: float = 300.0
@@ -239,6 +242,11 @@ class Settings:
                 "anyone can forge)",
             )
         pseudonym_keys = _pseudonym_keys(env, dry_run=dry_run)
+        signing_key = _text(env, "LUKHAS_LEDGER_SIGNING_KEY")
+        if signing_key is not None:
+            from lukhas.transparency.keys import parse_signing_key  # cryptography only when set
+
+            parse_signing_key(signing_key, dry_run=dry_run)
         port = _number(env, "LUKHAS_METRICS_PORT", 9464, int, minimum=0)
         if port > 65535:
             raise ConfigError("LUKHAS_METRICS_PORT", str(port), "a port from 0 to 65535")
@@ -305,6 +313,7 @@ class Settings:
             metrics_addr=_text(env, "LUKHAS_METRICS_ADDR") or "127.0.0.1",
             data_dir=_text(env, "LUKHAS_DATA_DIR") or ".lukhas",
             ledger_replicas=replicas,
+            ledger_signing_key=signing_key,
             log_level=log_level,
             **_slo_windows(env),
         )
