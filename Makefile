@@ -12,7 +12,7 @@ SHA := $(shell git rev-parse HEAD 2>/dev/null || echo unversioned)
 JUNIT := artifacts/$(SHA)/junit.xml
 REUSE_TESTS ?=
 
-.PHONY: install run test lint verify demo bench soak clean
+.PHONY: install tools run test lint verify demo bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# System tools some tests drive (promtool); CI installs them, elsewhere those tests skip.
+tools:
+	deploy/install-test-tools.sh
 
 run: install
 	$(BIN)/lukhas up $(if $(PORT),--port $(PORT)) $(ARGS)

@@ -21,6 +21,7 @@ from lukhas import __version__
 from lukhas.config import Settings
 from lukhas.errors import ConfigError
 from lukhas.subjects import OBSERVABILITY_STATS
+from lukhas.transparency import cli as consent_cli
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_PORT = 4222
@@ -308,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds per measurement (default 5)")
     bench.add_argument("--quick", action="store_true", help="short runs, for smoke tests")
     bench.set_defaults(func=cmd_bench)
+
+    consent_cli.add_parser(commands)
     return parser
 
 

@@ -62,7 +62,7 @@ def test_workflow_runs_what_ci_runs_and_uploads_the_sha_bound_bundle() -> None:
     steps = job["steps"]
     runs = [s["run"].strip() for s in steps if "run" in s]
     ci_make = _make_lines((REPO / ".ci" / "run").read_text())
-    assert ci_make == ["make test", "make verify REUSE_TESTS=1"]
+    assert ci_make == ["make tools", "make test", "make verify REUSE_TESTS=1"]
     assert [r for r in runs if r != "make install"] == ci_make
     assert "make install" in runs
     [upload] = [s for s in steps if str(s.get("uses", "")).startswith("actions/upload-artifact")]
@@ -97,7 +97,7 @@ def test_ci_run_fails_when_tests_or_gate_fail_and_always_runs_the_gate(
     result = subprocess.run(["bash", str(ci / "run")], env=_fake_make(tmp_path, failing),
                             capture_output=True, text=True, timeout=30)
     calls = (tmp_path / "make.log").read_text().splitlines()
-    assert calls == ["test", "verify REUSE_TESTS=1"]
+    assert calls == ["tools", "test", "verify REUSE_TESTS=1"]
     assert (result.returncode != 0) == (failing != "none")
 
 
