@@ -7,7 +7,6 @@ import pytest
 from lukhas.cli import build_parser
 from lukhas.config import Settings
 from lukhas.errors import ConfigError
-from lukhas.transparency import cli as consent_cli
 from lukhas.transparency.errors import InvalidSignature, MalformedRecord
 from lukhas.transparency.keys import ledger_signer
 from lukhas.transparency.note import Signer
@@ -70,10 +69,7 @@ def test_missing_key_with_the_ledger_on() -> None:
 
 
 def _parser():
-    parser = build_parser()
-    commands = next(a for a in parser._actions if a.dest == "command")
-    consent_cli.add_parser(commands)
-    return parser
+    return build_parser()  # `lukhas consent ...` is part of the command line
 
 
 def test_cli_vkey_keygen_and_verify_proof(tmp_path, capsys) -> None:
