@@ -11,6 +11,7 @@ import pytest
 from nats.js.errors import APIError
 
 from candidate.governance.consent_ledger import _chain, _state
+from candidate.governance.consent_ledger.errors import LedgerCorrupt
 from candidate.governance.consent_ledger.jetstream_ledger import (
     JetStreamConsentLedger,
     LedgerOptions,
@@ -194,6 +195,15 @@ async def test_a_tampered_record_is_detected(
         assert [r["seq"] for r in history["records"]] == [
             first["seq"], second["seq"], forged.seq, after["seq"]
         ]
+
+        # `status` answers from the scope's latest record: one that is not a valid record of
+        # this subject and scope is a clear error, never an answer.
+        if kind == "relinked":  # a copy of a genuine grant: its own fields check out
+            assert (await consent_status(uid, "drive.read"))["status"] == "granted"
+        else:
+            with pytest.raises(LedgerCorrupt) as caught:
+                await consent_status(uid, "drive.read")
+            assert caught.value.code == "ledger_corrupt" and caught.value.seq == forged.seq
 
 
 async def test_concurrent_writers_keep_one_chain(nats_url: str, names: Names) -> None:
