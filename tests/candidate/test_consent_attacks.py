@@ -39,7 +39,6 @@ from candidate.governance.consent_ledger.jetstream_ledger import (
 from lukhas import subjects
 from lukhas.governance.consent_ledger import registry as consent_registry
 from lukhas.governance.consent_ledger.api import (
-    consent_history,
     consent_status,
     record_consent,
     revoke_consent,
