@@ -74,3 +74,26 @@ class BusConnectError(BusError):
         super().__init__(f"cannot connect to NATS at {url}: {cause}")
         self.url = url
         self.cause = cause
+
+
+class PermissionDenied(BusError):
+    """The NATS server refused this user an operation on a subject (a permissions violation).
+
+    Raised by `subscribe` (the server refused the subscription), `request` (it refused the
+    publish, or the subscription to this connection's inbox prefix) and `flush` (it refused
+    a publish made on this connection before the flush). The in-memory bus has no users
+    and never raises it.
+    """
+
+    def __init__(self, operation: str, subject: str, *, queue: str | None = None) -> None:
+        target = f"{subject!r} (queue {queue!r})" if queue else repr(subject)
+        hint = ""
+        if operation == "subscribe" and subject.lower().startswith("_inbox"):
+            hint = "; set NATS_INBOX_PREFIX to the inbox prefix this NATS user may read"
+        super().__init__(
+            f"permission denied: this NATS user may not {operation} "
+            f"{'to ' if operation == 'publish' else ''}{target}{hint}"
+        )
+        self.operation = operation
+        self.subject = subject
+        self.queue = queue

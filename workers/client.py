@@ -45,7 +45,7 @@ async def request_json(
 async def ping_service(settings: Settings, timeout: float = 2.0) -> int:
     """How many slice service instances answer `$SRV.PING.<name>` within `timeout`."""
     async with connect(settings) as bus:
-        inbox = f"_INBOX.health.{time.monotonic_ns()}"
+        inbox = bus.new_inbox()  # under NATS_INBOX_PREFIX, which this user may read
         async with bus.subscribe(inbox) as sub:
             await bus.publish(discovery.control_subject("PING", SERVICE_NAME), b"", reply=inbox)
             seen = 0
