@@ -50,13 +50,19 @@ from tests.integration.processes import REPO
 pytestmark = pytest.mark.nats
 
 DEPLOY_CONF = REPO / "deploy" / "nats-server.conf"
-USERS = ("slices", "observability", "client", "planner")
+#: Each user of the config and the environment variable holding its password.
+PASSWORD_VARIABLES: dict[str, str] = dict(
+    re.findall(r"\{user:\s*(\w+),\s*password:\s*\$(\w+)", DEPLOY_CONF.read_text())
+)
+USERS = tuple(PASSWORD_VARIABLES)
 
 
 @dataclass
 class AuthServer:
     server: NatsServer
     passwords: dict[str, str]
+    #: The HTTP monitoring port of the config (`/jsz` shows streams as an operator sees them).
+    monitor_port: int = 0
 
     @property
     def url(self) -> str:
@@ -91,22 +97,30 @@ def generated_config(directory: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthServer]:
-    directory = tmp_path_factory.mktemp("auth-nats")
+    auth = start_deploy_server(tmp_path_factory.mktemp("auth-nats"))
+    try:
+        yield auth
+    finally:
+        auth.server.stop()
+
+
+def start_deploy_server(directory: Path) -> AuthServer:
+    """A nats-server running deploy/nats-server.conf, every user with a random password."""
     # Letters and digits, starting with a letter: nats-server parses an environment value as
     # a config value, so e.g. "1kb..." would be read as a size (see the config's comment).
     passwords = {user: "pw" + secrets.token_hex(16) for user in USERS}
     # JetStream comes from the file's `jetstream {}` block (with the temporary store_dir);
     # the launcher's own -js/-sd would clash with it.
-    server = NatsServer(config_file=generated_config(directory), jetstream=False)
+    config = generated_config(directory)
+    monitor = re.search(r"http_port:\s*(\d+)", config.read_text())
+    assert monitor is not None
+    server = NatsServer(config_file=config, jetstream=False)
     # nats-server resolves $SLICES_PASSWORD etc. from its environment, as in compose.yaml.
     with pytest.MonkeyPatch.context() as mp:
         for user, password in passwords.items():
-            mp.setenv(f"{user.upper()}_PASSWORD", password)
+            mp.setenv(PASSWORD_VARIABLES[user], password)
         server.start()
-    try:
-        yield AuthServer(server, passwords)
-    finally:
-        server.stop()
+    return AuthServer(server, passwords, int(monitor.group(1)))
 
 
 @dataclass
