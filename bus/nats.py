@@ -656,39 +656,49 @@ class NatsBus:
                     sub._dropped if sub is not None else 1,
                 )
             return
-        if self._connected_once:
-            self._note_violation(str(exc))
+        if self._connected_once and self._note_violation(str(exc)):
+            # Raised to the caller that made the refused subscription or request.
+            logger.debug("NATS error: %s", _describe(exc))
+            return
         if not self._connected_once:
             self._connect_errors.append(exc)
             logger.debug("connect attempt to %s failed: %s", _redact(self.url), _describe(exc))
         elif self._error_log.allow(type(exc)):
             logger.warning("NATS error: %s", _describe(exc))
 
-    def _note_violation(self, text: str) -> None:
-        """Fail whatever the server's permissions violation refused (see PermissionDenied)."""
+    def _note_violation(self, text: str) -> bool:
+        """Fail whatever the server's permissions violation refused (see PermissionDenied).
+
+        Returns whether a subscription or request in this process was handed the error
+        (publishes are reported by the next `flush`, and logged).
+        """
         found = _VIOLATION.search(text)
         if found is None:
-            return
+            return False
         kind, subject, queue = found.group(1), found.group(2), found.group(3) or None
+        handed = False
         if kind == "subscription":
             for sub in list(self._subs.values()):
                 if sub.subject.lower() == subject and (sub.queue or None) == queue:
                     sub._denied = PermissionDenied("subscribe", sub.subject, queue=sub.queue)
                     sub._wake()
+                    handed = True
             if subject.startswith(bytes(self._client._inbox_prefix).decode().lower() + "."):
                 # nats-py's request inbox (`<prefix>.<id>.*`): no request can get a reply.
                 self._inbox_denied = PermissionDenied("subscribe", subject)
                 for pending in self._requests.values():
                     pending.denied = self._inbox_denied
                     pending.scope.cancel()
-            return
-        denied = PermissionDenied("publish", subject)
+                    handed = True
+            return handed
         self._publish_refusals += 1
-        self._last_publish_refusal = denied
+        self._last_publish_refusal = PermissionDenied("publish", subject)
         for pending in self._requests.values():
             if pending.subject.lower() == subject:
                 pending.denied = PermissionDenied("publish", pending.subject)
                 pending.scope.cancel()
+                handed = True
+        return handed
 
     async def _on_disconnected(self) -> None:
         if not self._closing and self._connected_once:
