@@ -97,3 +97,17 @@ class PermissionDenied(BusError):
         self.operation = operation
         self.subject = subject
         self.queue = queue
+
+
+class StreamWeakened(BusError):
+    """An existing JetStream stream lacks a protection its users rely on (e.g. its
+    retention, max age or deny_delete/deny_purge were changed), so it is not used."""
+
+    def __init__(self, stream: str, problems: list[str]) -> None:
+        super().__init__(
+            f"JetStream stream {stream} was weakened and will not be used: "
+            + "; ".join(problems)
+            + " (restore its configuration, or move it aside so it is created again)"
+        )
+        self.stream = stream
+        self.problems = problems

@@ -49,9 +49,12 @@ from bus.errors import (
     PayloadTooLarge,
     PermissionDenied,
     RequestTimeout,
+    StreamWeakened,
 )
 
-__all__ = ["NatsBus", "NatsSubscription", "ensure_stream", "open_nats_bus"]
+__all__ = [
+    "NatsBus", "NatsSubscription", "ensure_stream", "open_nats_bus", "stream_weaknesses",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -864,21 +867,75 @@ async def open_nats_bus(
         await bus.close()
 
 
-async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> tuple[StreamInfo, bool]:
+async def ensure_stream(
+    js: JetStreamContext, config: StreamConfig, *, protect: bool = False, check_age: bool = True
+) -> tuple[StreamInfo, bool]:
     """Create the JetStream stream `config` describes unless it exists.
 
     Safe when several workers race to create it. An existing stream keeps its
     configuration (limits are an operator's decision once set). Returns the stream's
     info and whether this call created it.
+
+    Args:
+        protect: refuse an existing stream that is weaker than `config` (see
+            `stream_weaknesses`; `check_age` as there).
+
+    Raises:
+        StreamWeakened: `protect` is set and the existing stream is weaker.
     """
     assert config.name is not None, "a stream needs a name"
     try:
-        return await js.stream_info(config.name), False
+        info, created = await js.stream_info(config.name), False
     except NotFoundError:
-        pass
-    try:
-        return await js.add_stream(config), True
-    except APIError as exc:
-        if exc.err_code != _STREAM_NAME_IN_USE:
-            raise
-        return await js.stream_info(config.name), False
+        try:
+            info, created = await js.add_stream(config), True
+        except APIError as exc:
+            if exc.err_code != _STREAM_NAME_IN_USE:
+                raise
+            info, created = await js.stream_info(config.name), False
+    if protect and not created:
+        problems = stream_weaknesses(info.config, config, check_age=check_age)
+        if problems:
+            raise StreamWeakened(config.name, problems)
+    return info, created
+
+
+def _unlimited(value: float | int | None) -> bool:
+    return value is None or value <= 0
+
+
+def stream_weaknesses(
+    actual: StreamConfig, wanted: StreamConfig, *, check_age: bool = True
+) -> list[str]:
+    """What the existing stream `actual` gives up of the protections `wanted` asks for.
+
+    Checked: the retention policy; every wanted subject still captured; not turned into a
+    mirror or a stream that sources others; deny_delete and deny_purge kept; discard-new
+    kept (discard-old drops accepted messages when full); and with `check_age`, a max age
+    no shorter than wanted (none when none is wanted). Larger limits are never a weakness.
+    """
+    problems = []
+    if wanted.retention is not None and actual.retention != wanted.retention:
+        problems.append(f"retention is {_name(actual.retention)}, not {_name(wanted.retention)}")
+    missing = [s for s in wanted.subjects or [] if s not in (actual.subjects or [])]
+    if missing:
+        problems.append(f"subjects {actual.subjects} no longer capture {missing}")
+    if actual.mirror is not None or actual.sources:
+        problems.append("it mirrors or sources other streams")
+    for flag in ("deny_delete", "deny_purge"):
+        if getattr(wanted, flag) and not getattr(actual, flag):
+            problems.append(f"{flag} is off")
+    if wanted.discard is not None and _name(wanted.discard) == "new" and (
+        _name(actual.discard) != "new"
+    ):
+        problems.append(f"discard is {_name(actual.discard)}, not new")
+    if check_age and not _unlimited(actual.max_age) and (
+        _unlimited(wanted.max_age) or actual.max_age < wanted.max_age  # type: ignore[operator]
+    ):
+        wanted_age = "none" if _unlimited(wanted.max_age) else f"{wanted.max_age:g}s"
+        problems.append(f"max_age is {actual.max_age:g}s, wanted {wanted_age}")
+    return problems
+
+
+def _name(value: object) -> str:
+    return str(getattr(value, "value", value)).lower()
