@@ -25,7 +25,7 @@ import secrets
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +98,24 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
                 proc.proc.terminate()
             proc.wait(30)
         auth.server.stop()
+
+
+async def _all_time_out(attempts: Iterable[Awaitable[Any]]) -> None:
+    """Await every attempt at once; each must time out (refused: JetStream never hears it)."""
+    outcomes: list[BaseException | None] = []
+
+    async def one(attempt: Awaitable[Any]) -> None:
+        try:
+            await attempt
+        except (nats.errors.TimeoutError, APIError) as exc:
+            outcomes.append(exc)
+        else:
+            outcomes.append(None)
+
+    async with anyio.create_task_group() as tg:
+        for attempt in attempts:
+            tg.start_soon(one, attempt)
+    assert all(isinstance(o, nats.errors.TimeoutError) for o in outcomes), outcomes
 
 
 def _refusals(lines: list[str]) -> list[str]:
@@ -236,7 +254,10 @@ async def test_jetstream_api_refuses_weakening_and_new_streams(
         )),
         "$js.api.stream.delete.consent_ledger": js.delete_stream(LEDGER),
         "$js.api.stream.purge.consent_ledger": js.purge_stream(LEDGER),
-        "$js.api.stream.msg.delete.consent_ledger": js.delete_msg(LEDGER, 1),
+        # (nats-py's delete_msg ignores the context's timeout, hence the raw request.)
+        "$js.api.stream.msg.delete.consent_ledger": insider.nc.request(
+            f"$JS.API.STREAM.MSG.DELETE.{LEDGER}", b'{"seq":1}', timeout=0.5
+        ),
     }
     if user == "slices":
         attempts["$js.api.consumer.info.matriz.spy"] = js.pull_subscribe(
@@ -245,9 +266,7 @@ async def test_jetstream_api_refuses_weakening_and_new_streams(
     else:
         attempts["$js.api.stream.msg.get.consent_ledger"] = js.get_msg(LEDGER, seq=1)
     try:
-        for attempt in attempts.values():
-            with pytest.raises(nats.errors.TimeoutError):  # refused: JetStream never hears it
-                await attempt
+        await _all_time_out(attempts.values())
         # Squatting a name the worker may create: the stream exists, so nothing changes.
         with pytest.raises((nats.errors.TimeoutError, APIError)):
             await js.add_stream(StreamConfig(name="HANDOFF", subjects=[subjects.CONSENT_RECORD]))
@@ -269,10 +288,8 @@ async def test_client_and_planner_have_no_jetstream_beyond_their_own(deployed: D
         insider = await watched(deployed.auth, user)
         js = insider.nc.jetstream(timeout=0.5)
         try:
-            for attempt in (js.stream_info(LEDGER), js.get_msg(LEDGER, seq=1),
-                            js.stream_info("MATRIZ"), js.key_value("consent_state")):
-                with pytest.raises((nats.errors.TimeoutError, APIError)):
-                    await attempt
+            await _all_time_out([js.stream_info(LEDGER), js.get_msg(LEDGER, seq=1),
+                                 js.stream_info("MATRIZ"), js.key_value("consent_state")])
             await round_trip(insider.nc)
         finally:
             await insider.nc.close()
@@ -313,10 +330,11 @@ async def test_contexts_reach_only_their_targets_consumer(deployed: Deployed) ->
                 for msg in await pull.fetch(10, timeout=2):
                     seen.append(msg.data)
                     await msg.ack()
-        with pytest.raises(nats.errors.TimeoutError):  # every context, not only its own
-            await js.pull_subscribe("lukhas.context.>", durable="wide", stream="HANDOFF")
-        with pytest.raises(nats.errors.TimeoutError):
-            await js.get_msg("HANDOFF", seq=1)
+        refused_js = planner_nc.nc.jetstream(timeout=0.5)
+        await _all_time_out([  # every context, not only its own; a message by sequence
+            refused_js.pull_subscribe("lukhas.context.>", durable="wide", stream="HANDOFF"),
+            refused_js.get_msg("HANDOFF", seq=1),
+        ])
         await round_trip(planner_nc.nc)
     finally:
         await planner_nc.nc.close()
