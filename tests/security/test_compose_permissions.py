@@ -208,13 +208,13 @@ def test_header_examples_work_as_the_user_they_run_as(
 def test_a_worker_user_calling_a_slice_is_a_clear_refusal(
     compose_like: tuple[AuthServer, dict[str, str]],
 ) -> None:
-    """The old header example (`exec slices-1 lukhas request ...`): refused, said so, exit 1."""
+    """The old header example (`exec slices-1 lukhas request ...`): refused, said so, non-zero."""
     auth, variables = compose_like
     result = run_lukhas(
         ["request", subjects.CONSENT_RECORD, '{"user_id":"u1","scope":"gmail.read"}'],
         service_env("slices-1", auth, variables),
     )
-    assert result.returncode == 1, result
+    assert result.returncode != 0, result  # the CLI's error status
     assert result.stderr.startswith("lukhas: permission denied"), result.stderr
     assert subjects.CONSENT_RECORD in result.stderr, result.stderr
 
