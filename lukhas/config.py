@@ -95,6 +95,20 @@ def _slo_windows(env: Mapping[str, str]) -> dict[str, float]:
     return windows
 
 
+def _inbox_prefix(env: Mapping[str, str]) -> str | None:
+    """NATS_INBOX_PREFIX: a literal subject (dot-separated tokens, no wildcards or spaces)."""
+    prefix = _text(env, "NATS_INBOX_PREFIX")
+    if prefix is None:
+        return None
+    tokens = prefix.split(".")
+    if any(not t or any(c in t for c in "*> \t\r\n") for t in tokens):
+        raise ConfigError(
+            "NATS_INBOX_PREFIX", prefix,
+            "a literal subject such as _INBOX_client (dot-separated tokens, no wildcards)",
+        )
+    return prefix
+
+
 #: Where passkey ceremonies may run unless LUKHAS_WEBAUTHN_ORIGINS says otherwise.
 DEFAULT_WEBAUTHN_ORIGINS: tuple[str, ...] = ("http://localhost:8000",)
 
@@ -111,6 +125,7 @@ KNOWN_VARIABLES: tuple[str, ...] = (
     "NATS_TLS_CA",
     "NATS_TLS_CERT",
     "NATS_TLS_KEY",
+    "NATS_INBOX_PREFIX",
     "FEATURE_GOVERNANCE_LEDGER",
     "FEATURE_IDENTITY_PASSKEY",
     "FEATURE_ORCHESTRATION_HANDOFF",
@@ -170,6 +185,9 @@ class Settings:
     nats_tls_ca: str | None = None
     nats_tls_cert: str | None = None
     nats_tls_key: str | None = None
+    #: Reply subjects start with this (nats-py `inbox_prefix`); None means `_INBOX_<user>`
+    #: with NATS_USER set, else `_INBOX` (see `bus.connect.inbox_prefix`).
+    nats_inbox_prefix: str | None = None
     feature_governance_ledger: bool = False
     feature_identity_passkey: bool = False
     feature_orchestration_handoff: bool = False
@@ -262,6 +280,7 @@ class Settings:
             nats_tls_ca=_text(env, "NATS_TLS_CA"),
             nats_tls_cert=_text(env, "NATS_TLS_CERT"),
             nats_tls_key=_text(env, "NATS_TLS_KEY"),
+            nats_inbox_prefix=_inbox_prefix(env),
             feature_governance_ledger=_flag(env, "FEATURE_GOVERNANCE_LEDGER"),
             feature_identity_passkey=_flag(env, "FEATURE_IDENTITY_PASSKEY"),
             feature_orchestration_handoff=_flag(env, "FEATURE_ORCHESTRATION_HANDOFF"),

@@ -59,7 +59,7 @@ async def ping_service(settings: Settings, timeout: float = 2.0) -> PingAnswer |
     timeout (compose gives it 5 s)."""
     started = time.perf_counter()
     async with connect(settings) as bus:
-        inbox = f"_INBOX.health.{time.monotonic_ns()}"
+        inbox = bus.new_inbox()  # under NATS_INBOX_PREFIX, which this user may read
         async with bus.subscribe(inbox) as sub:
             await bus.publish(discovery.control_subject("PING", SERVICE_NAME), b"", reply=inbox)
             with anyio.move_on_after(timeout):
