@@ -127,6 +127,9 @@ class Bus(Protocol):
         """Subscribe to `subject` (`*` and `>` wildcards allowed), optionally in a queue group.
 
         The subscription is live on the server when the context manager has entered.
+
+        Raises:
+            PermissionDenied: (NATS) the server refused the subscription.
         """
         ...
 
@@ -144,11 +147,21 @@ class Bus(Protocol):
             NoResponders: nobody is subscribed to `subject`.
             RequestTimeout: no reply within `timeout` seconds.
             BusClosed: the bus is closed.
+            PermissionDenied: (NATS) the server refused the request or its inbox.
         """
         ...
 
     async def flush(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
-        """Wait until everything published so far has reached the server."""
+        """Wait until everything published so far has reached the server.
+
+        Raises:
+            PermissionDenied: (NATS) the server refused a publish made before the flush.
+        """
+        ...
+
+    def new_inbox(self) -> str:
+        """A fresh reply subject under this connection's inbox prefix (for hand-made
+        request patterns such as discovery pings, which gather several replies)."""
         ...
 
     async def drain(self) -> None:

@@ -11,7 +11,10 @@ from bus.errors import BusConnectError
 from bus.memory import open_memory_bus
 from bus.nats import open_nats_bus
 
-__all__ = ["BusSettings", "choose_backend", "connect"]
+__all__ = ["BusSettings", "choose_backend", "connect", "inbox_prefix"]
+
+#: nats-py's own inbox prefix, used when neither NATS_INBOX_PREFIX nor NATS_USER is set.
+DEFAULT_INBOX_PREFIX = "_INBOX"
 
 
 class BusSettings(Protocol):
@@ -39,6 +42,24 @@ class BusSettings(Protocol):
     def nats_tls_cert(self) -> str | None: ...
     @property
     def nats_tls_key(self) -> str | None: ...
+    @property
+    def nats_inbox_prefix(self) -> str | None: ...
+
+
+def inbox_prefix(settings: BusSettings) -> str:
+    """The inbox prefix this connection's replies use: NATS_INBOX_PREFIX if set, else
+    `_INBOX_<NATS_USER>` (characters a subject token cannot hold become `_`), else `_INBOX`.
+
+    deploy/nats-server.conf lets each user read only `_INBOX_<user>.>`, so the default
+    follows the credentials: the same command works as whichever user runs it.
+    """
+    if settings.nats_inbox_prefix:
+        return settings.nats_inbox_prefix
+    if settings.nats_user:
+        return "_INBOX_" + "".join(
+            c if c.isascii() and (c.isalnum() or c in "_-") else "_" for c in settings.nats_user
+        )
+    return DEFAULT_INBOX_PREFIX
 
 
 def choose_backend(settings: BusSettings) -> Literal["memory", "nats"]:
@@ -81,5 +102,6 @@ async def connect(settings: BusSettings, *, name: str | None = None) -> AsyncIte
         tls_ca=settings.nats_tls_ca,
         tls_cert=settings.nats_tls_cert,
         tls_key=settings.nats_tls_key,
+        inbox_prefix=inbox_prefix(settings),
     ) as bus:
         yield bus

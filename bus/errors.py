@@ -74,3 +74,40 @@ class BusConnectError(BusError):
         super().__init__(f"cannot connect to NATS at {url}: {cause}")
         self.url = url
         self.cause = cause
+
+
+class PermissionDenied(BusError):
+    """The NATS server refused this user an operation on a subject (a permissions violation).
+
+    Raised by `subscribe` (the server refused the subscription), `request` (it refused the
+    publish, or the subscription to this connection's inbox prefix) and `flush` (it refused
+    a publish made on this connection before the flush). The in-memory bus has no users
+    and never raises it.
+    """
+
+    def __init__(self, operation: str, subject: str, *, queue: str | None = None) -> None:
+        target = f"{subject!r} (queue {queue!r})" if queue else repr(subject)
+        hint = ""
+        if operation == "subscribe" and subject.lower().startswith("_inbox"):
+            hint = "; set NATS_INBOX_PREFIX to the inbox prefix this NATS user may read"
+        super().__init__(
+            f"permission denied: this NATS user may not {operation} "
+            f"{'to ' if operation == 'publish' else ''}{target}{hint}"
+        )
+        self.operation = operation
+        self.subject = subject
+        self.queue = queue
+
+
+class StreamWeakened(BusError):
+    """An existing JetStream stream lacks a protection its users rely on (e.g. its
+    retention, max age or deny_delete/deny_purge were changed), so it is not used."""
+
+    def __init__(self, stream: str, problems: list[str]) -> None:
+        super().__init__(
+            f"JetStream stream {stream} was weakened and will not be used: "
+            + "; ".join(problems)
+            + " (restore its configuration, or move it aside so it is created again)"
+        )
+        self.stream = stream
+        self.problems = problems

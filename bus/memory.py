@@ -270,7 +270,7 @@ class MemoryBus:
             # What nats-server answers at once (a 503 status) when interest is missing.
             await checkpoint()
             raise NoResponders(subject)
-        inbox = INBOX_PREFIX + secrets.token_hex(11)
+        inbox = self.new_inbox()
         send, receive = anyio.create_memory_object_stream[Envelope](1)
         self._inboxes[inbox] = send
         try:
@@ -284,6 +284,10 @@ class MemoryBus:
                 raise RequestTimeout(subject, timeout)
         finally:
             self._inboxes.pop(inbox, None)
+
+    def new_inbox(self) -> str:
+        """A fresh `_INBOX.` reply subject (the memory bus has no users or permissions)."""
+        return INBOX_PREFIX + secrets.token_hex(11)
 
     async def flush(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
         """Return once everything published so far is delivered (always true here).

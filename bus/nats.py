@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -46,10 +47,14 @@ from bus.errors import (
     InvalidSubject,
     NoResponders,
     PayloadTooLarge,
+    PermissionDenied,
     RequestTimeout,
+    StreamWeakened,
 )
 
-__all__ = ["NatsBus", "NatsSubscription", "ensure_stream", "open_nats_bus"]
+__all__ = [
+    "NatsBus", "NatsSubscription", "ensure_stream", "open_nats_bus", "stream_weaknesses",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +74,23 @@ _CLOSE_TIMEOUT = 2.0
 _STREAM_NAME_IN_USE = 10058
 
 _Phase = Literal["active", "draining", "drained", "closed"]
+
+# nats-py hands the server's `-ERR 'Permissions Violation for Publish to "x"'` (or
+# `... for Subscription to "x" using queue "q"`) to error_cb, lower-cased.
+_VIOLATION = re.compile(
+    r'permissions violation for (publish|subscription) to "([^"]*)"(?: using queue "([^"]*)")?'
+)
+
+
+class _PendingRequest:
+    """A request in flight: `_on_error` cancels it when the server refuses its publish."""
+
+    __slots__ = ("denied", "scope", "subject")
+
+    def __init__(self, subject: str, scope: anyio.CancelScope) -> None:
+        self.subject = subject
+        self.scope = scope
+        self.denied: PermissionDenied | None = None
 
 
 @contextmanager
@@ -119,6 +141,8 @@ class NatsSubscription(ConsumedSubscription):
         # Cancel scopes of consumers blocked in `next_msg`, so a phase change can wake them.
         self._waiters: set[anyio.CancelScope] = set()
         self._drained = anyio.Event()
+        #: Set when the server refused this subscription; iteration raises it.
+        self._denied: PermissionDenied | None = None
 
     def __repr__(self) -> str:
         return f"<NatsSubscription {self.subject!r} queue={self.queue!r} {self._phase}>"
@@ -191,6 +215,8 @@ class NatsSubscription(ConsumedSubscription):
     async def _receive(self) -> Msg | None:
         """Take the next message, or None once the subscription has ended."""
         while True:
+            if self._denied is not None:
+                raise self._denied
             if self._phase == "closed":
                 return None
             if self._moved:
@@ -287,7 +313,13 @@ class NatsBus:
         self._subs: dict[RawSubscription, NatsSubscription] = {}
         # Requests in flight: `close()` cancels them so they fail with BusClosed at once
         # (as on the memory bus) instead of waiting out their timeout.
-        self._requests: set[anyio.CancelScope] = set()
+        self._requests: dict[anyio.CancelScope, _PendingRequest] = {}
+        # Set when the server refused the subscription to this connection's inbox prefix:
+        # nats-py subscribes it once, so every request would otherwise wait out its timeout.
+        self._inbox_denied: PermissionDenied | None = None
+        # Publishes the server refused so far, and the last one (what `flush` reports).
+        self._publish_refusals = 0
+        self._last_publish_refusal: PermissionDenied | None = None
         self._connected_once = False
         self._closing = False
         self._draining = False
@@ -314,6 +346,10 @@ class NatsBus:
     @property
     def is_closed(self) -> bool:
         return self._closing or self._client.is_closed
+
+    def new_inbox(self) -> str:
+        """A fresh reply subject under this connection's inbox prefix (NATS_INBOX_PREFIX)."""
+        return self._client.new_inbox()
 
     async def publish(
         self, subject: str, data: bytes, *, headers: Headers | None = None, reply: str | None = None
@@ -418,6 +454,8 @@ class NatsBus:
         try:
             with _translated(subject):
                 await self._round_trip()  # the SUB has reached the server
+            if sub._denied is not None:  # the server's -ERR arrives before its PONG
+                raise sub._denied
             yield sub
         finally:
             with anyio.CancelScope(shield=True):
@@ -434,28 +472,38 @@ class NatsBus:
     ) -> Envelope:
         """Send a request and wait for the first reply.
 
+        A refusal by the server fails the request at once (never a wait for the timeout).
+
         Raises:
             NoResponders: nobody is subscribed to `subject`.
             RequestTimeout: no reply within `timeout` seconds.
             BusClosed: the bus is closed or draining.
             InvalidSubject: the subject is malformed.
+            PermissionDenied: this user may not publish to `subject`, or may not subscribe
+                to its own inbox prefix (NATS_INBOX_PREFIX does not match the server's
+                permissions).
         """
         self._check_accepting()
         validate_subject(subject)
         self._check_payload(data)
+        if self._inbox_denied is not None:
+            raise self._inbox_denied
         wire_headers = normalize_headers(headers) or None
         self._published += 1
         scope = anyio.CancelScope()
-        self._requests.add(scope)
+        pending = _PendingRequest(subject, scope)
+        self._requests[scope] = pending
         try:
             with scope, _translated(subject, timeout):
-                # nats-py multiplexes replies over one `_INBOX.<id>.*` subscription.
+                # nats-py multiplexes replies over one `<inbox prefix>.<id>.*` subscription.
                 msg = await self._client.request(
                     subject, data, timeout=timeout, headers=wire_headers
                 )
                 return _envelope(msg)
         finally:
-            self._requests.discard(scope)
+            del self._requests[scope]
+        if pending.denied is not None:
+            raise pending.denied
         raise BusClosed()  # only reached when `close()` cancelled the scope
 
     async def flush(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
@@ -464,10 +512,15 @@ class NatsBus:
         Raises:
             BusClosed: the bus is closed.
             RequestTimeout: no PONG within `timeout` seconds.
+            PermissionDenied: the server refused a publish made on this connection since
+                the previous flush (its -ERR arrives before the PONG).
         """
         self._check_open()
+        refusals = self._publish_refusals
         with anyio.move_on_after(timeout) as scope, _translated("flush", timeout):
             await self._round_trip()
+        if self._publish_refusals != refusals and self._last_publish_refusal is not None:
+            raise self._last_publish_refusal
         if scope.cancelled_caught:
             raise RequestTimeout("flush", timeout)
 
@@ -509,7 +562,7 @@ class NatsBus:
     async def close(self) -> None:
         """Close at once; buffered messages are discarded and iterations end."""
         self._closing = True
-        for scope in self._requests:
+        for scope in list(self._requests):
             scope.cancel()
         with anyio.CancelScope(shield=True):
             for sub in list(self._subs.values()):
@@ -606,11 +659,49 @@ class NatsBus:
                     sub._dropped if sub is not None else 1,
                 )
             return
+        if self._connected_once and self._note_violation(str(exc)):
+            # Raised to the caller that made the refused subscription or request.
+            logger.debug("NATS error: %s", _describe(exc))
+            return
         if not self._connected_once:
             self._connect_errors.append(exc)
             logger.debug("connect attempt to %s failed: %s", _redact(self.url), _describe(exc))
         elif self._error_log.allow(type(exc)):
             logger.warning("NATS error: %s", _describe(exc))
+
+    def _note_violation(self, text: str) -> bool:
+        """Fail whatever the server's permissions violation refused (see PermissionDenied).
+
+        Returns whether a subscription or request in this process was handed the error
+        (publishes are reported by the next `flush`, and logged).
+        """
+        found = _VIOLATION.search(text)
+        if found is None:
+            return False
+        kind, subject, queue = found.group(1), found.group(2), found.group(3) or None
+        handed = False
+        if kind == "subscription":
+            for sub in list(self._subs.values()):
+                if sub.subject.lower() == subject and (sub.queue or None) == queue:
+                    sub._denied = PermissionDenied("subscribe", sub.subject, queue=sub.queue)
+                    sub._wake()
+                    handed = True
+            if subject.startswith(bytes(self._client._inbox_prefix).decode().lower() + "."):
+                # nats-py's request inbox (`<prefix>.<id>.*`): no request can get a reply.
+                self._inbox_denied = PermissionDenied("subscribe", subject)
+                for pending in self._requests.values():
+                    pending.denied = self._inbox_denied
+                    pending.scope.cancel()
+                    handed = True
+            return handed
+        self._publish_refusals += 1
+        self._last_publish_refusal = PermissionDenied("publish", subject)
+        for pending in self._requests.values():
+            if pending.subject.lower() == subject:
+                pending.denied = PermissionDenied("publish", pending.subject)
+                pending.scope.cancel()
+                handed = True
+        return handed
 
     async def _on_disconnected(self) -> None:
         if not self._closing and self._connected_once:
@@ -710,6 +801,7 @@ async def open_nats_bus(
     tls_ca: str | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    inbox_prefix: str | None = None,
     connect_timeout: float = 2.0,
     max_reconnect_attempts: int = -1,
     reconnect_wait: float = 2.0,
@@ -725,6 +817,9 @@ async def open_nats_bus(
         creds: path to a `.creds` file (JWT + nkey seed).
         nkey_seed: an nkey seed (`SU...`) or the path of a file holding one.
         tls_ca, tls_cert, tls_key: PEM files for server verification and client auth.
+        inbox_prefix: where replies to this connection's requests (and its JetStream
+            deliveries) go; nats-py's `_INBOX` unless given. With per-user permissions
+            each user may read only its own prefix.
         connect_timeout: seconds allowed for each connection attempt.
         max_reconnect_attempts: after a lost connection, tries per server before the
             bus closes for good; -1 retries forever, 0 does not reconnect.
@@ -755,6 +850,8 @@ async def open_nats_bus(
     }
     if tls is not None:
         options["tls"] = tls
+    if inbox_prefix:
+        options["inbox_prefix"] = inbox_prefix
     if creds:
         options["user_credentials"] = creds
     if nkey_seed:
@@ -770,21 +867,75 @@ async def open_nats_bus(
         await bus.close()
 
 
-async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> tuple[StreamInfo, bool]:
+async def ensure_stream(
+    js: JetStreamContext, config: StreamConfig, *, protect: bool = False, check_age: bool = True
+) -> tuple[StreamInfo, bool]:
     """Create the JetStream stream `config` describes unless it exists.
 
     Safe when several workers race to create it. An existing stream keeps its
     configuration (limits are an operator's decision once set). Returns the stream's
     info and whether this call created it.
+
+    Args:
+        protect: refuse an existing stream that is weaker than `config` (see
+            `stream_weaknesses`; `check_age` as there).
+
+    Raises:
+        StreamWeakened: `protect` is set and the existing stream is weaker.
     """
     assert config.name is not None, "a stream needs a name"
     try:
-        return await js.stream_info(config.name), False
+        info, created = await js.stream_info(config.name), False
     except NotFoundError:
-        pass
-    try:
-        return await js.add_stream(config), True
-    except APIError as exc:
-        if exc.err_code != _STREAM_NAME_IN_USE:
-            raise
-        return await js.stream_info(config.name), False
+        try:
+            info, created = await js.add_stream(config), True
+        except APIError as exc:
+            if exc.err_code != _STREAM_NAME_IN_USE:
+                raise
+            info, created = await js.stream_info(config.name), False
+    if protect and not created:
+        problems = stream_weaknesses(info.config, config, check_age=check_age)
+        if problems:
+            raise StreamWeakened(config.name, problems)
+    return info, created
+
+
+def _unlimited(value: float | int | None) -> bool:
+    return value is None or value <= 0
+
+
+def stream_weaknesses(
+    actual: StreamConfig, wanted: StreamConfig, *, check_age: bool = True
+) -> list[str]:
+    """What the existing stream `actual` gives up of the protections `wanted` asks for.
+
+    Checked: the retention policy; every wanted subject still captured; not turned into a
+    mirror or a stream that sources others; deny_delete and deny_purge kept; discard-new
+    kept (discard-old drops accepted messages when full); and with `check_age`, a max age
+    no shorter than wanted (none when none is wanted). Larger limits are never a weakness.
+    """
+    problems = []
+    if wanted.retention is not None and actual.retention != wanted.retention:
+        problems.append(f"retention is {_name(actual.retention)}, not {_name(wanted.retention)}")
+    missing = [s for s in wanted.subjects or [] if s not in (actual.subjects or [])]
+    if missing:
+        problems.append(f"subjects {actual.subjects} no longer capture {missing}")
+    if actual.mirror is not None or actual.sources:
+        problems.append("it mirrors or sources other streams")
+    for flag in ("deny_delete", "deny_purge"):
+        if getattr(wanted, flag) and not getattr(actual, flag):
+            problems.append(f"{flag} is off")
+    if wanted.discard is not None and _name(wanted.discard) == "new" and (
+        _name(actual.discard) != "new"
+    ):
+        problems.append(f"discard is {_name(actual.discard)}, not new")
+    if check_age and not _unlimited(actual.max_age) and (
+        _unlimited(wanted.max_age) or actual.max_age < wanted.max_age  # type: ignore[operator]
+    ):
+        wanted_age = "none" if _unlimited(wanted.max_age) else f"{wanted.max_age:g}s"
+        problems.append(f"max_age is {actual.max_age:g}s, wanted {wanted_age}")
+    return problems
+
+
+def _name(value: object) -> str:
+    return str(getattr(value, "value", value)).lower()

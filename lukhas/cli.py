@@ -7,10 +7,13 @@ them, so `lukhas --help` and the client commands start fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import anyio
 
@@ -18,6 +21,7 @@ from lukhas import __version__
 from lukhas.config import Settings
 from lukhas.errors import ConfigError
 from lukhas.subjects import OBSERVABILITY_STATS
+from lukhas.transparency import cli as consent_cli
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_PORT = 4222
@@ -27,8 +31,22 @@ environment: LUKHAS_DRY_RUN_MODE, LUKHAS_OFFLINE, NATS_URL, FEATURE_* flags and 
 README.md. Examples:
   lukhas up                                  # embedded nats-server + slices + observability
   lukhas request lukhas.governance.consent.record '{"user_id":"u1","scope":"gmail.read"}'
+  echo '{"ctx":{"k":"v"}}' | lukhas request lukhas.orchestration.context.handoff -
   lukhas matriz tail 'matriz.CONSENT.>'
+exit status: 0 done; 1 the service answered ok:false (health: none answered); 2 could not
+do it (usage, configuration, connection, timeout, permission), message on stderr.
 """
+
+#: Exit statuses (see EPILOG).
+EXIT_FAILED_REPLY = 1
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+#: What a shell reports for a process killed by SIGPIPE (`lukhas matriz stats | head`).
+EXIT_BROKEN_PIPE = 141
+
+
+class CliError(Exception):
+    """The command cannot run as asked; `main` prints `lukhas: <message>` and exits 2."""
 
 
 def _print(line: str) -> None:
@@ -40,19 +58,62 @@ def _client_url(args: argparse.Namespace, settings: Settings) -> str:
 
 
 def _client_settings(args: argparse.Namespace, settings: Settings) -> Settings:
+    """Settings for a command that talks to a running stack over NATS.
+
+    Raises:
+        CliError: LUKHAS_OFFLINE is on, which forbids any network connection.
+    """
     from dataclasses import replace
 
+    if settings.offline:
+        raise CliError(
+            f"LUKHAS_OFFLINE=true forbids network connections, and `lukhas {args.command}` "
+            "talks to a running stack over NATS. Unset LUKHAS_OFFLINE, or stay in one process "
+            "(`LUKHAS_OFFLINE=true lukhas demo`, or the Python API: see README)"
+        )
     return replace(settings, nats_url=_client_url(args, settings), dry_run=False, offline=False)
 
 
+def _read_body(text: str) -> object:
+    """The request body: JSON text, `-` for standard input, or `@path` for a file.
+
+    Raises:
+        CliError: the file cannot be read or the body is not JSON.
+    """
+    where = "the request body"
+    if text == "-":
+        where = "standard input"
+        text = sys.stdin.read()
+    elif text.startswith("@"):
+        where = text[1:]
+        try:
+            text = Path(where).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CliError(f"cannot read the request body from {where}: {exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{where} is not JSON: {exc}") from None
+
+
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from dataclasses import replace
+
     from workers.stack import run_up
 
     port = DEFAULT_PORT if args.port is None else args.port
+    metrics_port = args.metrics_port
+    if args.join:
+        if settings.offline:
+            raise CliError("--join needs the network, and LUKHAS_OFFLINE=true forbids it")
+        if settings.nats_url is None:
+            settings = replace(settings, nats_url=f"nats://127.0.0.1:{port}")
+        # The joined stack already aggregates MATRIZ (one durable consumer) and serves
+        # /metrics: a joiner adds slice capacity only.
     anyio.run(
         lambda: run_up(
             settings, ready=_print, port=port, data_dir=args.data_dir,
-            metrics_port=args.metrics_port,
+            metrics_port=metrics_port, observability=not args.join,
         ),
         backend="asyncio",
     )
@@ -71,17 +132,13 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
     from workers.client import request_json
 
-    try:
-        body = json.loads(args.body)
-    except json.JSONDecodeError as exc:
-        _print(f"error: the request body is not JSON: {exc}")
-        return 2
+    body = _read_body(args.body)
+    client = _client_settings(args, settings)
     reply = anyio.run(
-        lambda: request_json(_client_settings(args, settings), args.subject, body, args.timeout),
-        backend="asyncio",
+        lambda: request_json(client, args.subject, body, args.timeout), backend="asyncio",
     )
     _print(json.dumps(reply, indent=2 if args.pretty else None))
-    return 0 if reply.get("ok", True) is not False else 1
+    return 0 if reply.get("ok", True) is not False else EXIT_FAILED_REPLY
 
 
 def cmd_matriz(args: argparse.Namespace, settings: Settings) -> int:
@@ -108,20 +165,26 @@ def cmd_matriz(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     from workers.client import ping_service
 
-    count = anyio.run(
-        lambda: ping_service(_client_settings(args, settings), args.timeout), backend="asyncio"
-    )
-    _print(f"{count} slice service instance(s) answered" if count else "no slice service answered")
-    return 0 if count else 1
+    client = _client_settings(args, settings)
+    answer = anyio.run(lambda: ping_service(client, args.timeout), backend="asyncio")
+    if answer is None:
+        print(f"lukhas: no slice service answered at {client.nats_url} within "
+              f"{args.timeout:g} s", file=sys.stderr)
+        return EXIT_FAILED_REPLY
+    _print(f"slice service {answer.name} {answer.version} (instance {answer.id}) answered "
+           f"in {answer.elapsed_ms:.1f} ms")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from workers.demo import run_demo
 
     ok = anyio.run(
-        lambda: run_demo(settings, nats_url=args.nats_url, out=_print), backend="asyncio"
+        lambda: run_demo(settings, nats_url=args.nats_url, default_url=DEFAULT_NATS_URL,
+                         out=_print),
+        backend="asyncio",
     )
-    return 0 if ok else 1
+    return 0 if ok else EXIT_FAILED_REPLY
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
@@ -130,9 +193,10 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     from workers.verify import run_verify
 
     repo = Path(args.repo) if args.repo else Path(__file__).resolve().parents[1]
+    junit = Path(args.junit) if args.junit else None
     passed, _ = anyio.run(
         lambda: run_verify(repo=repo, out=_print, rate=args.rate, duration_s=args.duration,
-                           skip_tests=args.skip_tests),
+                           skip_tests=args.skip_tests, junit=junit),
         backend="asyncio",
     )
     return 0 if passed else 1
@@ -170,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "or ./.lukhas)")
     up.add_argument("--metrics-port", type=int, default=None,
                     help="Prometheus /metrics port (default LUKHAS_METRICS_PORT or 9464; 0 = free)")
+    up.add_argument("--join", action="store_true",
+                    help="when a stack already runs on the port (or NATS_URL), add a slice "
+                    "worker to its queue group instead of refusing")
     up.set_defaults(func=cmd_up)
 
     worker = commands.add_parser("worker", help="run one worker against NATS_URL (containers)")
@@ -185,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
         "request", help="send one JSON request, print the reply; exit 1 on an error reply"
     )
     request.add_argument("subject", help="e.g. lukhas.governance.consent.record")
-    request.add_argument("body", help="the JSON request body")
+    request.add_argument("body", nargs="?", default="{}",
+                         help="the JSON request body; '-' reads standard input, '@FILE' a file "
+                         "(default {})")
     request.add_argument("--pretty", action="store_true", help="indent the reply")
     client_options(request)
     request.set_defaults(func=cmd_request)
@@ -211,18 +280,23 @@ def build_parser() -> argparse.ArgumentParser:
         "then print the MATRIZ stats",
     )
     demo.add_argument("--nats-url", default=None,
-                      help="a running stack (default NATS_URL; none: start an embedded one)")
+                      help=f"a running stack (default NATS_URL, else {DEFAULT_NATS_URL} if it "
+                      "answers, else an embedded stack; in memory under LUKHAS_OFFLINE)")
     demo.set_defaults(func=cmd_demo)
 
     verify = commands.add_parser(
         "verify", help="acceptance gate: ruff, lane contract, manifests, tests, SLA; writes "
-        "artifacts/<git sha>/verify.json and STATUS.md; exit 1 if any gate fails",
+        "artifacts/<git sha>/verify.json and STATUS.md and LUKHAS_SYSTEM_STATUS.md; exit 1 if "
+        "any gate fails",
     )
     verify.add_argument("--rate", type=float, default=200.0,
                         help="open-loop requests per second per slice for the SLA check")
     verify.add_argument("--duration", type=float, default=5.0,
                         help="seconds of open-loop load per slice (default 5)")
     verify.add_argument("--skip-tests", action="store_true", help="do not run the test suite")
+    verify.add_argument("--junit", default=None,
+                        help="take the test gate from this pytest JUnit XML (as `make test` "
+                        "wrote it for this commit) instead of running the suite again")
     verify.add_argument("--repo", default=None, help="checkout to check (default: this one)")
     verify.set_defaults(func=cmd_verify)
 
@@ -235,16 +309,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds per measurement (default 5)")
     bench.add_argument("--quick", action="store_true", help="short runs, for smoke tests")
     bench.set_defaults(func=cmd_bench)
+
+    consent_cli.add_parser(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; see EPILOG for the exit statuses."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not as noise at interpreter exit
+    except BrokenPipeError:
+        return _stdout_gone()
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
         print(f"lukhas: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -253,16 +339,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args, settings))
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # the command-line boundary: one clear line, no traceback
         from bus import BusError
         from lukhas.errors import LukhasError
 
         cause = _single_cause(exc)
-        if isinstance(cause, BusError | LukhasError | OSError | TimeoutError):
+        if isinstance(cause, BrokenPipeError) or (
+            isinstance(cause, OSError) and cause.errno == errno.EPIPE
+        ):
+            return _stdout_gone()
+        if isinstance(cause, CliError | BusError | LukhasError | OSError | TimeoutError):
             print(f"lukhas: {cause}", file=sys.stderr)
-            return 1
+            return EXIT_ERROR
         raise
+
+
+def _stdout_gone() -> int:
+    """The reader of our output went away (`| head`): stop quietly, as `yes | head` does."""
+    # Point stdout at /dev/null so the interpreter's final flush has nowhere to fail.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 def _single_cause(exc: BaseException) -> BaseException:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from lukhas.errors import ConfigError
@@ -95,6 +95,20 @@ def _slo_windows(env: Mapping[str, str]) -> dict[str, float]:
     return windows
 
 
+def _inbox_prefix(env: Mapping[str, str]) -> str | None:
+    """NATS_INBOX_PREFIX: a literal subject (dot-separated tokens, no wildcards or spaces)."""
+    prefix = _text(env, "NATS_INBOX_PREFIX")
+    if prefix is None:
+        return None
+    tokens = prefix.split(".")
+    if any(not t or any(c in t for c in "*> \t\r\n") for t in tokens):
+        raise ConfigError(
+            "NATS_INBOX_PREFIX", prefix,
+            "a literal subject such as _INBOX_client (dot-separated tokens, no wildcards)",
+        )
+    return prefix
+
+
 #: Where passkey ceremonies may run unless LUKHAS_WEBAUTHN_ORIGINS says otherwise.
 DEFAULT_WEBAUTHN_ORIGINS: tuple[str, ...] = ("http://localhost:8000",)
 
@@ -111,6 +125,7 @@ KNOWN_VARIABLES: tuple[str, ...] = (
     "NATS_TLS_CA",
     "NATS_TLS_CERT",
     "NATS_TLS_KEY",
+    "NATS_INBOX_PREFIX",
     "FEATURE_GOVERNANCE_LEDGER",
     "FEATURE_IDENTITY_PASSKEY",
     "FEATURE_ORCHESTRATION_HANDOFF",
@@ -144,6 +159,7 @@ KNOWN_VARIABLES: tuple[str, ...] = (
     "LUKHAS_METRICS_ADDR",
     "LUKHAS_DATA_DIR",
     "LUKHAS_LEDGER_REPLICAS",
+    "LUKHAS_LEDGER_SIGNING_KEY",
     "LUKHAS_LOG_LEVEL",
     # SLO burn-rate alert windows (seconds) and the error-budget period.
     "LUKHAS_SLO_PAGE_LONG_S",
@@ -169,6 +185,9 @@ class Settings:
     nats_tls_ca: str | None = None
     nats_tls_cert: str | None = None
     nats_tls_key: str | None = None
+    #: Reply subjects start with this (nats-py `inbox_prefix`); None means `_INBOX_<user>`
+    #: with NATS_USER set, else `_INBOX` (see `bus.connect.inbox_prefix`).
+    nats_inbox_prefix: str | None = None
     feature_governance_ledger: bool = False
     feature_identity_passkey: bool = False
     feature_orchestration_handoff: bool = False
@@ -204,6 +223,8 @@ class Settings:
     metrics_addr: str = "127.0.0.1"
     data_dir: str = ".lukhas"
     ledger_replicas: int = 1
+    #: The ledger's signed-note signer key (secret; validated, never printed).
+    ledger_signing_key: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
     slo_page_long_s: float = 3600.0
     slo_page_short_s: float = 300.0
@@ -239,6 +260,11 @@ class Settings:
                 "anyone can forge)",
             )
         pseudonym_keys = _pseudonym_keys(env, dry_run=dry_run)
+        signing_key = _text(env, "LUKHAS_LEDGER_SIGNING_KEY")
+        if signing_key is not None:
+            from lukhas.transparency.keys import parse_signing_key  # cryptography only when set
+
+            parse_signing_key(signing_key, dry_run=dry_run)
         port = _number(env, "LUKHAS_METRICS_PORT", 9464, int, minimum=0)
         if port > 65535:
             raise ConfigError("LUKHAS_METRICS_PORT", str(port), "a port from 0 to 65535")
@@ -254,6 +280,7 @@ class Settings:
             nats_tls_ca=_text(env, "NATS_TLS_CA"),
             nats_tls_cert=_text(env, "NATS_TLS_CERT"),
             nats_tls_key=_text(env, "NATS_TLS_KEY"),
+            nats_inbox_prefix=_inbox_prefix(env),
             feature_governance_ledger=_flag(env, "FEATURE_GOVERNANCE_LEDGER"),
             feature_identity_passkey=_flag(env, "FEATURE_IDENTITY_PASSKEY"),
             feature_orchestration_handoff=_flag(env, "FEATURE_ORCHESTRATION_HANDOFF"),
@@ -305,6 +332,7 @@ class Settings:
             metrics_addr=_text(env, "LUKHAS_METRICS_ADDR") or "127.0.0.1",
             data_dir=_text(env, "LUKHAS_DATA_DIR") or ".lukhas",
             ledger_replicas=replicas,
+            ledger_signing_key=signing_key,
             log_level=log_level,
             **_slo_windows(env),
         )

@@ -17,11 +17,17 @@ from lukhas.config import KNOWN_VARIABLES
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((REPO / "compose.yaml").read_text())
 # Variables the nats service's own config reads (deploy/nats-server.conf), not lukhas.
-NATS_CONFIG_VARIABLES = {"SLICES_PASSWORD", "OBSERVABILITY_PASSWORD", "CLIENT_PASSWORD"}
+NATS_CONFIG_VARIABLES = {
+    "SLICES_PASSWORD", "OBSERVABILITY_PASSWORD", "CLIENT_PASSWORD", "PLANNER_PASSWORD",
+}
 
 
 def _lukhas_services() -> dict[str, dict[str, Any]]:
-    return {name: svc for name, svc in COMPOSE["services"].items() if "build" in svc}
+    """The workers `docker compose up` runs (tool services, such as `client`, have profiles)."""
+    return {
+        name: svc for name, svc in COMPOSE["services"].items()
+        if "build" in svc and "profiles" not in svc
+    }
 
 
 def _parses(argv: list[str]) -> argparse.Namespace:

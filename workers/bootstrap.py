@@ -53,6 +53,8 @@ async def wire_providers(
     Raises:
         ConfigError: a flag is on but what its provider needs is missing (a NATS bus with
             JetStream, a stable LUKHAS_PSEUDONYM_KEYS), or fido2_mock was chosen.
+        LedgerStreamWeakened: the consent ledger's existing stream lost a protection
+            (a record-dropping limit, deletes or purges allowed...); the ledger is not served.
         ValueError: `passkey_provider` is not a known provider.
     """
     settings = runtime.settings

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -42,19 +43,43 @@ async def request_json(
         return await call_json(bus, subject, body, timeout)
 
 
-async def ping_service(settings: Settings, timeout: float = 2.0) -> int:
-    """How many slice service instances answer `$SRV.PING.<name>` within `timeout`."""
+@dataclass(frozen=True, slots=True)
+class PingAnswer:
+    """The first slice service instance that answered a discovery ping."""
+
+    name: str
+    id: str
+    version: str
+    elapsed_ms: float
+
+
+async def ping_service(settings: Settings, timeout: float = 2.0) -> PingAnswer | None:
+    """The first slice service instance to answer `$SRV.PING.<name>`, or None if none does
+    within `timeout`. Returns at the first answer: a health check must not wait out its
+    timeout (compose gives it 5 s)."""
+    started = time.perf_counter()
     async with connect(settings) as bus:
-        inbox = f"_INBOX.health.{time.monotonic_ns()}"
+        inbox = bus.new_inbox()  # under NATS_INBOX_PREFIX, which this user may read
         async with bus.subscribe(inbox) as sub:
             await bus.publish(discovery.control_subject("PING", SERVICE_NAME), b"", reply=inbox)
-            seen = 0
             with anyio.move_on_after(timeout):
                 while True:
                     env = await sub.next()
-                    # NATS answers a request nobody serves with an empty 503 status message.
-                    seen += bool(env.data)
-            return seen
+                    if not env.data:
+                        # NATS answers a request nobody serves with an empty 503 status.
+                        return None
+                    try:
+                        ping = msgspec.json.decode(env.data)
+                    except msgspec.DecodeError:
+                        continue
+                    if not isinstance(ping, dict) or ping.get("type") != discovery.PING_TYPE:
+                        continue
+                    return PingAnswer(
+                        str(ping.get("name", SERVICE_NAME)), str(ping.get("id", "?")),
+                        str(ping.get("version", "?")),
+                        (time.perf_counter() - started) * 1000.0,
+                    )
+            return None
 
 
 def format_node(subject: str, node: dict[str, Any]) -> str:
@@ -110,9 +135,16 @@ def stats_table(snapshot: dict[str, Any]) -> Table:
     return table
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich would exit 1 itself; the CLI answers a closed pipe the same way everywhere.
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def print_stats_table(snapshot: dict[str, Any]) -> None:
-    console = Console()
+    console = _Console()
     if not console.is_terminal:  # piped: no terminal width to fit, keep names whole
-        console = Console(width=160)
+        console = _Console(width=160)
     console.print(stats_table(snapshot))
 

@@ -30,7 +30,8 @@ async def _calls(bus: Bus, settings: Settings, out: Out) -> bool:
         ok = reply.get("ok")
         mark = "ok " if expect_ok is None or ok is expect_ok else "!! "
         good = good and mark == "ok "
-        out(f"{mark} {subject:<44} -> {_summary(reply)}")
+        expected = " (as expected)" if ok is not True and mark == "ok " else ""
+        out(f"{mark} {subject:<44} -> {_summary(reply)}{expected}")
         return reply
 
     await call(subjects.CONSENT_RECORD,
@@ -54,12 +55,14 @@ async def _calls(bus: Bus, settings: Settings, out: Out) -> bool:
 
 
 def _summary(reply: dict[str, Any]) -> str:
+    """`answered ...` for a success, `refused <reason>` or `error <code>` otherwise."""
     if "error" in reply:
         return f"error {reply['error']['code']}: {reply['error']['message'][:60]}"
-    keys = ("provider", "mode", "status", "reason", "challenge")
-    return "ok=" + str(reply.get("ok")) + "".join(
-        f" {k}={reply[k]}" for k in keys if k in reply
-    )
+    keys = ("provider", "mode", "status", "challenge")
+    details = "".join(f" {k}={reply[k]}" for k in keys if k in reply)
+    if reply.get("ok") is True:
+        return "answered" + details
+    return f"refused {reply.get('reason', '?')}" + details
 
 
 async def _show_stats(bus: Bus, *, expect_nodes: int = 0) -> None:
@@ -74,24 +77,63 @@ async def _show_stats(bus: Bus, *, expect_nodes: int = 0) -> None:
     print_stats_table(snapshot)
 
 
-async def run_demo(settings: Settings, *, nats_url: str | None, out: Out) -> bool:
-    """Run against `nats_url` (or NATS_URL) if it answers, else an embedded stack."""
-    url = nats_url or settings.nats_url
+async def run_demo(
+    settings: Settings, *, nats_url: str | None, default_url: str, out: Out
+) -> bool:
+    """Run against the stack the user started, and say which one.
+
+    `nats_url` (or NATS_URL) must answer; without either, the stack `lukhas up` / `make run`
+    starts at `default_url` is used when it answers, else an embedded stack. Under
+    LUKHAS_OFFLINE everything runs in this process on the in-memory bus.
+
+    Raises:
+        BusConnectError: an explicitly given `nats_url` / NATS_URL does not answer.
+    """
+    if settings.offline:
+        return await _demo_in_memory(settings, out)
+    url = nats_url or settings.nats_url or default_url
     client = dataclasses.replace(settings, nats_url=url, dry_run=False, offline=False)
-    if url:
-        try:
-            async with connect(client) as bus:
-                out(f"demo against the stack at {url}")
-                good = await _calls(bus, client, out)
-                await _show_stats(bus)
-                return good
-        except BusConnectError:
-            out(f"no stack answers at {url}: starting an embedded one")
+    try:
+        async with connect(client, name="lukhas-demo") as bus:
+            out(f"demo against the running stack at {url}")
+            good = await _calls(bus, client, out)
+            await _show_stats(bus)
+            return good
+    except BusConnectError:
+        if url != default_url or nats_url or settings.nats_url:
+            raise
+        out(f"no stack answers at {url} (start one with `make run`): "
+            "starting an embedded one for this demo")
+    return await _demo_embedded(settings, out)
+
+
+def _demo_settings(settings: Settings, **changes: Any) -> Settings:
     # A small handoff budget so the burst shows rate limiting; DRY_RUN so passkeys accept.
-    local = dataclasses.replace(
-        settings, nats_url=None, dry_run=True, offline=False,
-        handoff_rate=5.0, handoff_burst=5, metrics_port=0,
+    return dataclasses.replace(
+        settings, dry_run=True, handoff_rate=5.0, handoff_burst=5, **changes
     )
+
+
+async def _demo_in_memory(settings: Settings, out: Out) -> bool:
+    """LUKHAS_OFFLINE: slices and observability in this process, on the in-memory bus."""
+    local = _demo_settings(settings, nats_url=None)
+    out("demo on the in-memory bus in this process (LUKHAS_OFFLINE: no network)")
+    async with open_worker_runtime(local, producer="lukhas-demo") as runtime:
+        slices = SliceService(runtime)
+        observability = ObservabilityWorker(runtime.bus, local, metrics_port=None)
+        async with anyio.create_task_group() as tg:
+            await tg.start(slices.run)
+            await tg.start(observability.run)
+            good = await _calls(runtime.bus, local, out)
+            await runtime.emitter.flush()
+            await _show_stats(runtime.bus, expect_nodes=runtime.emitter.statistics().published)
+            await slices.stop()
+            await observability.stop()
+    return good
+
+
+async def _demo_embedded(settings: Settings, out: Out) -> bool:
+    local = _demo_settings(settings, nats_url=None, offline=False, metrics_port=0)
     with tempfile.TemporaryDirectory(prefix="lukhas-demo-") as data_dir:
         async with embedded_server(local, port=0, data_dir=data_dir, force=True) as served:
             out(f"demo against an embedded stack at {served.nats_url}")

@@ -8,8 +8,13 @@ MATRIZ, drain the connection.
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
+import subprocess
+import tempfile
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
@@ -19,6 +24,7 @@ from typing import Protocol
 import anyio
 
 from bus import Bus, NatsServer, connect
+from bus import server as _server
 from lukhas.config import Settings
 from lukhas.runtime import Runtime, open_runtime
 from workers.bootstrap import unwire_providers, wire_providers
@@ -40,6 +46,91 @@ class _Service(Protocol):
     async def stop(self) -> None: ...
 
 
+class PortInUse(OSError):
+    """A port `lukhas up` needs is taken; the message names it and what to do instead."""
+
+
+def _nats_answers(host: str, port: int) -> bool:
+    """Whether a NATS server greets a client on `host:port`."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as sock:
+            return sock.recv(4).startswith(b"INFO")
+    except OSError:
+        return False
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    """Whether `host:port` can be listened on (a socket in TIME_WAIT does not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As servers set it: only a live listener on the port blocks the bind.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
+
+
+def check_nats_port(host: str, port: int) -> None:
+    """Refuse to start an embedded server on a port something already listens on.
+
+    Without this a second `lukhas up` saw the first stack answer on the port, took it for
+    its own server, and silently joined the first stack's queue group.
+
+    Raises:
+        PortInUse: naming the port, who holds it, and how to join it or move elsewhere.
+    """
+    if port == 0 or _port_is_free(host, port):
+        return
+    url = f"nats://{host}:{port}"
+    holder = (
+        f"a NATS server already answers at {url} (another `lukhas up`?)"
+        if _nats_answers(host, port) else "another program listens on it"
+    )
+    raise PortInUse(
+        f"port {port} is in use: {holder}. Stop it, pick another port (`lukhas up --port "
+        f"{port + 1}`, `make run PORT={port + 1}`), or add this process's workers to that "
+        f"stack on purpose (`lukhas up --join`, or NATS_URL={url})"
+    )
+
+
+def check_metrics_port(addr: str, port: int | None) -> None:
+    """Raises `PortInUse` naming the /metrics port when it is taken."""
+    if port is None or port == 0 or _port_is_free(addr, port):
+        return
+    raise PortInUse(
+        f"port {port} (Prometheus /metrics on {addr}) is in use: another `lukhas up` or "
+        "observability worker? Pick another with `--metrics-port` or LUKHAS_METRICS_PORT "
+        "(0 = any free port)"
+    )
+
+
+class OwnSessionNatsServer(NatsServer):
+    """The embedded nats-server in a session of its own.
+
+    A terminal's Ctrl-C goes to its whole foreground process group; a server in that group
+    would die at once, before the service drained over it. In its own session only `lukhas`
+    gets the SIGINT, drains, and then stops the server itself (SIGTERM from `stop()`).
+    """
+
+    # Mirrors NatsServer._spawn, adding only `start_new_session=True`.
+    # TODO(bus): offer this as a NatsServer option so no subclass reaches into internals.
+    def _spawn(self, binary: str) -> None:
+        self._log = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(
+            self._command(binary),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._finalizer = weakref.finalize(
+            self, _server._terminate, self._proc, self._log, self.stop_timeout, False
+        )
+
+
 @asynccontextmanager
 async def embedded_server(
     settings: Settings, *, port: int | None, data_dir: str | None, force: bool = False
@@ -53,10 +144,13 @@ async def embedded_server(
     if settings.nats_url is not None or not wanted:
         yield settings
         return
+    host = "127.0.0.1"
+    if port:
+        check_nats_port(host, port)
     store = Path(data_dir or settings.data_dir) / "nats"
     store.mkdir(parents=True, exist_ok=True)
     # Port 0 asks for any free port, which the launcher picks when given none.
-    async with NatsServer(port=port or None, store_dir=str(store)) as server:
+    async with OwnSessionNatsServer(port=port or None, host=host, store_dir=str(store)) as server:
         logger.info("embedded nats-server on %s (JetStream store %s)", server.url, store)
         yield replace(settings, nats_url=server.url)
 
@@ -113,23 +207,46 @@ async def run_up(
     port: int | None = None,
     data_dir: str | None = None,
     metrics_port: int | None = None,
+    observability: bool = True,
 ) -> None:
-    """The whole stack in one process: embedded server (if needed), slices, observability."""
+    """The whole stack in one process: embedded server (if needed), slices, observability.
+
+    Under LUKHAS_OFFLINE nothing opens a socket: the in-memory bus and no /metrics server.
+    Without `observability` (`lukhas up --join`) only the slice service runs.
+
+    Raises:
+        PortInUse: the NATS or /metrics port is taken (the message names it).
+    """
+    # OFFLINE means no socket at all, so no /metrics listener either.
+    metrics = None if settings.offline else (
+        settings.metrics_port if metrics_port is None else metrics_port
+    )
+    if observability:
+        check_metrics_port(settings.metrics_addr, metrics)
     async with embedded_server(settings, port=port, data_dir=data_dir) as settings:
         async with open_worker_runtime(settings, producer="lukhas-up") as runtime:
-            slices = SliceService(runtime)
-            observability = ObservabilityWorker(
-                runtime.bus, settings,
-                metrics_port=settings.metrics_port if metrics_port is None else metrics_port,
-                metrics_addr=settings.metrics_addr,
-            )
             where = settings.nats_url or "the in-memory bus"
-            await serve(
-                [slices, observability],
-                ready,
-                lambda: f"ready: slices and observability on {where} "
-                f"(metrics on http://127.0.0.1:{observability.metrics_port}/metrics)",
+            slices = SliceService(runtime)
+            if not observability:
+                logger.warning(
+                    "joining the stack at %s: this slice worker shares its queue group, with "
+                    "the providers this process's flags wire", where,
+                )
+                await serve([slices], ready,
+                            lambda: f"ready: slice worker joined the stack on {where}")
+                return
+            worker = ObservabilityWorker(
+                runtime.bus, settings, metrics_port=metrics, metrics_addr=settings.metrics_addr,
             )
+
+            def describe() -> str:
+                served = worker.metrics_port
+                return f"ready: slices and observability on {where} " + (
+                    f"(metrics on http://{settings.metrics_addr}:{served}/metrics)"
+                    if served is not None else "(no /metrics: LUKHAS_OFFLINE)"
+                )
+
+            await serve([slices, worker], ready, describe)
 
 
 async def run_worker(settings: Settings, name: str, *, ready: Ready) -> None:
@@ -143,6 +260,7 @@ async def run_worker(settings: Settings, name: str, *, ready: Ready) -> None:
         else:
             service = ObservabilityWorker(
                 runtime.bus, settings,
-                metrics_port=settings.metrics_port, metrics_addr=settings.metrics_addr,
+                metrics_port=None if settings.offline else settings.metrics_port,
+                metrics_addr=settings.metrics_addr,
             )
         await serve([service], ready, lambda: f"ready: {name} worker on {settings.nats_url}")

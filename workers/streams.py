@@ -3,7 +3,11 @@
 `MATRIZ` captures `matriz.>` so the observability worker, a durable consumer, loses no node
 across restarts. `HANDOFF` captures `lukhas.context.>` when durable handoffs are on, and
 `DurableHandoffPublisher` is the handoff slice's provider for it, so the slice never imports nats.
-Creation is idempotent and safe when two workers race to create a stream.
+Creation is idempotent and safe when two workers race to create a stream. An existing
+stream whose protective configuration was weakened (another retention policy, a subject no
+longer captured, a mirror or sources, for HANDOFF also discard-old or a shorter max age) is
+refused with `StreamWeakened` at startup rather than used: nobody's NATS user may update a
+stream (deploy/nats-server.conf), so such a change came from outside the service.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ async def ensure_matriz_stream(
 
     Raises:
         ValueError: a limit is not positive.
+        StreamWeakened: the existing stream no longer captures every node (subjects,
+            retention, mirror or sources changed).
         nats.js.errors.ServiceUnavailableError: the server has JetStream disabled.
         nats.errors.NoRespondersError: likewise, on servers that answer that way.
     """
@@ -58,7 +64,7 @@ async def ensure_matriz_stream(
         max_age=max_age_s,
         max_bytes=max_bytes,
         num_replicas=replicas,
-    ))
+    ), protect=True, check_age=False)
     if created:
         logger.info(
             "created JetStream stream %s over %s (max_age=%gs, max_bytes=%d)",
@@ -93,6 +99,10 @@ async def ensure_handoff_stream(js: JetStreamContext, *, replicas: int = 1) -> S
     """Create the `HANDOFF` stream over `lukhas.context.>` unless it exists.
 
     When full it refuses new handoffs (discard new) rather than dropping accepted ones.
+
+    Raises:
+        StreamWeakened: the existing stream would lose accepted handoffs (retention,
+            subjects, discard-old, a shorter max age, a mirror or sources).
     """
     info, _ = await ensure_stream(js, StreamConfig(
         name=HANDOFF_STREAM,
@@ -104,7 +114,7 @@ async def ensure_handoff_stream(js: JetStreamContext, *, replicas: int = 1) -> S
         max_age=HANDOFF_MAX_AGE_S,
         max_bytes=HANDOFF_MAX_BYTES,
         num_replicas=replicas,
-    ))
+    ), protect=True)
     return info
 
 

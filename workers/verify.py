@@ -4,7 +4,9 @@ Each gate reports PASS/FAIL with its reason: ruff, the import-linter lane contra
 MODULE_MANIFEST.json against its schema and the code, the test suite (counts), and the SLA
 check, which drives each slice over a real nats-server at a fixed open-loop rate and
 compares p95 with the manifest. Results go to `artifacts/<git sha>/verify.json` and a
-readable `STATUS.md`; any failed gate makes the command exit non-zero.
+readable `STATUS.md`, and the per-slice summary the promotion plan names goes to
+`LUKHAS_SYSTEM_STATUS.md` at the repository root; any failed gate makes the command exit
+non-zero.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from bus import NatsServer, open_nats_bus
 from bus.server import find_nats_server
 from lukhas import subjects
 from lukhas.config import Settings
+from lukhas.errors import ConfigError
 from lukhas.manifest import check_manifest, load_manifest, manifest_paths
 from lukhas.runtime import open_runtime
 from workers.loadgen import open_loop
@@ -98,27 +101,74 @@ def gate_manifests() -> Gate:
                 {"modules": modules, "problems": problems})
 
 
+def _empty_counts() -> dict[str, int]:
+    return {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+
+
+def junit_counts(junit: Path) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """(totals, per slice module) from a pytest JUnit XML file, counted per test case.
+
+    A slice's tests are those in its own `tests/` package (`<module>.tests.*`).
+    """
+    totals = _empty_counts()
+    per_module: dict[str, dict[str, int]] = {}
+    modules = [m.module for m in map(load_manifest, manifest_paths())]
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        outcome = "passed"
+        for child in case:
+            if child.tag == "failure":
+                outcome = "failed"
+            elif child.tag == "error":
+                outcome = "errors"
+            elif child.tag == "skipped" and outcome == "passed":
+                outcome = "skipped"
+        totals[outcome] += 1
+        classname = case.get("classname", "")
+        for module in modules:
+            if classname.startswith(f"{module}.tests."):
+                per_module.setdefault(module, _empty_counts())[outcome] += 1
+    return totals, per_module
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    return (f"{counts['passed']} passed, {counts['failed']} failed, {counts['errors']} errors, "
+            f"{counts['skipped']} skipped")
+
+
+def _tests_gate(junit: Path, exit_code: int | None, output: str, source: str) -> Gate:
+    if not junit.exists():
+        return Gate("tests", False, f"no test results: {junit} is missing ({source})",
+                    {**_empty_counts(), "per_slice": {}})
+    try:
+        counts, per_slice = junit_counts(junit)
+    except ET.ParseError as exc:
+        return Gate("tests", False, f"{junit} is not JUnit XML: {exc}",
+                    {**_empty_counts(), "per_slice": {}})
+    # pytest's exit status decides when we ran it (1 failed, 2 interrupted, 5 no tests...);
+    # a file from `make test` is judged by its cases.
+    clean = counts["failed"] == counts["errors"] == 0
+    passed = clean and counts["passed"] > 0 and (exit_code is None or exit_code == 0)
+    reason = _counts_text(counts) + f" ({source})"
+    if exit_code not in (None, 0):
+        reason += f"; pytest exited {exit_code}"
+    if not passed and output:
+        reason += "\n" + _tail(output)
+    return Gate("tests", passed, reason, {**counts, "per_slice": per_slice})
+
+
 async def gate_tests(repo: Path, artifacts: Path) -> Gate:
+    """Run the suite; the gate passes only if pytest exits 0 and some tests passed."""
     junit = artifacts / "junit.xml"
+    junit.unlink(missing_ok=True)  # never count an earlier run's results
     code, output = await _run(
         [sys.executable, "-m", "pytest", "-q", f"--junitxml={junit}"], repo
     )
-    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
-    if junit.exists():
-        for suite in ET.parse(junit).getroot().iter("testsuite"):
-            tests = int(suite.get("tests", 0))
-            failed, errors = int(suite.get("failures", 0)), int(suite.get("errors", 0))
-            skipped = int(suite.get("skipped", 0))
-            counts["failed"] += failed
-            counts["errors"] += errors
-            counts["skipped"] += skipped
-            counts["passed"] += tests - failed - errors - skipped
-    passed = code == 0 and counts["passed"] > 0
-    reason = (f"{counts['passed']} passed, {counts['failed']} failed, {counts['errors']} errors, "
-              f"{counts['skipped']} skipped")
-    if not passed:
-        reason += "\n" + _tail(output)
-    return Gate("tests", passed, reason, counts)
+    return _tests_gate(junit, code, output, "pytest run by the gate")
+
+
+def gate_tests_from(junit: Path) -> Gate:
+    """The test gate from the JUnit XML `make test` wrote for this commit (CI runs it once)."""
+    return _tests_gate(junit, None, "", f"from {junit.name} of `make test`")
 
 
 async def gate_sla(rate: float, duration_s: float) -> Gate:
@@ -141,6 +191,8 @@ async def gate_sla(rate: float, duration_s: float) -> Gate:
                 await tg.start(service.run)
                 for module, (subject, body) in SLA_REQUESTS.items():
                     data = msgspec.json.encode(body)
+                    sample = msgspec.json.decode((await client.request(subject, data,
+                                                                       timeout=5)).data)
                     result = await open_loop(
                         _requester(client, subject, data), rate=rate, duration_s=duration_s
                     )
@@ -153,6 +205,7 @@ async def gate_sla(rate: float, duration_s: float) -> Gate:
                         "requests": result.sent,
                         "errors": result.errors,
                         "rate": rate,
+                        "provider": str(sample.get("provider") or f"mode={sample.get('mode')}"),
                     }
                 await service.stop()
     breaches = [
@@ -165,6 +218,65 @@ async def gate_sla(rate: float, duration_s: float) -> Gate:
     )
     return Gate(f"SLA (open loop, {rate:g} req/s for {duration_s:g} s)", not breaches, reason,
                 results)
+
+
+def write_system_status(path: Path, report: dict[str, Any]) -> None:
+    """`LUKHAS_SYSTEM_STATUS.md`, as the promotion plan names it: per slice its flag, the
+    provider that served the SLA run, its own tests, p95 against the SLA, and the gates,
+    bound to the commit."""
+    gates = {g["name"]: g for g in report["gates"]}
+    tests = gates.get("tests", {}).get("details", {})
+    per_slice = tests.get("per_slice", {})
+    sla = next((g for g in report["gates"] if g["name"].startswith("SLA")), None)
+    sla_details = (sla or {}).get("details", {})
+    try:
+        env: Settings | None = Settings.from_env()
+    except ConfigError:
+        env = None  # the flags column then says so; the gates above already ran
+    commit = report["commit"] + (" (with uncommitted changes)" if report["dirty"] else "")
+    lines = [
+        "# LUKHAS system status",
+        "",
+        f"Written by `make verify` (`lukhas verify`) at {report['finished_at']} on commit "
+        f"`{commit}`. Acceptance gate: **{'PASS' if report['passed'] else 'FAIL'}**. "
+        f"Artifacts: `artifacts/{report['commit']}/` (CI uploads them as "
+        f"`phase1-artifacts-{report['commit']}`).",
+        "",
+        "| slice | flag | provider (SLA run) | slice tests | p95 / SLA p95 | SLA | commit |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for manifest in map(load_manifest, manifest_paths()):
+        flag = manifest.feature_flag
+        value = getattr(env, flag.lower(), None)
+        flag_text = f"`{flag}`=" + (
+            "(bad environment)" if env is None else "true" if value else "false"
+        )
+        counts = per_slice.get(manifest.module)
+        if tests.get("skipped_gate"):
+            tests_text = "not run"
+        elif counts is None:
+            tests_text = "none found"
+        else:
+            tests_text = f"{counts['passed']} passed, {counts['failed'] + counts['errors']} failed"
+        result = sla_details.get(manifest.module)
+        if result is None:
+            p95_text, verdict, provider = "-", "not measured", "-"
+        else:
+            p95_text = f"{result['p95_ms']:.2f} / {result['sla_p95_ms']:g} ms"
+            ok = result["p95_ms"] <= result["sla_p95_ms"] and not result["errors"]
+            verdict = "within" if ok else "BREACH"
+            provider = result.get("provider", "-")
+        lines.append(f"| `{manifest.module}` | {flag_text} | {provider} | {tests_text} | "
+                     f"{p95_text} | {verdict} | `{report['commit'][:12]}` |")
+    lines += ["", "| gate | result | reason |", "|---|---|---|"]
+    lines += [f"| {g['name']} | {'PASS' if g['passed'] else 'FAIL'} | "
+              f"{g['reason'].splitlines()[0] if g['reason'] else ''} |" for g in report["gates"]]
+    lines += [
+        "",
+        "The SLA run uses the builtin providers (DRY_RUN) over a real nats-server; flags are "
+        "as this environment sets them. Regenerate with `make verify`.",
+    ]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def _requester(bus: Any, subject: str, data: bytes) -> Callable[[], Awaitable[None]]:
@@ -231,9 +343,15 @@ def write_artifacts(directory: Path, report: dict[str, Any]) -> None:
 
 async def run_verify(
     *, repo: Path, out: Out, rate: float = 200.0, duration_s: float = 5.0,
-    skip_tests: bool = False,
+    skip_tests: bool = False, junit: Path | None = None,
+    status_file: Path | None = None,
 ) -> tuple[bool, Path]:
-    """Run every gate; returns (all passed, artifact directory)."""
+    """Run every gate; returns (all passed, artifact directory).
+
+    Args:
+        junit: take the test gate from this JUnit XML instead of running the suite.
+        status_file: where LUKHAS_SYSTEM_STATUS.md goes (default: the repository root).
+    """
     started = time.monotonic()
     sha, dirty = git_commit(repo)
     artifacts = repo / "artifacts" / sha
@@ -251,6 +369,8 @@ async def run_verify(
     record(gate_manifests())
     if skip_tests:
         record(Gate("tests", True, "skipped (--skip-tests)", {"skipped_gate": True}))
+    elif junit is not None:
+        record(gate_tests_from(junit))
     else:
         record(await gate_tests(repo, artifacts))
     record(await gate_sla(rate, duration_s))
@@ -265,5 +385,7 @@ async def run_verify(
         "machine": machine_facts(),
     }
     write_artifacts(artifacts, report)
-    out(f"{'PASS' if passed else 'FAIL'}: artifacts in {artifacts}")
+    status = status_file or repo / "LUKHAS_SYSTEM_STATUS.md"
+    write_system_status(status, report)
+    out(f"{'PASS' if passed else 'FAIL'}: artifacts in {artifacts}, summary in {status}")
     return passed, artifacts

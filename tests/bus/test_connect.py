@@ -26,6 +26,7 @@ class FakeSettings:
     nats_tls_ca: str | None = None
     nats_tls_cert: str | None = None
     nats_tls_key: str | None = None
+    nats_inbox_prefix: str | None = None
 
 
 def _dead_url() -> str:

@@ -63,7 +63,7 @@ _ALLOWED_SUBJECT = re.compile(
     r"|lukhas\.observability\.matriz\.drops"
     r"|_INBOX\.[A-Za-z0-9_.-]+"
     r"|\$(JS|KV)\.[A-Za-z0-9_.=-]+"
-    r"|test\.[a-z0-9]+\.ledger\.consent\.psn_[0-9a-f]{32})$"
+    r"|test\.[a-z0-9]+\.ledger\.consent\.psn_[0-9a-f]{32}\.[A-Za-z0-9_-]+)$"  # + scope token
 )
 
 

@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,9 +21,10 @@ import nats
 import pytest
 
 from bus import NatsServer
+from bus.server import free_port
 from lukhas import subjects
 from lukhas.observability.matriz_emit import make_node
-from tests.integration.processes import REPO, running
+from tests.integration.processes import BASE_ENV, REPO, running
 
 pytestmark = pytest.mark.nats
 
@@ -166,17 +168,143 @@ def test_client_commands_request_health_and_stats(server: NatsServer) -> None:
     with running("worker", "slices", env=env), running("worker", "observability", env=env):
         ok = _cli("request", subjects.CONSENT_RECORD, '{"user_id":"usr_cli","scope":"s"}', env=env)
         bad = _cli("request", subjects.CONSENT_RECORD, '{"user_id":1}', env=env)
-        health = _cli("health", env=env)
+        started = time.monotonic()
+        health = _cli("health", "--timeout", "30", env=env)
+        health_s = time.monotonic() - started
         stats = _cli("matriz", "stats", env=env)
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # `lukhas matriz stats | head` once head has exited
+        try:
+            piped = subprocess.run(
+                [sys.executable, "-m", "lukhas.cli", "matriz", "stats"], cwd=REPO,
+                stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
+                env={**os.environ, **env},
+            )
+        finally:
+            os.close(write_end)
     assert ok.returncode == 0 and json.loads(ok.stdout)["ok"] is True
     assert bad.returncode == 1 and json.loads(bad.stdout)["error"]["code"] == "invalid_request"
     assert health.returncode == 0, health.stderr
+    assert health.stdout.startswith("slice service lukhas-slices")
+    # Returns on the first answer, not after its timeout (compose's check allows 5 s).
+    assert health_s < 15, health_s
     assert stats.returncode == 0 and "CONSENT:governance:record" in stats.stdout
+    assert piped.returncode == 141 and piped.stderr == "", piped.stderr
 
 
-def test_health_fails_when_no_service_answers(server: NatsServer) -> None:
-    result = _cli("health", "--timeout", "0.5", env={"NATS_URL": server.url})
+def test_health_fails_at_once_when_no_service_answers(server: NatsServer) -> None:
+    started = time.monotonic()
+    result = _cli("health", "--timeout", "30", env={"NATS_URL": server.url})
     assert result.returncode == 1
+    assert result.stderr.startswith("lukhas: no slice service answered")
+    assert time.monotonic() - started < 15  # NATS's no-responders status, not the timeout
+
+
+def _up_url(ready_line: str) -> str:
+    return re.search(r"nats://[\d.]+:\d+", ready_line).group(0)  # type: ignore[union-attr]
+
+
+async def test_second_up_refuses_the_port_in_use_unless_told_to_join(tmp_path: Path) -> None:
+    port = free_port()
+    with running("up", "--port", str(port), "--data-dir", str(tmp_path / "a")) as first:
+        second = _cli("up", "--port", str(port), "--data-dir", str(tmp_path / "b"), env=BASE_ENV)
+        with running("up", "--port", str(port), "--join", env={}) as joiner:
+            joined = joiner.stdout[-1]
+            nc = await nats.connect(_up_url(first.stdout[-1]))
+            try:
+                inbox = nc.new_inbox()
+                sub = await nc.subscribe(inbox)
+                await nc.publish("$SRV.PING.lukhas-slices", b"", reply=inbox)
+                ids = {json.loads((await sub.next_msg(timeout=10)).data)["id"] for _ in range(2)}
+                consent = await request(nc, subjects.CONSENT_RECORD,
+                                        {"user_id": "usr_join", "scope": "s"})
+            finally:
+                await nc.close()
+            joiner.signal(signal.SIGTERM)
+            assert joiner.wait(30) == 0
+        assert first.proc.poll() is None  # the first stack was never disturbed
+    assert second.returncode == 2
+    assert second.stderr.startswith(
+        f"lukhas: port {port} is in use: a NATS server already answers at "
+        f"nats://127.0.0.1:{port}"
+    )
+    assert "--join" in second.stderr and "Traceback" not in second.stderr
+    assert second.stdout == ""  # no "ready", no server of its own
+    assert "joined the stack" in joined
+    assert len(ids) == 2 and consent["ok"] is True
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def _session(pid: int) -> tuple[int, int]:
+    return os.getpgid(pid), os.getsid(pid)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_ctrl_c_in_a_terminal_reaches_only_lukhas_which_drains_then_stops_the_server(
+    tmp_path: Path,
+) -> None:
+    """A terminal's Ctrl-C is SIGINT to the whole foreground process group."""
+    env = {**os.environ, **BASE_ENV}
+    env.pop("NATS_URL", None)
+    # Its own session stands for the terminal's foreground group.
+    up = subprocess.Popen(
+        [sys.executable, "-m", "lukhas.cli", "up", "--port", "0", "--data-dir", str(tmp_path)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
+    try:
+        assert up.stdout is not None
+        ready = up.stdout.readline()
+        assert "ready" in ready, up.stderr.read() if up.stderr else ""
+        [server] = _children(up.pid)
+        assert _session(server) != _session(up.pid)  # the server is outside the group
+        os.killpg(up.pid, signal.SIGINT)
+        code = up.wait(30)
+        _, stderr = up.communicate(timeout=30)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    assert code == 0, stderr
+    assert "received SIGINT: draining" in stderr
+    assert not Path(f"/proc/{server}").exists() or "zombie" in Path(
+        f"/proc/{server}/status").read_text()  # lukhas stopped it after draining
+    assert "Traceback" not in stderr and "disconnected" not in stderr.lower()
+
+
+async def test_demo_uses_the_running_stack_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lukhas.config import Settings
+    from workers.demo import run_demo
+
+    # A small handoff budget on both sides, so the demo's burst is rate limited however
+    # slowly a loaded machine sends it.
+    budget = {"LUKHAS_HANDOFF_RATE": "1", "LUKHAS_HANDOFF_BURST": "5"}
+    with running("up", "--port", "0", "--data-dir", str(tmp_path), env=budget) as up:
+        url = _up_url(up.stdout[-1])
+        lines: list[str] = []
+        ok = await run_demo(
+            Settings(pseudonym_key="demo-test", handoff_rate=1.0, handoff_burst=5),
+            nats_url=None, default_url=url, out=lines.append,
+        )
+        table = capsys.readouterr().out
+        up.signal(signal.SIGTERM)
+        assert up.wait(30) == 0
+    assert ok, lines
+    assert lines[0] == f"demo against the running stack at {url}"
+    assert "ok=False" not in "\n".join(lines)
+    assert not any(line.startswith("!!") for line in lines)
+    # The running stack is not DRY_RUN: its null passkey provider refuses, as expected.
+    assert any("passkey.verify" in li and "refused no_verifier" in li
+               and li.endswith("(as expected)") for li in lines), lines
+    assert "CONSENT:governance:record" in table
 
 
 def test_worker_without_nats_url_is_a_clear_configuration_error() -> None:

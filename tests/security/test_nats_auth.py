@@ -5,6 +5,7 @@ monitoring port and random passwords in the environment, as compose passes them)
 workers connect as their own users and serve; a client calls them; and the permissions
 hold: `slices` cannot spoof alerts or stats, nor read MATRIZ by subscription or through
 JetStream, nor delete a stream; `client` cannot publish MATRIZ nodes or touch JetStream.
+(tests/security/test_nats_permissions.py plays the inbox, JetStream API and handoff attacks.)
 
 A refused operation is observed two ways: nats-py hands the server's `-ERR 'Permissions
 Violation ...'` to the connection's error callback before the next PONG (so after a flush
@@ -38,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from nats.aio.client import Client
 
-from bus import BusConnectError, NatsServer, connect
+from bus import BusConnectError, NatsServer, PermissionDenied, connect
 from bus.server import free_port
 from lukhas import subjects
 from lukhas.config import Settings
@@ -49,13 +50,19 @@ from tests.integration.processes import REPO
 pytestmark = pytest.mark.nats
 
 DEPLOY_CONF = REPO / "deploy" / "nats-server.conf"
-USERS = ("slices", "observability", "client")
+#: Each user of the config and the environment variable holding its password.
+PASSWORD_VARIABLES: dict[str, str] = dict(
+    re.findall(r"\{user:\s*(\w+),\s*password:\s*\$(\w+)", DEPLOY_CONF.read_text())
+)
+USERS = tuple(PASSWORD_VARIABLES)
 
 
 @dataclass
 class AuthServer:
     server: NatsServer
     passwords: dict[str, str]
+    #: The HTTP monitoring port of the config (`/jsz` shows streams as an operator sees them).
+    monitor_port: int = 0
 
     @property
     def url(self) -> str:
@@ -90,22 +97,30 @@ def generated_config(directory: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthServer]:
-    directory = tmp_path_factory.mktemp("auth-nats")
+    auth = start_deploy_server(tmp_path_factory.mktemp("auth-nats"))
+    try:
+        yield auth
+    finally:
+        auth.server.stop()
+
+
+def start_deploy_server(directory: Path) -> AuthServer:
+    """A nats-server running deploy/nats-server.conf, every user with a random password."""
     # Letters and digits, starting with a letter: nats-server parses an environment value as
     # a config value, so e.g. "1kb..." would be read as a size (see the config's comment).
     passwords = {user: "pw" + secrets.token_hex(16) for user in USERS}
     # JetStream comes from the file's `jetstream {}` block (with the temporary store_dir);
     # the launcher's own -js/-sd would clash with it.
-    server = NatsServer(config_file=generated_config(directory), jetstream=False)
+    config = generated_config(directory)
+    monitor = re.search(r"http_port:\s*(\d+)", config.read_text())
+    assert monitor is not None
+    server = NatsServer(config_file=config, jetstream=False)
     # nats-server resolves $SLICES_PASSWORD etc. from its environment, as in compose.yaml.
     with pytest.MonkeyPatch.context() as mp:
         for user, password in passwords.items():
-            mp.setenv(f"{user.upper()}_PASSWORD", password)
+            mp.setenv(PASSWORD_VARIABLES[user], password)
         server.start()
-    try:
-        yield AuthServer(server, passwords)
-    finally:
-        server.stop()
+    return AuthServer(server, passwords, int(monitor.group(1)))
 
 
 @dataclass
@@ -129,7 +144,8 @@ async def round_trip(nc: Client) -> None:
     await nc.flush()
 
 
-async def watched(auth: AuthServer, user: str) -> Watched:
+async def watched(auth: AuthServer, user: str, *, inbox_prefix: str | None = None) -> Watched:
+    """A raw nats-py connection as `user`, with its own inbox prefix (`_INBOX_<user>`)."""
     holder = Watched(Client())
 
     async def on_error(exc: Exception) -> None:
@@ -137,7 +153,7 @@ async def watched(auth: AuthServer, user: str) -> Watched:
 
     await holder.nc.connect(
         auth.url, user=user, password=auth.passwords[user], error_cb=on_error,
-        allow_reconnect=False,
+        allow_reconnect=False, inbox_prefix=inbox_prefix or f"_INBOX_{user}",
     )
     return holder
 
@@ -189,13 +205,19 @@ async def test_slices_cannot_spoof_alerts_or_read_matriz(auth_server: AuthServer
     slices = await watched(auth, "slices")
     client = await watched(auth, "client")
     try:
-        # Alerts: forbidden publish, then an allowed marker; the client sees only the marker.
+        # Alerts: forbidden publish, then an allowed marker (the reply to a request the
+        # client made, the one way slices may reach a client); the client sees only it.
         alerts = await client.nc.subscribe("lukhas.observability.alerts.>")
-        markers = await client.nc.subscribe("lukhas.context.marker")
+        probe = await slices.nc.subscribe("lukhas.governance.consent.marker")
+        await round_trip(slices.nc)
+        inbox = client.nc.new_inbox()
+        markers = await client.nc.subscribe(inbox)
         await round_trip(client.nc)
+        await client.nc.publish("lukhas.governance.consent.marker", b"", reply=inbox)
+        request = await probe.next_msg(timeout=5)
         await slices.nc.publish("lukhas.observability.alerts.CONSENT.governance.record", b"{}")
         await slices.nc.publish(subjects.OBSERVABILITY_STATS, b"{}")
-        await slices.nc.publish("lukhas.context.marker", b"after")
+        await slices.nc.publish(request.reply, b"after")
         await round_trip(slices.nc)
         assert (await markers.next_msg(timeout=5)).data == b"after"
         with pytest.raises(nats.errors.TimeoutError):
@@ -204,9 +226,10 @@ async def test_slices_cannot_spoof_alerts_or_read_matriz(auth_server: AuthServer
         assert any(f'publish to "{subjects.OBSERVABILITY_STATS}"' in v
                    for v in slices.violations())
 
-        # MATRIZ by subscription: refused; a node then a marker from one publisher.
+        # MATRIZ by subscription: refused; a node then a marker from one publisher (on
+        # `$SRV.`, which slices may both publish and read).
         spy = await slices.nc.subscribe("matriz.>")
-        inbox = slices.nc.new_inbox()
+        inbox = f"$SRV.marker.{secrets.token_hex(4)}"
         marker = await slices.nc.subscribe(inbox)
         await round_trip(slices.nc)
         assert any('subscription to "matriz.>"' in v for v in slices.violations())
@@ -268,11 +291,13 @@ async def test_client_cannot_publish_matriz_or_use_jetstream(auth_server: AuthSe
 async def test_the_bus_logs_a_refused_publish(
     auth_server: AuthServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The service's own connection surfaces a violation in its log (bus/nats.py error_cb)."""
+    """The service's own connection surfaces a violation in its log (bus/nats.py error_cb)
+    and the flush after the publish raises it."""
     caplog.set_level(logging.WARNING, logger="bus.nats")
     async with connect(auth_server.settings("slices")) as bus:
         await bus.publish("lukhas.observability.alerts.spoofed", b"{}")
-        await bus.flush()
+        with pytest.raises(PermissionDenied, match="alerts.spoofed"):
+            await bus.flush()
     assert any(
         "permissions violation for publish" in r.getMessage() for r in caplog.records
     ), [r.getMessage() for r in caplog.records]
@@ -398,5 +423,5 @@ async def test_mutual_tls_via_settings(tmp_path: Path) -> None:
             ))
         except subprocess.TimeoutExpired:
             pytest.fail("connecting without the CA hung instead of failing")
-        assert result.returncode == 1, result
+        assert result.returncode == 2, result  # could not connect: the CLI's error status
         assert "CERTIFICATE_VERIFY_FAILED" in result.stderr, result.stderr

@@ -112,8 +112,9 @@ async def scripted_session(bus: Bus, uid: str, other: str) -> dict[str, Any]:
         "user_id": uid, "scope": "gmail.read", "idempotency_key": f"{uid}:1",
         "metadata": {"channel": "web"},
     }, traceparent=f"00-{uid}-00-01")
-    out["again"] = await ask(subjects.CONSENT_RECORD, {
+    out["again"] = await ask(subjects.CONSENT_RECORD, {  # a true retry: the same body
         "user_id": uid, "scope": "gmail.read", "idempotency_key": f"{uid}:1",
+        "metadata": {"channel": "web"},
     })
     out["revoke"] = await ask(subjects.CONSENT_REVOKE, {"user_id": uid, "scope": "gmail.read"})
     out["status"] = await ask(subjects.CONSENT_STATUS, {"user_id": uid, "scope": "gmail.read"})

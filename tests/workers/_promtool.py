@@ -1,4 +1,4 @@
-"""Run Prometheus' `promtool` (Debian package `prometheus`; `deploy/install-promtool.sh`).
+"""Run Prometheus' `promtool` (Debian package `prometheus`; `make tools`).
 
 Missing promtool skips the test on a developer machine but fails it in CI (`CI=true`), where
 `.ci/run` installs it first, so a check can never silently stop running there.
@@ -17,7 +17,7 @@ import pytest
 def promtool_path() -> str:
     path = shutil.which("promtool")
     if path is None:
-        message = "promtool not installed (run deploy/install-promtool.sh)"
+        message = "promtool not installed (run make tools)"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message)
         pytest.skip(message)

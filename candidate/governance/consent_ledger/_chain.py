@@ -37,6 +37,17 @@ def seal(fields: dict[str, Any]) -> dict[str, Any]:
     return {**fields, "hash": digest(fields)}
 
 
+def request_of(fields: dict[str, Any]) -> bytes:
+    """What makes two writes the same request: action, scope and metadata (canonical).
+
+    A retry under an idempotency key must repeat exactly these; the trace id, timestamp and
+    chain fields of a retry naturally differ and do not count.
+    """
+    return canonical(
+        {k: fields.get(k) for k in ("action", "scope")} | {"metadata": fields.get("metadata", {})}
+    )
+
+
 def decode(data: bytes | None) -> dict[str, Any] | None:
     """A stored record as a dict, or None if the bytes are not a JSON object."""
     try:

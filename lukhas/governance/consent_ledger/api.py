@@ -19,9 +19,13 @@ async def record_consent(
     *,
     idempotency_key: str | None = None,
 ) -> dict[str, Any]:
-    """Record that `user_id` grants `scope`; a retry with the same idempotency key records once.
+    """Record that `user_id` grants `scope`.
+
+    Without `idempotency_key` every call is a new request. With one, a retry of the same
+    request (same key, scope and metadata) records once and answers `duplicate: true`.
 
     Raises:
+        IdempotencyConflict: the key was already used for a different request (ledger).
         InvalidRequest: a field has the wrong type or length.
         PayloadTooLarge: the metadata is over 8 KiB of JSON.
     """
@@ -33,14 +37,22 @@ async def record_consent(
 async def revoke_consent(
     user_id: str, scope: str, *, idempotency_key: str | None = None
 ) -> dict[str, Any]:
-    """Withdraw consent: as easy as giving it, and recorded the same way."""
+    """Withdraw consent: as easy as giving it, and recorded the same way.
+
+    A scope that was never granted is refused (`ok: false`, reason `not_granted`) by the
+    ledger; idempotency keys work as for `record_consent`.
+    """
     return await endpoints.REVOKE.call(
         user_id=user_id, scope=scope, idempotency_key=idempotency_key
     )
 
 
 async def consent_status(user_id: str, scope: str) -> dict[str, Any]:
-    """Current state of `scope` for `user_id`: granted, revoked, expired or none."""
+    """Current state of `scope` for `user_id`: granted, revoked, expired or none.
+
+    The ledger answers from the scope's latest record and reports (`state_mismatch`) a
+    derived state that disagrees with it.
+    """
     return await endpoints.STATUS.call(user_id=user_id, scope=scope)
 
 
@@ -50,5 +62,6 @@ async def consent_history(user_id: str) -> dict[str, Any]:
 
 
 async def verify_consent_chain(user_id: str) -> dict[str, Any]:
-    """Recompute `user_id`'s hash chain; report its length and the first broken link."""
+    """Recompute `user_id`'s hash chain; report its length, the first broken link and any
+    derived state that disagrees with the ledger (`state_mismatches`)."""
     return await endpoints.VERIFY.call(user_id=user_id)

@@ -26,6 +26,15 @@ async def test_handoff_context_dryrun() -> None:
     assert node["type"] == "CONTEXT"
 
 
+async def test_empty_context_has_size_0_as_the_plan_says() -> None:
+    async with open_test_runtime() as (runtime, _):
+        async with runtime.bus.subscribe("lukhas.context.default") as target:
+            out = await handoff_context({})
+            delivered = await target.next(timeout=5)
+    assert out["context_size"] == 0
+    assert out["envelope_bytes"] == len(delivered.data) > 0
+
+
 async def test_handoff_to_named_target() -> None:
     async with open_test_runtime() as (runtime, _):
         async with runtime.bus.subscribe("lukhas.context.*") as targets:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install promtool (Debian package `prometheus`) for the suite's `promtool check` tests.
-# .ci/run calls this; with CI=true those tests fail rather than skip when promtool is absent.
+# Install the system tools some tests drive, from Debian's packages: promtool (package
+# `prometheus`) for the /metrics and alert-rule checks. `make tools` runs this and .ci/run
+# runs `make tools`; with CI=true those tests fail rather than skip when a tool is absent.
 set -euo pipefail
 if command -v promtool >/dev/null 2>&1; then
   exit 0
