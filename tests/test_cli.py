@@ -17,8 +17,8 @@ import nats
 import pytest
 
 from bus.server import free_port
-from lukhas.cli import EXIT_BROKEN_PIPE, build_parser, main
 from tests.integration.processes import REPO, running
+from workers.cli.main import EXIT_BROKEN_PIPE, build_parser, main
 
 COMMANDS = ["up", "worker", "request", "matriz", "health", "demo", "verify", "bench"]
 
@@ -49,7 +49,7 @@ def _env(**extra: str) -> dict[str, str]:
 def _cli(*args: str, env: dict[str, str] | None = None, input: str | None = None,
          timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lukhas.cli", *args], cwd=REPO, capture_output=True, text=True,
+        [sys.executable, "-m", "workers.cli.main", *args], cwd=REPO, capture_output=True, text=True,
         timeout=timeout, env=env or _env(), input=input,
     )
 
@@ -58,7 +58,7 @@ async def _acli(*args: str, input: bytes | None = None,
                 env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """The CLI as a child process while this event loop keeps serving (a responder)."""
     result = await anyio.run_process(
-        [sys.executable, "-m", "lukhas.cli", *args], cwd=REPO, input=input, check=False,
+        [sys.executable, "-m", "workers.cli.main", *args], cwd=REPO, input=input, check=False,
         env=env or _env(),
     )
     return result.returncode, result.stdout.decode(), result.stderr.decode()
@@ -152,7 +152,7 @@ async def test_output_into_a_closed_pipe_exits_quietly(nats_url: str) -> None:
     try:
         async with _echo(nats_url, "cli.echo.pipe"):
             result = await anyio.run_process(
-                [sys.executable, "-m", "lukhas.cli", "request", "--nats-url", nats_url,
+                [sys.executable, "-m", "workers.cli.main", "request", "--nats-url", nats_url,
                  "cli.echo.pipe", '{"x": 1}'],
                 cwd=REPO, stdout=write_end, check=False, env=_env(),
             )
@@ -267,7 +267,7 @@ async def test_demo_without_a_running_stack_starts_an_embedded_one_and_says_so(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from lukhas.config import Settings
-    from workers.demo import run_demo
+    from workers.cli.demo import run_demo
 
     dead = f"nats://127.0.0.1:{free_port()}"  # where `lukhas up` would be: nobody answers
     lines: list[str] = []

@@ -11,8 +11,8 @@ from typing import Any
 
 import yaml
 
-from lukhas.cli import build_parser
 from lukhas.config import KNOWN_VARIABLES
+from workers.cli.main import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((REPO / "compose.yaml").read_text())

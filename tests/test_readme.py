@@ -49,7 +49,7 @@ def test_the_documented_handoff_limits_are_the_enforced_ones() -> None:
 
 
 def test_the_quick_start_commands_are_real_cli_commands() -> None:
-    from lukhas.cli import build_parser
+    from workers.cli.main import build_parser
 
     parser = build_parser()
     block = re.search(r"Then, from another shell.*?```bash\n(.*?)```", README, re.DOTALL)

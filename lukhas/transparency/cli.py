@@ -1,6 +1,6 @@
 """`lukhas consent verify-proof | vkey | keygen`: the offline side of the verifiable ledger.
 
-`lukhas/cli.py` wires these in with `add_parser(commands)` (or, when it already has a
+`workers/cli/main.py` wires these in with `add_parser(commands)` (or, when it already has a
 `consent` command, `add_commands(consent_subcommands)`). Every command here works with no server.
 """
 

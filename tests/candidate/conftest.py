@@ -17,7 +17,7 @@ import pytest
 from lukhas.runtime import Runtime
 from lukhas.testing import MatrizRecorder, open_test_runtime
 from tests.candidate._support import Names, Stack, nats_bus, nats_settings
-from workers.bootstrap import unwire_providers, wire_providers
+from workers.service.bootstrap import unwire_providers, wire_providers
 
 
 @pytest.fixture

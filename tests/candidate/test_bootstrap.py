@@ -1,4 +1,5 @@
-"""workers/bootstrap.py wires the candidate providers only under their flags, never in DRY_RUN."""
+"""workers/service/bootstrap.py wires the candidate providers only under their flags, never
+in DRY_RUN."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from lukhas.identity.passkey.api import (
 from lukhas.testing import open_test_runtime
 from tests.candidate._support import PSEUDONYM_KEY, Names, Stack, nats_bus, nats_settings, user
 from tests.candidate.authenticator import SoftAuthenticator, b64url, from_b64url
-from workers.bootstrap import unwire_providers, wire_providers
+from workers.service.bootstrap import unwire_providers, wire_providers
 
 pytestmark = pytest.mark.nats
 

@@ -48,8 +48,8 @@ from lukhas.governance.consent_ledger.messages import ConsentEntry
 from lukhas.observability.pseudonym import Pseudonymizer
 from lukhas.runtime import Runtime
 from tests.candidate._support import PSEUDONYM_KEY, Names, Stack, nats_bus, user
-from workers.bootstrap import wire_providers
-from workers.slices import SliceService
+from workers.service.bootstrap import wire_providers
+from workers.service.slices import SliceService
 
 pytestmark = pytest.mark.nats
 
@@ -407,7 +407,7 @@ def test_the_slice_worker_refuses_to_start_on_a_weakened_ledger(tmp_path: Path) 
         env.update(NATS_URL=server.url, FEATURE_GOVERNANCE_LEDGER="true",
                    LUKHAS_PSEUDONYM_KEYS=secrets.token_hex(32), LUKHAS_METRICS_PORT="0")
         result = subprocess.run(
-            [sys.executable, "-m", "lukhas.cli", "worker", "slices"],
+            [sys.executable, "-m", "workers.cli.main", "worker", "slices"],
             cwd=REPO, capture_output=True, text=True, timeout=60, env=env,
         )
     finally:

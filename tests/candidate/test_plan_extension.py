@@ -6,7 +6,7 @@ import dataclasses
 
 from lukhas.governance.consent_ledger.api import record_consent, revoke_consent
 from lukhas.testing import dry_run_settings, open_test_runtime
-from workers.bootstrap import unwire_providers, wire_module
+from workers.service.bootstrap import unwire_providers, wire_module
 
 PLAN_MODULE = "tests.candidate.plan_cloud_ledger"
 

@@ -26,7 +26,7 @@ from lukhas.identity.passkey.api import (
 from lukhas.runtime import Runtime
 from tests.candidate._support import Names, Stack, user
 from tests.candidate.authenticator import SoftAuthenticator, b64url, from_b64url
-from workers.slices import SliceService
+from workers.service.slices import SliceService
 
 pytestmark = pytest.mark.nats
 

@@ -21,8 +21,8 @@ from bus.server import free_port
 from lukhas import subjects
 from lukhas.runtime import open_runtime
 from tests.candidate._support import nats_settings
-from workers.bootstrap import unwire_providers, wire_providers
-from workers.slices import SliceService
+from workers.service.bootstrap import unwire_providers, wire_providers
+from workers.service.slices import SliceService
 
 pytestmark = pytest.mark.nats
 

@@ -30,8 +30,8 @@ from tests.faults._harness import (
     stats,
     stream_subject_count,
 )
-from workers.observability import DURABLE_NAME, ObservabilityWorker
-from workers.streams import MATRIZ_STREAM
+from workers.service.observability import DURABLE_NAME, ObservabilityWorker
+from workers.service.streams import MATRIZ_STREAM
 
 pytestmark = pytest.mark.nats
 

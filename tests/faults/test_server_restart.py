@@ -29,8 +29,8 @@ from tests.faults._harness import (
     stream_subject_count,
     worker_env,
 )
-from workers.observability import DURABLE_NAME
-from workers.streams import MATRIZ_STREAM
+from workers.service.observability import DURABLE_NAME
+from workers.service.streams import MATRIZ_STREAM
 
 pytestmark = pytest.mark.nats
 

@@ -42,8 +42,8 @@ from tests.fuzz._hostile import (
     hostile_headers,
     raw_bodies,
 )
-from workers.bootstrap import unwire_providers, wire_providers
-from workers.slices import SliceService, serve_plan
+from workers.service.bootstrap import unwire_providers, wire_providers
+from workers.service.slices import SliceService, serve_plan
 
 logger = logging.getLogger(__name__)
 

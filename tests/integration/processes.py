@@ -23,7 +23,7 @@ BASE_ENV = {
 
 
 class LukhasProcess:
-    """A `python -m lukhas.cli ...` child; its stdout lines are read by a thread."""
+    """A `python -m workers.cli.main ...` child; its stdout lines are read by a thread."""
 
     def __init__(self, *args: str, env: Mapping[str, str] | None = None) -> None:
         full_env = {**os.environ, **BASE_ENV, **(env or {})}
@@ -32,7 +32,7 @@ class LukhasProcess:
                 full_env.pop(name, None)
         self.args = args
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lukhas.cli", *args],
+            [sys.executable, "-m", "workers.cli.main", *args],
             cwd=REPO, env=full_env, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )

@@ -21,8 +21,8 @@ from bus import NatsServer, open_nats_bus
 from lukhas.orchestration.context.api import handoff_context
 from lukhas.orchestration.context.endpoints import handoff_controls
 from lukhas.testing import dry_run_settings, open_test_runtime
-from workers.bootstrap import unwire_providers, wire_providers
-from workers.streams import HANDOFF_STREAM
+from workers.service.bootstrap import unwire_providers, wire_providers
+from workers.service.streams import HANDOFF_STREAM
 
 pytestmark = pytest.mark.nats
 

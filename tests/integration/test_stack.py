@@ -154,7 +154,7 @@ async def test_sigterm_drains_in_flight_requests_and_loses_none(server: NatsServ
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lukhas.cli", *args], cwd=REPO, capture_output=True, text=True,
+        [sys.executable, "-m", "workers.cli.main", *args], cwd=REPO, capture_output=True, text=True,
         timeout=60, env={**os.environ, **env},
     )
 
@@ -176,7 +176,7 @@ def test_client_commands_request_health_and_stats(server: NatsServer) -> None:
         os.close(read_end)  # `lukhas matriz stats | head` once head has exited
         try:
             piped = subprocess.run(
-                [sys.executable, "-m", "lukhas.cli", "matriz", "stats"], cwd=REPO,
+                [sys.executable, "-m", "workers.cli.main", "matriz", "stats"], cwd=REPO,
                 stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
                 env={**os.environ, **env},
             )
@@ -254,7 +254,8 @@ def test_ctrl_c_in_a_terminal_reaches_only_lukhas_which_drains_then_stops_the_se
     env.pop("NATS_URL", None)
     # Its own session stands for the terminal's foreground group.
     up = subprocess.Popen(
-        [sys.executable, "-m", "lukhas.cli", "up", "--port", "0", "--data-dir", str(tmp_path)],
+        [sys.executable, "-m", "workers.cli.main", "up", "--port", "0",
+         "--data-dir", str(tmp_path)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )
@@ -282,7 +283,7 @@ async def test_demo_uses_the_running_stack_and_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from lukhas.config import Settings
-    from workers.demo import run_demo
+    from workers.cli.demo import run_demo
 
     # A small handoff budget on both sides, so the demo's burst is rate limited however
     # slowly a loaded machine sends it.
@@ -310,7 +311,7 @@ async def test_demo_uses_the_running_stack_and_says_so(
 def test_worker_without_nats_url_is_a_clear_configuration_error() -> None:
     env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
     result = subprocess.run(
-        [sys.executable, "-m", "lukhas.cli", "worker", "slices"], cwd=REPO,
+        [sys.executable, "-m", "workers.cli.main", "worker", "slices"], cwd=REPO,
         capture_output=True, text=True, timeout=60, env=env,
     )
     assert result.returncode != 0

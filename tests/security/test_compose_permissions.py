@@ -184,7 +184,7 @@ def compose_like(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Aut
 
 def run_lukhas(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lukhas.cli", *argv], cwd=REPO, capture_output=True,
+        [sys.executable, "-m", "workers.cli.main", *argv], cwd=REPO, capture_output=True,
         text=True, timeout=60, env={**_clean_env(), **env},
     )
 
@@ -242,7 +242,7 @@ def _tail_one_node(
 ) -> subprocess.CompletedProcess[str]:
     """Run the tail example until it has printed one node, making calls until it does."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lukhas.cli", *argv, "--count", "1"], cwd=REPO, text=True,
+        [sys.executable, "-m", "workers.cli.main", *argv, "--count", "1"], cwd=REPO, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**_clean_env(), **env},
     )
 

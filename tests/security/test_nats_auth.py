@@ -245,7 +245,7 @@ async def test_slices_cannot_spoof_alerts_or_read_matriz(auth_server: AuthServer
         observability = await watched(auth, "observability")
         try:
             js = observability.nc.jetstream()
-            from workers.streams import ensure_matriz_stream
+            from workers.service.streams import ensure_matriz_stream
 
             await ensure_matriz_stream(js)
             await round_trip(observability.nc)
@@ -315,7 +315,7 @@ async def test_wrong_password_is_a_clear_connect_error(auth_server: AuthServer) 
 
 def test_the_cli_carries_credentials_from_the_environment(auth_server: AuthServer) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "lukhas.cli", "request", subjects.CONSENT_STATUS,
+        [sys.executable, "-m", "workers.cli.main", "request", subjects.CONSENT_STATUS,
          '{"user_id":"usr_cli_auth","scope":"gmail.read"}', "--timeout", "2"],
         cwd=REPO, capture_output=True, text=True, timeout=60,
         env={**_clean_env(), **auth_server.env("client")},
@@ -418,7 +418,7 @@ async def test_mutual_tls_via_settings(tmp_path: Path) -> None:
         try:
             result = await anyio.to_thread.run_sync(functools.partial(
                 subprocess.run,
-                [sys.executable, "-m", "lukhas.cli", "health", "--timeout", "1"],
+                [sys.executable, "-m", "workers.cli.main", "health", "--timeout", "1"],
                 cwd=REPO, capture_output=True, text=True, timeout=10, env=env,
             ))
         except subprocess.TimeoutExpired:

@@ -381,7 +381,7 @@ async def test_a_wrong_inbox_prefix_is_a_clear_error_not_a_timeout(deployed: Dep
 
 def test_the_cli_exits_non_zero_on_a_refusal(deployed: Deployed) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "lukhas.cli", "matriz", "tail"],
+        [sys.executable, "-m", "workers.cli.main", "matriz", "tail"],
         cwd=REPO, capture_output=True, text=True, timeout=60,
         env={**_clean_env(), **deployed.auth.env("client")},
     )

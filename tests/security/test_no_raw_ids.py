@@ -33,8 +33,8 @@ from lukhas.runtime import open_runtime
 from tests.candidate._support import Names, nats_bus, nats_settings
 from tests.candidate.authenticator import SoftAuthenticator
 from tests.faults._harness import lukhas_worker, request_json
-from workers.bootstrap import unwire_providers, wire_providers
-from workers.slices import SliceService
+from workers.service.bootstrap import unwire_providers, wire_providers
+from workers.service.slices import SliceService
 
 pytestmark = pytest.mark.nats
 

@@ -28,8 +28,8 @@ from lukhas.identity.passkey import registry as passkey_registry
 from lukhas.runtime import open_runtime
 from tests.candidate._support import PSEUDONYM_KEY, Names, nats_bus, nats_settings
 from tests.candidate.authenticator import SoftAuthenticator, b64url
-from workers.bootstrap import unwire_providers
-from workers.slices import SliceService
+from workers.service.bootstrap import unwire_providers
+from workers.service.slices import SliceService
 
 pytestmark = pytest.mark.nats
 

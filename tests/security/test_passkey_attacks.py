@@ -25,8 +25,8 @@ from lukhas.runtime import open_runtime
 from lukhas.testing import dry_run_settings
 from tests.candidate._support import Names, nats_bus, nats_settings
 from tests.candidate.authenticator import SoftAuthenticator, b64url, from_b64url
-from workers.bootstrap import unwire_providers, wire_providers
-from workers.slices import SliceService
+from workers.service.bootstrap import unwire_providers, wire_providers
+from workers.service.slices import SliceService
 
 Ask = Callable[[str, Any], Awaitable[dict[str, Any]]]
 

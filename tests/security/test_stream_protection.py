@@ -22,7 +22,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StreamConfig
 
 from bus import NatsServer, StreamWeakened, open_nats_bus
 from tests.integration.processes import REPO
-from workers.streams import (
+from workers.service.streams import (
     HANDOFF_MAX_AGE_S,
     HANDOFF_STREAM,
     MATRIZ_STREAM,
@@ -97,7 +97,7 @@ async def test_a_worker_refuses_to_start_on_a_weakened_stream() -> None:
             "LUKHAS_METRICS_PORT": "0",
         }
         result = await anyio.to_thread.run_sync(functools.partial(
-            subprocess.run, [sys.executable, "-m", "lukhas.cli", "worker", "slices"],
+            subprocess.run, [sys.executable, "-m", "workers.cli.main", "worker", "slices"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
         ))
     assert result.returncode != 0, result

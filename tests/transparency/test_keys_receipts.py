@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from lukhas.cli import build_parser
 from lukhas.config import Settings
 from lukhas.errors import ConfigError
 from lukhas.transparency.errors import InvalidSignature, MalformedRecord
@@ -26,6 +25,7 @@ from lukhas.transparency.sealed import (
     unwrap_data_key,
     wrap_data_key,
 )
+from workers.cli.main import build_parser
 
 from ._log import Log
 

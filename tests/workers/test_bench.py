@@ -10,8 +10,8 @@ import pytest
 
 from bus.server import find_nats_server
 from lukhas.config import Settings
-from workers._bench_report import render
-from workers.bench import run_bench
+from workers.tools._bench_report import render
+from workers.tools.bench import run_bench
 
 pytestmark = pytest.mark.nats
 

@@ -7,7 +7,7 @@ import pytest
 from bus import open_memory_bus
 from lukhas import subjects
 from tests.workers.test_slices import call, serving
-from workers.discovery import EndpointCounters, latency_quantiles
+from workers.service.discovery import EndpointCounters, latency_quantiles
 
 
 def test_quantiles_come_from_the_recorded_processing_times() -> None:

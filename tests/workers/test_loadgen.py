@@ -9,7 +9,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from workers.loadgen import LatencyRecorder, closed_loop, open_loop
+from workers.tools.loadgen import LatencyRecorder, closed_loop, open_loop
 
 
 class Boom(RuntimeError):

@@ -20,7 +20,7 @@ from lukhas.orchestration.context.api import handoff_context
 from lukhas.subjects import MATRIZ_DROPS, OBSERVABILITY_STATS
 from lukhas.testing import dry_run_settings, open_test_runtime
 from tests.workers._promtool import promtool
-from workers.observability import (
+from workers.service.observability import (
     ObservabilityWorker,
     SloSettings,
     StatsSnapshot,

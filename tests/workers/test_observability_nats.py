@@ -17,10 +17,15 @@ from bus.nats import NatsBus
 from lukhas.observability.matriz_emit import MatrizNode, make_node
 from lukhas.subjects import OBSERVABILITY_STATS, alert_subject
 from lukhas.testing import dry_run_settings
-from workers._aggregate import Aggregator
-from workers._slo import Slo
-from workers.observability import DURABLE_NAME, BurnAlert, ObservabilityWorker, StatsSnapshot
-from workers.streams import MATRIZ_STREAM, ensure_matriz_stream
+from workers.service._aggregate import Aggregator
+from workers.service._slo import Slo
+from workers.service.observability import (
+    DURABLE_NAME,
+    BurnAlert,
+    ObservabilityWorker,
+    StatsSnapshot,
+)
+from workers.service.streams import MATRIZ_STREAM, ensure_matriz_stream
 
 pytestmark = pytest.mark.nats
 

@@ -17,9 +17,9 @@ from bus import Bus, open_memory_bus
 from lukhas.observability.matriz_emit import MatrizNode, Outcome, Timestamps, make_node
 from lukhas.subjects import OBSERVABILITY_STATS, alert_subject
 from lukhas.testing import dry_run_settings
-from workers._aggregate import Aggregator
-from workers._slo import Slo
-from workers.observability import BurnAlert, ObservabilityWorker, SloSettings, StatsSnapshot
+from workers.service._aggregate import Aggregator
+from workers.service._slo import Slo
+from workers.service.observability import BurnAlert, ObservabilityWorker, SloSettings, StatsSnapshot
 
 POINT = "DECISION:identity:passkey.verify"
 SETTINGS = SloSettings.workbook(

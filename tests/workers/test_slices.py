@@ -16,7 +16,7 @@ from lukhas.observability.tracing import make_traceparent
 from lukhas.runtime import Runtime
 from lukhas.testing import MatrizRecorder, dry_run_settings, open_test_runtime
 from tests.conftest import BusFactory
-from workers.slices import SliceService
+from workers.service.slices import SliceService
 
 
 @asynccontextmanager
@@ -197,7 +197,7 @@ async def test_stop_finishes_in_flight_requests() -> None:
 
 
 async def test_null_providers_are_answered_inline_real_ones_by_the_pool() -> None:
-    from workers.slices import serve_plan
+    from workers.service.slices import serve_plan
 
     inline = {ep.name for ep in serve_plan(dry_run_settings()) if not ep.pooled}
     assert "consent_record" in inline and "passkey_verify" in inline

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.verify import (
+from workers.tools.verify import (
     gate_manifests,
     gate_tests,
     gate_tests_from,

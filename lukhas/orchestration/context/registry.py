@@ -1,6 +1,6 @@
 """How handoffs are delivered: the bus by default, a durable stream when one is registered.
 
-`workers/bootstrap.py` registers the JetStream publisher under FEATURE_ORCHESTRATION_HANDOFF
+`workers/service/bootstrap.py` registers the JetStream publisher under FEATURE_ORCHESTRATION_HANDOFF
 outside DRY_RUN; then a handoff's `ok: true` is the stream's acknowledgement.
 """
 

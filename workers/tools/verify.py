@@ -34,8 +34,8 @@ from lukhas.config import Settings
 from lukhas.errors import ConfigError
 from lukhas.manifest import check_manifest, load_manifest, manifest_paths
 from lukhas.runtime import open_runtime
-from workers.loadgen import open_loop
-from workers.slices import SliceService
+from workers.service.slices import SliceService
+from workers.tools.loadgen import open_loop
 
 Out = Callable[[str], None]
 BIN = Path(sys.executable).parent

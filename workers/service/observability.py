@@ -9,7 +9,7 @@ batch). On the memory bus, or a server without JetStream, it is a plain subscrip
 
 Outputs. A stats snapshot on request (`lukhas.observability.stats`), Prometheus text on
 `/metrics`, and SLO burn-rate alerts on `lukhas.observability.alerts.<emit point tokens>`:
-one message when an alert starts firing and one when it resolves (see `workers/_slo.py`).
+one message when an alert starts firing and one when it resolves (see `workers/service/_slo.py`).
 Emitters' dropped-node reports (`MATRIZ_DROPS`) are folded in.
 
 Several workers. Workers sharing the durable consumer each aggregate a part of the nodes.
@@ -49,7 +49,7 @@ from lukhas.subjects import (
     OBSERVABILITY_STATS,
     alert_subject,
 )
-from workers._aggregate import (
+from workers.service._aggregate import (
     AggregateState,
     Aggregator,
     EmitPointStats,
@@ -57,10 +57,15 @@ from workers._aggregate import (
     StatsSnapshot,
     decode_state,
 )
-from workers._manifests import load_manifests, sla_by_emit_point
-from workers._metrics import MatrizCollector, MetricsServer
-from workers._slo import BurnAlert, SloSettings, slo_by_emit_point
-from workers.streams import MATRIZ_MAX_AGE_S, MATRIZ_MAX_BYTES, MATRIZ_STREAM, ensure_matriz_stream
+from workers.service._manifests import load_manifests, sla_by_emit_point
+from workers.service._metrics import MatrizCollector, MetricsServer
+from workers.service._slo import BurnAlert, SloSettings, slo_by_emit_point
+from workers.service.streams import (
+    MATRIZ_MAX_AGE_S,
+    MATRIZ_MAX_BYTES,
+    MATRIZ_STREAM,
+    ensure_matriz_stream,
+)
 
 __all__ = [
     "DURABLE_NAME",

@@ -99,7 +99,7 @@ def _read_body(text: str) -> object:
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from dataclasses import replace
 
-    from workers.stack import run_up
+    from workers.service.stack import run_up
 
     port = DEFAULT_PORT if args.port is None else args.port
     metrics_port = args.metrics_port
@@ -121,7 +121,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.stack import run_worker
+    from workers.service.stack import run_worker
 
     if settings.nats_url is None and not settings.uses_memory_bus:
         raise ConfigError("NATS_URL", "", "the URL of the NATS server this worker joins")
@@ -130,7 +130,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.client import request_json
+    from workers.cli.client import request_json
 
     body = _read_body(args.body)
     client = _client_settings(args, settings)
@@ -142,7 +142,7 @@ def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_matriz(args: argparse.Namespace, settings: Settings) -> int:
-    from workers import client
+    from workers.cli import client
 
     client_settings = _client_settings(args, settings)
     if args.matriz_command == "tail":
@@ -163,7 +163,7 @@ def cmd_matriz(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.client import ping_service
+    from workers.cli.client import ping_service
 
     client = _client_settings(args, settings)
     answer = anyio.run(lambda: ping_service(client, args.timeout), backend="asyncio")
@@ -177,7 +177,7 @@ def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.demo import run_demo
+    from workers.cli.demo import run_demo
 
     ok = anyio.run(
         lambda: run_demo(settings, nats_url=args.nats_url, default_url=DEFAULT_NATS_URL,
@@ -190,9 +190,9 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     from pathlib import Path
 
-    from workers.verify import run_verify
+    from workers.tools.verify import run_verify
 
-    repo = Path(args.repo) if args.repo else Path(__file__).resolve().parents[1]
+    repo = Path(args.repo) if args.repo else Path(__file__).resolve().parents[2]
     junit = Path(args.junit) if args.junit else None
     passed, _ = anyio.run(
         lambda: run_verify(repo=repo, out=_print, rate=args.rate, duration_s=args.duration,
@@ -203,7 +203,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.bench import run_bench
+    from workers.tools.bench import run_bench
 
     anyio.run(
         lambda: run_bench(settings, out=_print, json_output=args.json,

@@ -43,13 +43,13 @@ from lukhas import subjects
 from lukhas.catalog import ENDPOINTS
 from lukhas.config import Settings
 from lukhas.runtime import open_runtime
-from workers import _bench_sections as sections
-from workers._bench_faststream import faststream_version, serve_faststream
-from workers._bench_report import Steps, progress_steps, render
-from workers._manifests import load_manifests, sla_by_emit_point
-from workers.loadgen import ClosedLoopResult, OpenLoopResult
-from workers.slices import SliceService
-from workers.streams import ensure_matriz_stream
+from workers.service._manifests import load_manifests, sla_by_emit_point
+from workers.service.slices import SliceService
+from workers.service.streams import ensure_matriz_stream
+from workers.tools import _bench_sections as sections
+from workers.tools._bench_faststream import faststream_version, serve_faststream
+from workers.tools._bench_report import Steps, progress_steps, render
+from workers.tools.loadgen import ClosedLoopResult, OpenLoopResult
 
 __all__ = ["TARGETS", "run_bench"]
 

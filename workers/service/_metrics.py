@@ -21,7 +21,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from workers._aggregate import Aggregator, StatsSnapshot
+from workers.service._aggregate import Aggregator, StatsSnapshot
 
 OwnPoints = Callable[[], list[tuple[str, int, int, dict[str, int], int, list[int]]]]
 

@@ -25,7 +25,7 @@ import msgspec
 from hdrh.histogram import HdrHistogram
 
 from lukhas.observability.matriz_emit import DropReport, Outcome
-from workers._slo import (
+from workers.service._slo import (
     Buckets,
     BurnAlert,
     BurnState,

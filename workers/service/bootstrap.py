@@ -19,7 +19,7 @@ from lukhas.governance.consent_ledger import registry as consent_registry
 from lukhas.identity.passkey import registry as passkey_registry
 from lukhas.orchestration.context import registry as context_registry
 from lukhas.runtime import Runtime
-from workers.streams import HANDOFF_STREAM, DurableHandoffPublisher, ensure_handoff_stream
+from workers.service.streams import HANDOFF_STREAM, DurableHandoffPublisher, ensure_handoff_stream
 
 logger = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ from bus import Bus, NatsServer, connect
 from bus import server as _server
 from lukhas.config import Settings
 from lukhas.runtime import Runtime, open_runtime
-from workers.bootstrap import unwire_providers, wire_providers
-from workers.observability import ObservabilityWorker
-from workers.slices import SliceService
-from workers.streams import ensure_matriz_stream
+from workers.service.bootstrap import unwire_providers, wire_providers
+from workers.service.observability import ObservabilityWorker
+from workers.service.slices import SliceService
+from workers.service.streams import ensure_matriz_stream
 
 logger = logging.getLogger(__name__)
 

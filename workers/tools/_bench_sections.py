@@ -1,4 +1,4 @@
-"""The benchmark's measurements, one function per section; `workers/bench.py` runs them.
+"""The benchmark's measurements, one function per section; `workers/tools/bench.py` runs them.
 
 Every comparison is made in the same run, against the same nats-server, from the same kind
 of client, so a ratio says what LUKHAS costs over plain nats-py on this machine right now.
@@ -31,8 +31,8 @@ from lukhas.orchestration.context.messages import ContextHandedOff
 from lukhas.orchestration.context.ratelimit import HandoffLimiter
 from lukhas.runtime import open_runtime
 from lukhas.subjects import context_target
-from workers.bootstrap import LEDGER_MODULE, unwire_providers, wire_providers
-from workers.loadgen import (
+from workers.service.bootstrap import LEDGER_MODULE, unwire_providers, wire_providers
+from workers.tools.loadgen import (
     Call,
     ClosedLoopResult,
     LatencyRecorder,
@@ -216,7 +216,7 @@ def _bench_node(index: int) -> MatrizNode:
         outcome="ok",
         latency_ms=0.05 + index % 7 / 100,
         trace_id=new_trace_id(),
-        producer="lukhas-bench:workers.bench",
+        producer="lukhas-bench:workers.tools.bench",
         capability="verify_passkey",
     )
 

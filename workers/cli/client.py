@@ -16,7 +16,7 @@ from bus import Bus, connect
 from lukhas.config import Settings
 from lukhas.observability.tracing import make_traceparent
 from lukhas.subjects import SERVICE_NAME
-from workers import discovery
+from workers.service import discovery
 
 _encoder = msgspec.json.Encoder()
 

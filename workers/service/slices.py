@@ -29,8 +29,8 @@ from lukhas.observability.matriz_decorators import emit_rejected
 from lukhas.observability.tracing import bind_trace, parse_traceparent
 from lukhas.runtime import Runtime
 from lukhas.subjects import SERVICE_NAME, SLICE_QUEUE_GROUP
-from workers import discovery
-from workers.discovery import EndpointCounters, ServiceIdentity
+from workers.service import discovery
+from workers.service.discovery import EndpointCounters, ServiceIdentity
 
 logger = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ import anyio
 from bus import Bus, BusConnectError, connect
 from lukhas import subjects
 from lukhas.config import Settings
-from workers.client import call_json, print_stats_table
-from workers.observability import ObservabilityWorker
-from workers.slices import SliceService
-from workers.stack import embedded_server, open_worker_runtime
+from workers.cli.client import call_json, print_stats_table
+from workers.service.observability import ObservabilityWorker
+from workers.service.slices import SliceService
+from workers.service.stack import embedded_server, open_worker_runtime
 
 Out = Callable[[str], None]
 

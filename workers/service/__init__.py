@@ -1,0 +1,1 @@
+"""The long-running service: slice service, observability worker, discovery, wiring, stack."""
