@@ -47,6 +47,15 @@ _VALID_SUBJECTS_KEPT = 4096
 _CLOSE_TIMEOUT = 2.0
 
 
+def _first_connect_policy() -> dict[str, Any]:
+    # A dict, because nats-py annotates `reconnect_time_wait` as int though it takes seconds.
+    return {
+        "allow_reconnect": True,
+        "max_reconnect_attempts": _FIRST_CONNECT_RETRIES,
+        "reconnect_time_wait": _FIRST_CONNECT_RETRY_WAIT,
+    }
+
+
 class NatsBus:
     """A `Bus` over one NATS connection; open it with `open_nats_bus()`."""
 
@@ -377,9 +386,7 @@ class NatsBus:
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                     closed_cb=self._on_closed,
-                    allow_reconnect=True,
-                    max_reconnect_attempts=_FIRST_CONNECT_RETRIES,
-                    reconnect_time_wait=_FIRST_CONNECT_RETRY_WAIT,
+                    **_first_connect_policy(),
                     **options,
                 )
         except (OSError, TimeoutError, nats.errors.Error) as exc:
@@ -433,7 +440,7 @@ class NatsBus:
         if not self._connected_once:
             self._connect_errors.append(exc)
             logger.debug("connect attempt to %s failed: %s", redact(self.url), describe(exc))
-        elif self._error_log.allow(type(exc)):
+        elif self._error_log.allow(type(exc).__name__):
             logger.warning("NATS error: %s", describe(exc))
 
     async def _on_disconnected(self) -> None:
