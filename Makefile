@@ -34,6 +34,7 @@ run: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 	mkdir -p $(dir $(JUNIT))
 	$(BIN)/pytest --junitxml=$(JUNIT)
 

@@ -14,13 +14,12 @@ from bus.errors import BusConnectError as BusConnectError
 from bus.errors import BusError as BusError
 from bus.errors import InvalidHeader as InvalidHeader
 from bus.errors import InvalidSubject as InvalidSubject
+from bus.errors import JetStreamUnavailable as JetStreamUnavailable
 from bus.errors import NoResponders as NoResponders
 from bus.errors import PayloadTooLarge as PayloadTooLarge
 from bus.errors import PermissionDenied as PermissionDenied
 from bus.errors import RequestTimeout as RequestTimeout
 from bus.errors import SlowConsumer as SlowConsumer
-from bus.errors import StreamWeakened as StreamWeakened
 from bus.memory import open_memory_bus as open_memory_bus
 from bus.nats import open_nats_bus as open_nats_bus
-from bus.server import NatsCluster as NatsCluster
 from bus.server import NatsServer as NatsServer

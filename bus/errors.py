@@ -99,15 +99,12 @@ class PermissionDenied(BusError):
         self.queue = queue
 
 
-class StreamWeakened(BusError):
-    """An existing JetStream stream lacks a protection its users rely on (e.g. its
-    retention, max age or deny_delete/deny_purge were changed), so it is not used."""
+class JetStreamUnavailable(BusError):
+    """JetStream was asked of a bus that has none (the in-memory bus)."""
 
-    def __init__(self, stream: str, problems: list[str]) -> None:
+    def __init__(self, backend: str) -> None:
         super().__init__(
-            f"JetStream stream {stream} was weakened and will not be used: "
-            + "; ".join(problems)
-            + " (restore its configuration, or move it aside so it is created again)"
+            f"JetStream needs a NATS bus, and this bus is {backend!r} "
+            "(unset LUKHAS_OFFLINE and give NATS_URL, or let `lukhas up` start a server)"
         )
-        self.stream = stream
-        self.problems = problems
+        self.backend = backend

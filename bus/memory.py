@@ -100,10 +100,14 @@ class MemorySubscription(ConsumedSubscription):
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             self._settled.set()
             raise StopAsyncIteration from None
-        if self._state == "closed":  # unsubscribed while we were waiting: discard
+        if self._closed():  # unsubscribed while we were waiting: discard
             raise StopAsyncIteration
         self._delivered += 1
         return envelope
+
+    def _closed(self) -> bool:
+        # A method, so a type checker does not carry the narrowing above across the await.
+        return self._state == "closed"
 
     def _check_settled(self) -> None:
         if self._state == "active" or self._in_hand:

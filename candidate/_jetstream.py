@@ -1,5 +1,10 @@
-"""Small JetStream helpers the candidate providers share: create-if-missing, CAS error codes,
-and the check that an existing stream still has the protective config its data depends on."""
+"""JetStream helpers the candidate providers and the service's streams share: create-if-missing
+(safe when workers race), the checks that an existing stream still has the protective config its
+data depends on, CAS error codes, and the typed way to the bus's JetStream context.
+
+Stream creation lives here, not in `bus/` (which knows subjects and bytes, not streams), and
+below `workers/` so both the providers and `workers/service/streams.py` can import it.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,11 @@ from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig, StreamInfo
-from nats.js.errors import APIError, BucketNotFoundError
+from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from bus.nats import ensure_stream as bus_ensure_stream
+import bus.nats
+from bus import BusError, JetStreamUnavailable
 from lukhas.errors import ConfigError
 from lukhas.runtime import Runtime
 
@@ -21,6 +27,20 @@ logger = logging.getLogger(__name__)
 WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
 #: "stream name already in use" (a concurrent creator got there first).
 _STREAM_NAME_IN_USE = 10058
+
+
+class StreamWeakened(BusError):
+    """An existing JetStream stream lacks a protection its users rely on (e.g. its
+    retention, max age or deny_delete/deny_purge were changed), so it is not used."""
+
+    def __init__(self, stream: str, problems: list[str]) -> None:
+        super().__init__(
+            f"JetStream stream {stream} was weakened and will not be used: "
+            + "; ".join(problems)
+            + " (restore its configuration, or move it aside so it is created again)"
+        )
+        self.stream = stream
+        self.problems = problems
 
 
 def is_wrong_last_sequence(exc: APIError) -> bool:
@@ -34,7 +54,7 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> StreamInf
     Returns its info, whose `config` is what the server holds (check it with
     `protection_gaps` before trusting an existing stream).
     """
-    info, created = await bus_ensure_stream(js, config)
+    info, created = await open_stream(js, config)
     if created:
         logger.info("created stream %s (replicas %s)", config.name, config.num_replicas)
     return info
@@ -127,13 +147,84 @@ def jetstream_of(runtime: Runtime, flag: str, what: str) -> JetStreamContext:
     Raises:
         ConfigError: the bus is not NATS (OFFLINE, or the memory bus).
     """
-    jetstream = getattr(runtime.bus, "jetstream", None)
-    if runtime.bus.backend != "nats" or jetstream is None:
+    try:
+        return bus.nats.jetstream(runtime.bus)
+    except JetStreamUnavailable:
         raise ConfigError(
             flag,
             "true",
             f"false while the bus is {runtime.bus.backend!r}: {what} needs NATS with "
             "JetStream (unset LUKHAS_OFFLINE and give NATS_URL, or let `lukhas up` start one)",
-        )
-    js: JetStreamContext = jetstream()
-    return js
+        ) from None
+
+
+async def open_stream(
+    js: JetStreamContext, config: StreamConfig, *, protect: bool = False, check_age: bool = True
+) -> tuple[StreamInfo, bool]:
+    """Create the JetStream stream `config` describes unless it exists (the generic step
+    under `ensure_stream`, for callers that need to know whether it was created).
+
+    Safe when several workers race to create it. An existing stream keeps its
+    configuration (limits are an operator's decision once set). Returns the stream's
+    info and whether this call created it.
+
+    Args:
+        protect: refuse an existing stream that is weaker than `config` (see
+            `stream_weaknesses`; `check_age` as there).
+
+    Raises:
+        StreamWeakened: `protect` is set and the existing stream is weaker.
+    """
+    if config.name is None:
+        raise ValueError("a stream needs a name")
+    try:
+        info, created = await js.stream_info(config.name), False
+    except NotFoundError:
+        try:
+            info, created = await js.add_stream(config), True
+        except APIError as exc:
+            if exc.err_code != _STREAM_NAME_IN_USE:
+                raise
+            info, created = await js.stream_info(config.name), False
+    if protect and not created:
+        problems = stream_weaknesses(info.config, config, check_age=check_age)
+        if problems:
+            raise StreamWeakened(config.name, problems)
+    return info, created
+
+
+def stream_weaknesses(
+    actual: StreamConfig, wanted: StreamConfig, *, check_age: bool = True
+) -> list[str]:
+    """What the existing stream `actual` gives up of the protections `wanted` asks for.
+
+    Checked: the retention policy; every wanted subject still captured; not turned into a
+    mirror or a stream that sources others; deny_delete and deny_purge kept; discard-new
+    kept (discard-old drops accepted messages when full); and with `check_age`, a max age
+    no shorter than wanted (none when none is wanted). Larger limits are never a weakness.
+    """
+    problems = []
+    if wanted.retention is not None and actual.retention != wanted.retention:
+        problems.append(f"retention is {_name(actual.retention)}, not {_name(wanted.retention)}")
+    missing = [s for s in wanted.subjects or [] if s not in (actual.subjects or [])]
+    if missing:
+        problems.append(f"subjects {actual.subjects} no longer capture {missing}")
+    if actual.mirror is not None or actual.sources:
+        problems.append("it mirrors or sources other streams")
+    for flag in ("deny_delete", "deny_purge"):
+        if getattr(wanted, flag) and not getattr(actual, flag):
+            problems.append(f"{flag} is off")
+    if wanted.discard is not None and _name(wanted.discard) == "new" and (
+        _name(actual.discard) != "new"
+    ):
+        problems.append(f"discard is {_name(actual.discard)}, not new")
+    if check_age and not _unlimited(actual.max_age) and (
+        wanted.max_age is None or actual.max_age < wanted.max_age
+    ):
+        wanted_age = "none" if _unlimited(wanted.max_age) else f"{wanted.max_age:g}s"
+        problems.append(f"max_age is {actual.max_age:g}s, wanted {wanted_age}")
+    return problems
+
+
+def _name(value: object) -> str:
+    return str(_value(value)).lower()

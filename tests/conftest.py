@@ -16,6 +16,7 @@ from functools import partial
 import pytest
 
 from bus import Bus, NatsServer, open_memory_bus, open_nats_bus
+from bus.nats import _compat
 from bus.server import find_nats_server
 
 BusFactory = Callable[[], AbstractAsyncContextManager[Bus]]
@@ -41,11 +42,24 @@ def nats_url(nats_server: NatsServer) -> str:
     return nats_server.url
 
 
-@pytest.fixture(params=["memory", pytest.param("nats", marks=pytest.mark.nats)])
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("nats", marks=pytest.mark.nats),
+        pytest.param("nats-public", marks=pytest.mark.nats),
+    ]
+)
 def open_bus(request: pytest.FixtureRequest) -> BusFactory:
-    """`async with open_bus() as bus:` opens the backend this test run is parametrized with."""
+    """`async with open_bus() as bus:` opens the backend this test run is parametrized with.
+
+    "nats-public" is the NATS bus forced onto nats-py's public API only (the fallback
+    `bus/nats/_compat.py` takes when a nats-py release lacks the internals it checks for).
+    """
     if request.param == "memory":
         return open_memory_bus
+    if request.param == "nats-public":
+        monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+        monkeypatch.setattr(_compat, "INTERNALS", _compat.PublicInternals())
     return partial(open_nats_bus, request.getfixturevalue("nats_url"))
 
 

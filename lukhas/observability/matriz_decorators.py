@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 from lukhas.observability.matriz_emit import Outcome, make_node
 from lukhas.observability.tracing import new_trace_id, trace_id_var
@@ -80,7 +80,7 @@ def outcome_of(result: object) -> Outcome:
             return "ok"
         reason = result.get("reason")
         if reason in _REFUSALS:
-            return reason  # type: ignore[return-value]
+            return cast(Outcome, reason)
         return "refused"
     return "ok"
 
@@ -141,7 +141,7 @@ def instrument(
                 state = begin(args, kwargs)
                 outcome: Outcome = "error"
                 try:
-                    result = await fn(*args, **kwargs)  # type: ignore[misc]
+                    result = await fn(*args, **kwargs)
                     outcome = outcome_of(result)
                     return result
                 finally:
@@ -163,7 +163,7 @@ def instrument(
 
             wrapper = sync_wrapper
         wrapper.__matriz_emit_point__ = point  # type: ignore[attr-defined]
-        return wrapper  # type: ignore[return-value]
+        return wrapper
 
     return decorate
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from bus import NatsCluster, NatsServer, open_nats_bus
+from bus import NatsServer, open_nats_bus
 from bus.server import NatsServerError, find_nats_server, free_port
+from tests.nats_servers import FaultServer, NatsCluster
 
 pytestmark = pytest.mark.nats
 
@@ -81,7 +82,7 @@ def test_a_taken_port_is_a_clear_error_with_the_server_log() -> None:
 async def test_restart_keeps_port_and_jetstream_data_and_clients_reconnect(
     tmp_path: Path, subject_root: str
 ) -> None:
-    async with NatsServer(store_dir=tmp_path / "js") as server:
+    async with FaultServer(store_dir=tmp_path / "js") as server:
         port = server.port
         async with (
             open_nats_bus(server.url, reconnect_wait=0.05) as bus,
@@ -103,7 +104,7 @@ async def test_restart_keeps_port_and_jetstream_data_and_clients_reconnect(
 
 
 async def test_kill_then_start_recovers(tmp_path: Path, subject_root: str) -> None:
-    server = NatsServer(store_dir=tmp_path / "js")
+    server = FaultServer(store_dir=tmp_path / "js")
     await anyio.to_thread.run_sync(server.start)
     try:
         async with open_nats_bus(server.url, reconnect_wait=0.05) as bus:

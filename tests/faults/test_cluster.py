@@ -15,7 +15,7 @@ import time
 import anyio
 import pytest
 
-from bus import Bus, BusError, NatsCluster, open_nats_bus
+from bus import Bus, BusError, open_nats_bus
 from candidate.governance.consent_ledger.jetstream_ledger import STREAM
 from lukhas import subjects
 from tests.faults._harness import (
@@ -28,6 +28,7 @@ from tests.faults._harness import (
     request_json,
     worker_env,
 )
+from tests.nats_servers import NatsCluster
 
 pytestmark = pytest.mark.nats
 

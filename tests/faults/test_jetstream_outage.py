@@ -21,6 +21,7 @@ from bus.server import free_port
 from lukhas import subjects
 from lukhas.runtime import open_runtime
 from tests.candidate._support import nats_settings
+from tests.nats_servers import FaultServer
 from workers.service.bootstrap import unwire_providers, wire_providers
 from workers.service.slices import SliceService
 
@@ -39,7 +40,7 @@ async def test_ledger_requests_without_jetstream_are_unavailable_not_internal(
     tmp_path: Path,
 ) -> None:
     port = free_port()
-    with_js = NatsServer(port, store_dir=tmp_path / "js")
+    with_js = FaultServer(port, store_dir=tmp_path / "js")
     without_js = NatsServer(port, jetstream=False)
     await anyio.to_thread.run_sync(with_js.start)
     replies: list[tuple[str, dict, float]] = []

@@ -30,6 +30,7 @@ from tests.faults._harness import (
     stats,
     stream_subject_count,
 )
+from tests.nats_servers import FaultServer
 from workers.service.observability import DURABLE_NAME, ObservabilityWorker
 from workers.service.streams import MATRIZ_STREAM
 
@@ -105,7 +106,7 @@ def node() -> bytes:
 async def test_a_server_crash_does_not_make_the_worker_count_a_node_twice(
     tmp_path: Path,
 ) -> None:
-    server = NatsServer(store_dir=tmp_path / "js")
+    server = FaultServer(store_dir=tmp_path / "js")
     await anyio.to_thread.run_sync(server.start)
     count = 50
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from bus import NatsServer, open_nats_bus
+from bus import open_nats_bus
 from tests.faults._harness import (
     RECORD_SUBJECT,
     Tally,
@@ -29,6 +29,7 @@ from tests.faults._harness import (
     stream_subject_count,
     worker_env,
 )
+from tests.nats_servers import FaultServer
 from workers.service.observability import DURABLE_NAME
 from workers.service.streams import MATRIZ_STREAM
 
@@ -56,7 +57,7 @@ async def test_server_kill_and_restart_counts_redeliveries_once(tmp_path: Path) 
 
 
 async def kill_and_restart_under_load(tmp_path: Path, *, wait_for_redeliveries: bool) -> None:
-    server = NatsServer(store_dir=tmp_path / "js")
+    server = FaultServer(store_dir=tmp_path / "js")
     await anyio.to_thread.run_sync(server.start)
     try:
         env = worker_env(server.url)

@@ -20,7 +20,8 @@ import pytest
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StreamConfig
 
-from bus import NatsServer, StreamWeakened, open_nats_bus
+from bus import NatsServer, open_nats_bus
+from candidate._jetstream import StreamWeakened
 from tests.integration.processes import REPO
 from workers.service.streams import (
     HANDOFF_MAX_AGE_S,

@@ -21,7 +21,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig, StreamInfo
 
 from bus import BusError, RequestTimeout
-from bus.nats import ensure_stream
+from candidate._jetstream import open_stream
 from lukhas.subjects import CONTEXT_TARGET_PREFIX, MATRIZ_ALL
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ async def ensure_matriz_stream(
     """
     if max_age_s <= 0 or max_bytes <= 0:
         raise ValueError(f"MATRIZ stream limits must be positive: {max_age_s=}, {max_bytes=}")
-    info, created = await ensure_stream(js, StreamConfig(
+    info, created = await open_stream(js, StreamConfig(
         name=MATRIZ_STREAM,
         description="MATRIZ nodes of every instrumented LUKHAS call",
         subjects=[MATRIZ_ALL],
@@ -104,7 +104,7 @@ async def ensure_handoff_stream(js: JetStreamContext, *, replicas: int = 1) -> S
         StreamWeakened: the existing stream would lose accepted handoffs (retention,
             subjects, discard-old, a shorter max age, a mirror or sources).
     """
-    info, _ = await ensure_stream(js, StreamConfig(
+    info, _ = await open_stream(js, StreamConfig(
         name=HANDOFF_STREAM,
         description="Context handoffs, acknowledged before the caller hears ok",
         subjects=[f"{CONTEXT_TARGET_PREFIX}.>"],

@@ -1,0 +1,172 @@
+"""The nats-py internals the bus still reaches into, in one place, each with a public fallback.
+
+Two paths are measurably worth it (`tests/bus/test_natspy_compat.py` runs the bus over both;
+the README's bus section gives the figures):
+
+- **Reading a subscription.** nats-py's public `Subscription.next_msg()` and `.messages` start
+  a task (and `next_msg` a `wait_for` and a uuid4) per message; reading its bounded
+  `_pending_queue` directly, with the same bookkeeping, is the hot path of every consumer.
+- **Stopping interest for `drain()`.** `Subscription.drain()` waits until its queue is
+  consumed (a consumer draining its own subscription would hang) and writes its flush PING
+  ahead of the UNSUB, so messages the server sends in between are lost. Sending the UNSUB
+  alone (`Client._send_unsubscribe`) and keeping the subscription until a round trip has
+  passed loses nothing. The fallback unsubscribes after the round trip: messages the server
+  sends in the moment between the two are dropped.
+
+Publishing needs no internals: `publish_batch` calls the public `Client.publish` once per
+message (nats-py coalesces the writes in its flusher task).
+
+`INTERNALS` is chosen once, at import: `PrivateInternals` when every attribute it uses exists
+with the expected shape, else `PublicInternals` (and a warning). pyproject bounds nats-py to
+the versions this was tested with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from typing import Protocol
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+__all__ = [
+    "INTERNALS",
+    "NatsPyInternals",
+    "PrivateInternals",
+    "PublicInternals",
+    "missing_internals",
+    "use_public_api",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class NatsPyInternals(Protocol):
+    """What the bus needs from nats-py beyond `Client.publish`/`subscribe`/`request`."""
+
+    name: str
+
+    def take_nowait(self, sub: Subscription) -> Msg | None:
+        """The next buffered message, or None when the buffer is empty (never waits)."""
+        ...
+
+    async def take(self, sub: Subscription) -> Msg | None:
+        """Wait for the next message; None if the connection closed meanwhile.
+
+        Cancelling the wait loses no message on the private path; on the public one a message
+        arriving at that very moment may be lost (the bus cancels only when the subscription
+        ends, or after a drain has taken everything buffered).
+        """
+        ...
+
+    async def stop_interest(self, client: Client, sub: Subscription) -> None:
+        """Tell the server to stop sending to `sub` while it still routes what arrives.
+
+        The caller then makes a round trip, takes what is buffered and unsubscribes.
+        """
+        ...
+
+
+class PrivateInternals:
+    """nats-py's internals, as `missing_internals()` found them."""
+
+    name = "private"
+
+    def take_nowait(self, sub: Subscription) -> Msg | None:
+        queue = sub._pending_queue
+        try:
+            msg = queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+        sub._pending_size -= len(msg.data)
+        queue.task_done()
+        return msg
+
+    async def take(self, sub: Subscription) -> Msg | None:
+        # `Queue.get()` hands the item to the waiter only when it wakes, so a cancelled
+        # wait leaves the message in the queue.
+        queue = sub._pending_queue
+        msg = await queue.get()
+        sub._pending_size -= len(msg.data)
+        queue.task_done()
+        return msg
+
+    async def stop_interest(self, client: Client, sub: Subscription) -> None:
+        await client._send_unsubscribe(sub._id)
+
+
+class PublicInternals:
+    """The public nats-py API only: slower reads, and a drain that may drop in-flight messages."""
+
+    name = "public"
+
+    def take_nowait(self, sub: Subscription) -> Msg | None:
+        # `pending_msgs` is public; nothing buffered means the caller should wait.
+        return None
+
+    async def take(self, sub: Subscription) -> Msg | None:
+        try:
+            return await sub.next_msg(timeout=None)
+        except nats.errors.ConnectionClosedError:
+            # Also what `next_msg` turns a cancellation into once the client has closed.
+            return None
+
+    async def stop_interest(self, client: Client, sub: Subscription) -> None:
+        # No public call stops interest yet keeps routing; `NatsSubscription.drain` makes a
+        # round trip, takes what is buffered and then unsubscribes.
+        return None
+
+
+def missing_internals() -> list[str]:
+    """The internals `PrivateInternals` relies on that this nats-py lacks (empty if none)."""
+    missing: list[str] = []
+    init = inspect.getsource(Subscription.__init__)
+    for attr in ("_pending_queue", "_pending_size", "_id"):
+        if f"self.{attr} " not in init and f"self.{attr}:" not in init:
+            missing.append(f"Subscription.{attr}")
+    if "asyncio.Queue" not in init:
+        missing.append("Subscription._pending_queue as an asyncio.Queue")
+    # `next_msg` must still do the bookkeeping `take` copies (pending bytes, task_done).
+    next_msg = inspect.getsource(Subscription.next_msg)
+    for step in ("self._pending_size -= len(msg.data)", "self._pending_queue.task_done()"):
+        if step not in next_msg:
+            missing.append(f"Subscription.next_msg doing `{step}`")
+    send_unsubscribe = getattr(Client, "_send_unsubscribe", None)
+    if not inspect.iscoroutinefunction(send_unsubscribe):
+        missing.append("async Client._send_unsubscribe")
+    else:
+        params = list(inspect.signature(send_unsubscribe).parameters)
+        if params[:2] != ["self", "sid"]:
+            missing.append(f"Client._send_unsubscribe(self, sid, ...), not {params}")
+    return missing
+
+
+def _choose() -> NatsPyInternals:
+    try:
+        missing = missing_internals()
+    except (OSError, TypeError) as exc:  # no source available (e.g. a zipped install)
+        missing = [f"nats-py's source ({exc})"]
+    if missing:
+        logger.warning(
+            "nats-py lacks internals the bus uses for speed (%s); using its public API",
+            ", ".join(missing),
+        )
+        return PublicInternals()
+    return PrivateInternals()
+
+
+#: The implementation every `NatsBus` opened from now on uses.
+INTERNALS: NatsPyInternals = _choose()
+
+
+def use_public_api(public: bool = True) -> NatsPyInternals:
+    """Make buses opened from now on use only nats-py's public API (or the checked internals
+    again, with `public=False`); returns the previous choice. For tests and benchmarks."""
+    global INTERNALS
+    previous = INTERNALS
+    INTERNALS = PublicInternals() if public or missing_internals() else PrivateInternals()
+    return previous
