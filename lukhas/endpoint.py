@@ -2,9 +2,9 @@
 
 A slice lists its endpoints as data (`ENDPOINTS` in its `endpoints.py`): the subject, the
 message Struct a body decodes into, the instrumented handler that takes that Struct, the body
-limit, whether answering may wait on I/O, and the Structs its replies take. The slice service serves whatever the slices
-declare; the manifest check, discovery, the gate and the generated AsyncAPI document
-(`lukhas asyncapi`) read the same declarations.
+limit, whether answering may wait on I/O, and the Structs its replies take. The slice
+service serves whatever the slices declare; the manifest check, discovery, the gate and
+the generated AsyncAPI document (`lukhas asyncapi`) read the same declarations.
 """
 
 from __future__ import annotations
