@@ -61,6 +61,8 @@ _replies: list[tuple[str, bytes, dict[str, str] | None]] = []
 _reply_shapes: set[tuple[str, object]] = set()
 _reply_counts: dict[str, int] = {}
 _reply_encode_problems: list[str] = []
+#: Our own decoder: tests may spy on `msgspec.json.decode` and count calls.
+_reply_decoder = msgspec.json.Decoder()
 
 
 class _TestDoubleReply(dict):  # type: ignore[type-arg]
@@ -91,7 +93,7 @@ def _record_reply(subject: str, reply: object, headers: dict[str, str] | None) -
         _reply_encode_problems.append(f"{subject}: reply not JSON-encodable ({exc}): {reply!r}")
         return
     count = _reply_counts[subject] = _reply_counts.get(subject, 0) + 1
-    shape = (subject, (_shape(msgspec.json.decode(data)), headers is None, bool(headers)))
+    shape = (subject, (_shape(_reply_decoder.decode(data)), headers is None, bool(headers)))
     if count <= _REPLIES_PER_SUBJECT or shape not in _reply_shapes:
         _reply_shapes.add(shape)
         _replies.append((subject, data, headers))

@@ -26,6 +26,8 @@ import msgspec
 from workers.service.slices import ERROR_CODE_HEADER, ERROR_HEADER
 from workers.tools.asyncapi import build_document, reply_operations
 
+_decoder = msgspec.json.Decoder()
+
 VENDORED = Path(__file__).parent / "asyncapi"
 #: The official AsyncAPI 3.0.0 JSON Schema (from the npm package @asyncapi/specs, see SOURCE.md).
 ASYNCAPI_SCHEMA = VENDORED / "asyncapi-3.0.0.schema.json"
@@ -57,6 +59,7 @@ class ReplyAudit:
 
     def __init__(self, document: dict[str, Any]) -> None:
         components = {"schemas": strict(document["components"]["schemas"])}
+        self._components = components
         self._exact: dict[str, jsonschema.Draft7Validator] = {}
         self._patterns: list[tuple[re.Pattern[str], jsonschema.Draft7Validator]] = []
         for op in reply_operations(document).values():
@@ -82,7 +85,7 @@ class ReplyAudit:
         if validator is None:
             return [f"{subject}: no reply schema in the AsyncAPI document"]
         try:
-            reply = msgspec.json.decode(data)
+            reply = _decoder.decode(data)
         except msgspec.DecodeError as exc:
             return [f"{subject}: reply is not JSON ({exc}): {data[:200]!r}"]
         found = []
@@ -99,6 +102,18 @@ class ReplyAudit:
             elif has_headers and not is_error:
                 found.append(f"{subject}: nats.micro error headers on a reply that is not an "
                              f"error {dict(headers)}: {_clip(data)}")
+        return found
+
+    def matching(self, subject: str, data: bytes) -> list[str]:
+        """The titles of the published shapes `data` matches as a reply on `subject`."""
+        validator = self._validator(subject)
+        assert validator is not None, subject
+        reply = _decoder.decode(data)
+        found = []
+        for payload in validator.schema["anyOf"]:
+            one = jsonschema.Draft7Validator({**payload, "components": self._components})
+            if one.is_valid(reply):
+                found.append(payload["$ref"].rsplit("/", 1)[-1])
         return found
 
     def _validator(self, subject: str) -> jsonschema.Draft7Validator | None:
