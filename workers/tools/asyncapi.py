@@ -263,7 +263,9 @@ class _Document:
         summary: str, parameters: dict[str, Any] | None = None,
     ) -> None:
         """A subject the service publishes on (nobody replies)."""
-        if key in self.channels:  # also a request subject: one channel, two operations
+        same = [k for k, c in self.channels.items() if c["address"] == address]
+        if same:  # also a request subject (e.g. checkpoints): one channel, two operations
+            key = same[0]
             self.channels[key]["messages"]["published"] = message
             channel = {"$ref": f"#/channels/{key}"}
             op_key = f"{key}.published"
