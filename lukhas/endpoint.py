@@ -2,8 +2,9 @@
 
 A slice lists its endpoints as data (`ENDPOINTS` in its `endpoints.py`): the subject, the
 message Struct a body decodes into, the instrumented handler that takes that Struct, the body
-limit and whether answering may wait on I/O. The slice service serves whatever the slices
-declare; the manifest check, discovery and the gate read the same declarations.
+limit, whether answering may wait on I/O, and the Structs its replies take. The slice
+service serves whatever the slices declare; the manifest check, discovery, the gate and
+the generated AsyncAPI document (`lukhas asyncapi`) read the same declarations.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from lukhas._validation import convert, decode
 from lukhas.errors import LukhasError
 from lukhas.observability.matriz_decorators import emit_rejected
+from lukhas.replies import ErrorReply
 
 if TYPE_CHECKING:
     from lukhas.config import Settings
@@ -52,6 +54,15 @@ class Endpoint(Generic[M]):
     #: Such endpoints get the concurrent handler pool; the rest are answered inline by their
     #: reader, which in asyncio is several times cheaper than handing each message on.
     waits_on_io: Callable[[Settings], bool] = _always
+    #: The Structs a reply may be: the success shapes, then the refusals. Any endpoint may
+    #: also answer `ErrorReply`. Replies are still built as dicts; this declares them for
+    #: the published contract, and the contract tests check every reply against it.
+    reply: tuple[type, ...] = ()
+
+    @property
+    def replies(self) -> tuple[type, ...]:
+        """Every shape a reply may take: the declared ones and `ErrorReply`."""
+        return (*self.reply, ErrorReply)
 
     @property
     def emit_point(self) -> EmitPoint:

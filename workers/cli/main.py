@@ -202,6 +202,19 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if passed else 1
 
 
+def cmd_asyncapi(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from workers.tools.asyncapi import build_document, render
+
+    text = render(build_document())  # default settings: the published contract, not this env
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from workers.tools.bench import run_bench
 
@@ -309,6 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds per measurement (default 5)")
     bench.add_argument("--quick", action="store_true", help="short runs, for smoke tests")
     bench.set_defaults(func=cmd_bench)
+
+    asyncapi = commands.add_parser(
+        "asyncapi", help="print the AsyncAPI 3.0 document of every subject (JSON), generated "
+        "from the endpoint declarations",
+    )
+    asyncapi.add_argument("--output", default=None,
+                          help="write it to this file (e.g. asyncapi.json) instead of stdout")
+    asyncapi.set_defaults(func=cmd_asyncapi)
 
     consent_cli.add_parser(commands)
     return parser

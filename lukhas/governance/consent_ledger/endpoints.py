@@ -12,6 +12,10 @@ from typing import Any
 from lukhas import subjects
 from lukhas.endpoint import Endpoint, Reply
 from lukhas.governance.consent_ledger.messages import (
+    HISTORY_REPLY,
+    RECORD_REPLY,
+    STATUS_REPLY,
+    VERIFY_REPLY,
     ConsentEntry,
     ConsentHistoryQuery,
     ConsentStatusQuery,
@@ -89,14 +93,19 @@ async def verify(query: VerifyConsentChain) -> Reply:
 
 
 RECORD = Endpoint("consent_record", subjects.CONSENT_RECORD, RecordConsent, record,
-                  "record_consent", MAX_BODY_BYTES, REGISTRY.waits_on_io)
+                  "record_consent", MAX_BODY_BYTES, REGISTRY.waits_on_io,
+                  reply=RECORD_REPLY)
 REVOKE = Endpoint("consent_revoke", subjects.CONSENT_REVOKE, RevokeConsent, revoke,
-                  "revoke_consent", MAX_BODY_BYTES, REGISTRY.waits_on_io)
+                  "revoke_consent", MAX_BODY_BYTES, REGISTRY.waits_on_io,
+                  reply=RECORD_REPLY)
 STATUS = Endpoint("consent_status", subjects.CONSENT_STATUS, ConsentStatusQuery, status,
-                  "consent_status", MAX_BODY_BYTES, REGISTRY.waits_on_io)
+                  "consent_status", MAX_BODY_BYTES, REGISTRY.waits_on_io,
+                  reply=STATUS_REPLY)
 HISTORY = Endpoint("consent_history", subjects.CONSENT_HISTORY, ConsentHistoryQuery, history,
-                   "consent_history", MAX_BODY_BYTES, REGISTRY.waits_on_io)
+                   "consent_history", MAX_BODY_BYTES, REGISTRY.waits_on_io,
+                   reply=HISTORY_REPLY)
 VERIFY = Endpoint("consent_verify", subjects.CONSENT_VERIFY, VerifyConsentChain, verify,
-                  "verify_consent_chain", MAX_BODY_BYTES, REGISTRY.waits_on_io)
+                  "verify_consent_chain", MAX_BODY_BYTES, REGISTRY.waits_on_io,
+                  reply=VERIFY_REPLY)
 
 ENDPOINTS: tuple[Endpoint[Any], ...] = (RECORD, REVOKE, STATUS, HISTORY, VERIFY)

@@ -16,7 +16,12 @@ from lukhas._validation import check_size
 from lukhas.endpoint import Endpoint, Reply
 from lukhas.errors import InvalidRequest
 from lukhas.identity.passkey.messages import (
+    DELETE_REPLY,
+    LIST_REPLY,
     MAX_ASSERTION_BYTES,
+    OPTIONS_REPLY,
+    REGISTER_REPLY,
+    VERIFY_REPLY,
     ChallengeRequest,
     DeletePasskey,
     ListPasskeys,
@@ -121,26 +126,29 @@ async def delete_credential(req: DeletePasskey) -> Reply:
 
 
 def _endpoint(
-    name: str, subject: str, message: Any, handler: Any, capability: str
+    name: str, subject: str, message: Any, handler: Any, capability: str,
+    reply: tuple[type, ...] = (),
 ) -> Endpoint[Any]:
     return Endpoint(
-        name, subject, message, handler, capability, MAX_BODY_BYTES, REGISTRY.waits_on_io
+        name, subject, message, handler, capability, MAX_BODY_BYTES, REGISTRY.waits_on_io,
+        reply=reply,
     )
 
 
 VERIFY = _endpoint("passkey_verify", subjects.PASSKEY_VERIFY, dict[str, Any], verify,
-                   "verify_passkey")
+                   "verify_passkey", reply=VERIFY_REPLY)
 REGISTER_OPTIONS = _endpoint("passkey_register_options", subjects.PASSKEY_REGISTER_OPTIONS,
                              RegisterOptionsRequest, register_options,
-                             "passkey_registration_options")
+                             "passkey_registration_options", reply=OPTIONS_REPLY)
 REGISTER_VERIFY = _endpoint("passkey_register_verify", subjects.PASSKEY_REGISTER_VERIFY,
-                            RegisterCredential, register_verify, "register_passkey")
+                            RegisterCredential, register_verify, "register_passkey",
+                            reply=REGISTER_REPLY)
 CHALLENGE = _endpoint("passkey_challenge", subjects.PASSKEY_CHALLENGE, ChallengeRequest,
-                      challenge, "passkey_challenge")
+                      challenge, "passkey_challenge", reply=OPTIONS_REPLY)
 LIST = _endpoint("passkey_list", subjects.PASSKEY_LIST, ListPasskeys, list_credentials,
-                 "list_passkeys")
+                 "list_passkeys", reply=LIST_REPLY)
 DELETE = _endpoint("passkey_delete", subjects.PASSKEY_DELETE, DeletePasskey, delete_credential,
-                   "delete_passkey")
+                   "delete_passkey", reply=DELETE_REPLY)
 
 ENDPOINTS: tuple[Endpoint[Any], ...] = (
     VERIFY, REGISTER_OPTIONS, REGISTER_VERIFY, CHALLENGE, LIST, DELETE,

@@ -1,10 +1,17 @@
-"""Passkey wire messages (JSON): W3C WebAuthn JSON forms, base64url strings throughout."""
+"""Passkey wire messages (JSON): W3C WebAuthn JSON forms, base64url strings throughout.
+
+The replies are built as dicts by the providers and described by the reply Structs at the
+end, for the published contract and the contract tests, which check every reply against them.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import UNSET, UnsetType
+
+from lukhas.replies import Refusal
 
 UserId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 UserName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
@@ -112,6 +119,91 @@ class PasskeySummary(msgspec.Struct, frozen=True, kw_only=True):
 class PasskeyList(msgspec.Struct, frozen=True, kw_only=True):
     """The `passkey.list` reply."""
 
-    ok: bool
+    ok: Literal[True]
     provider: str
     credentials: list[PasskeySummary]
+
+
+# -- replies --------------------------------------------------------------------------------
+# Fields typed `X | UnsetType` may be absent (never null).
+
+
+class PasskeyVerified(msgspec.Struct, frozen=True, kw_only=True):
+    """A verified assertion. The WebAuthn provider names the account (`user_handle`, and
+    `user_id` when the challenge was issued for one) and returns an enrolment grant."""
+
+    ok: Literal[True]
+    provider: str
+    credential_id: str
+    new_sign_count: int
+    user_handle: str | UnsetType = UNSET
+    user_id: str | UnsetType = UNSET
+    backup_eligible: bool | UnsetType = UNSET
+    backup_state: bool | UnsetType = UNSET
+    #: Single use: lets this account register a further passkey.
+    enrolment_grant: str | UnsetType = UNSET
+    #: Epoch ms.
+    enrolment_grant_expires_at: int | UnsetType = UNSET
+
+
+class DryRunVerified(msgspec.Struct, frozen=True, kw_only=True):
+    """The DRY_RUN null provider's answer: the challenge echoed."""
+
+    ok: Literal[True]
+    provider: str
+    challenge: str
+
+
+class PasskeyOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """Options for the browser: PublicKeyCredentialCreationOptionsJSON (`register.options`)
+    or PublicKeyCredentialRequestOptionsJSON (`challenge`), as W3C WebAuthn defines them."""
+
+    ok: Literal[True]
+    provider: str
+    options: dict[str, Any]
+
+
+class PasskeyRegistered(msgspec.Struct, frozen=True, kw_only=True):
+    """A registered passkey; `user_handle` is what a later verify names the account by."""
+
+    ok: Literal[True]
+    provider: str
+    credential_id: str
+    user_handle: str | UnsetType = UNSET
+    sign_count: int | UnsetType = UNSET
+    attestation_format: str | UnsetType = UNSET
+    aaguid: str | UnsetType = UNSET
+    backup_eligible: bool | UnsetType = UNSET
+    backed_up: bool | UnsetType = UNSET
+
+
+class PasskeyDeleted(msgspec.Struct, frozen=True, kw_only=True):
+    ok: Literal[True]
+    provider: str
+    deleted: Literal[True]
+
+
+RefusalReason = Literal[
+    # a refused assertion
+    "unknown_credential", "challenge_expired", "challenge_reused", "bad_signature",
+    "origin_mismatch", "rp_id_mismatch", "counter_regression", "user_not_verified",
+    "invalid_assertion",
+    # enrolment, management and challenges
+    "enrolment_grant_required", "invalid_enrolment_grant", "not_found", "rate_limited",
+    # no real verifier wired (the null provider outside DRY_RUN), and every endpoint's
+    "no_verifier", "not_supported", "overloaded",
+]
+
+
+class PasskeyRefusal(Refusal, frozen=True, kw_only=True):
+    """A passkey request declined, with the exact reason."""
+
+    reason: RefusalReason
+
+
+#: What each passkey subject may answer, success shapes first (`ErrorReply` is implied).
+VERIFY_REPLY: tuple[type, ...] = (PasskeyVerified, DryRunVerified, PasskeyRefusal)
+OPTIONS_REPLY: tuple[type, ...] = (PasskeyOptions, PasskeyRefusal)
+REGISTER_REPLY: tuple[type, ...] = (PasskeyRegistered, PasskeyRefusal)
+LIST_REPLY: tuple[type, ...] = (PasskeyList, PasskeyRefusal)
+DELETE_REPLY: tuple[type, ...] = (PasskeyDeleted, PasskeyRefusal)

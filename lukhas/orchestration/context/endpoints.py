@@ -23,7 +23,11 @@ from lukhas.endpoint import Endpoint, Reply
 from lukhas.errors import PayloadTooLarge, Unavailable
 from lukhas.observability.matriz_decorators import annotate, instrument
 from lukhas.observability.tracing import current_trace_id, make_traceparent, new_trace_id
-from lukhas.orchestration.context.messages import ContextHandedOff, HandoffContext
+from lukhas.orchestration.context.messages import (
+    HANDOFF_REPLY,
+    ContextHandedOff,
+    HandoffContext,
+)
 from lukhas.orchestration.context.ratelimit import HandoffLimiter, InflightGate
 from lukhas.orchestration.context.registry import REGISTRY
 from lukhas.runtime import Runtime, current_runtime
@@ -117,6 +121,6 @@ def _handoff_max_bytes(settings: Settings) -> int:
 
 
 HANDOFF = Endpoint("context_handoff", subjects.CONTEXT_HANDOFF, HandoffContext, handoff,
-                   "handoff_context", _handoff_max_bytes)
+                   "handoff_context", _handoff_max_bytes, reply=HANDOFF_REPLY)
 
 ENDPOINTS: tuple[Endpoint[Any], ...] = (HANDOFF,)
