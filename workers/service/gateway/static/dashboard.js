@@ -5,10 +5,11 @@
 
 const $ = (id) => document.getElementById(id);
 const HISTORY = 300;          // snapshots kept per emit point for the chart
-const MAX_NODES = 50;
+const MAX_NODES = 50;        // kept in the (scrolling) recent nodes table
 const history = new Map();    // emit point -> [{t, p50, p95, p99, sla}]
 let reasons = {};
 let lastSnapshot = null;
+let chartChosen = false;      // the person picked an emit point: keep it
 
 function cell(text, cls) {
   const td = document.createElement("td");
@@ -55,9 +56,12 @@ function renderPoints() {
   const chosen = select.value;
   if (select.options.length !== names.length) {
     select.replaceChildren(...names.map((n) => new Option(n, n)));
+    select.value = chosen;
+  }
+  if (!chartChosen) {  // follow the busiest emit point until the person picks one
     const busiest = names.slice().sort((a, b) =>
       lastSnapshot.emit_points[b].count - lastSnapshot.emit_points[a].count)[0];
-    select.value = names.includes(chosen) ? chosen : busiest || "";
+    select.value = busiest || "";
   }
 }
 
@@ -161,5 +165,5 @@ document.addEventListener("DOMContentLoaded", () => {
   source.addEventListener("alert", onAlert);
   source.onopen = () => { $("connection").className = "pill ok"; $("connection").textContent = "live"; };
   source.onerror = () => { $("connection").className = "pill warn"; $("connection").textContent = "reconnecting…"; };
-  $("chart-point").addEventListener("change", renderChart);
+  $("chart-point").addEventListener("change", () => { chartChosen = true; renderChart(); });
 });

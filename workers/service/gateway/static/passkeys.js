@@ -51,9 +51,8 @@ async function register() {
     const publicKey = PublicKeyCredential.parseCreationOptionsFromJSON(options.options);
     const credential = await navigator.credentials.create({ publicKey });
     const reply = await api("/api/register/verify", { user_name: name, credential: credential.toJSON() });
-    if (show(reply, "Passkey registered for " + name + " (credential " + short(reply.credential_id) + ").")) {
-      await refreshSession();
-    }
+    if (reply.ok) await refreshSession();
+    show(reply, "Passkey registered for " + name + " (credential " + short(reply.credential_id) + ").");
   } catch (err) { showFailure(err); }
 }
 
@@ -68,16 +67,15 @@ async function signIn(usernameless) {
     const publicKey = PublicKeyCredential.parseRequestOptionsFromJSON(challenge.options);
     const assertion = await navigator.credentials.get({ publicKey });
     lastAssertion = assertion.toJSON();
-    await verify(lastAssertion);
     $("replay").disabled = false;
+    await verify(lastAssertion);
   } catch (err) { showFailure(err); }
 }
 
 async function verify(assertion) {
   const reply = await api("/api/verify", { credential: assertion });
-  if (show(reply, "Signed in as " + (reply.user_id || "user handle " + reply.user_handle) + ".")) {
-    await refreshSession();
-  }
+  if (reply.ok) await refreshSession();
+  show(reply, "Signed in as " + (reply.user_id || "user handle " + reply.user_handle) + ".");
   return reply;
 }
 
@@ -129,7 +127,8 @@ async function listPasskeys() {
 
 async function deletePasskey(id) {
   const reply = await api("/api/passkeys/delete", { credential_id: id });
-  if (show(reply, "Passkey " + short(id) + " deleted.")) await listPasskeys();
+  if (reply.ok) await listPasskeys();
+  show(reply, "Passkey " + short(id) + " deleted.");
 }
 
 async function addPasskey() {
@@ -139,8 +138,8 @@ async function addPasskey() {
 
 async function signOut() {
   await api("/api/signout", {});
-  show({ ok: true }, "Signed out.");
   await refreshSession();
+  show({ ok: true }, "Signed out.");
 }
 
 function short(id) { return id ? id.slice(0, 12) + "…" : ""; }
