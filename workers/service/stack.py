@@ -28,7 +28,7 @@ from bus import server as _server
 from lukhas.config import Settings
 from lukhas.runtime import Runtime, open_runtime
 from workers.service.bootstrap import unwire_providers, wire_providers
-from workers.service.gateway.service import Gateway
+from workers.service.gateway.service import Gateway, check_port
 from workers.service.observability import ObservabilityWorker
 from workers.service.slices import SliceService
 from workers.service.streams import ensure_matriz_stream
@@ -225,6 +225,9 @@ async def run_up(
     )
     if observability:
         check_metrics_port(settings.metrics_addr, metrics)
+        if not settings.offline:
+            check_port(settings.gateway_addr,
+                       settings.gateway_port if gateway_port is None else gateway_port)
     async with embedded_server(settings, port=port, data_dir=data_dir) as settings:
         async with open_worker_runtime(settings, producer="lukhas-up") as runtime:
             where = settings.nats_url or "the in-memory bus"

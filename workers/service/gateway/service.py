@@ -75,6 +75,16 @@ def bind(addr: str, port: int) -> socket.socket:
     return sock
 
 
+def check_port(addr: str, port: int) -> None:
+    """Refuse early (before the rest of a stack starts) when the gateway's port is taken.
+
+    Raises:
+        GatewayPortInUse: the port is taken.
+    """
+    if port != 0:
+        bind(addr, port).close()
+
+
 class Gateway:
     """Serves the pages and the API; start with `await tg.start(gateway.run)`.
 
