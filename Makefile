@@ -24,7 +24,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
-# System tools some tests drive (promtool); CI installs them, elsewhere those tests skip.
+# System tools some tests drive (promtool, chromium); CI installs them, elsewhere those tests skip.
 tools:
 	deploy/install-test-tools.sh
 

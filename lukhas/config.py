@@ -157,6 +157,8 @@ KNOWN_VARIABLES: tuple[str, ...] = (
     "LUKHAS_MATRIZ_BUFFER",
     "LUKHAS_METRICS_PORT",
     "LUKHAS_METRICS_ADDR",
+    "LUKHAS_GATEWAY_PORT",
+    "LUKHAS_GATEWAY_ADDR",
     "LUKHAS_DATA_DIR",
     "LUKHAS_LEDGER_REPLICAS",
     "LUKHAS_LEDGER_SIGNING_KEY",
@@ -221,6 +223,9 @@ class Settings:
     matriz_buffer: int = 65_536
     metrics_port: int = 9464
     metrics_addr: str = "127.0.0.1"
+    #: The HTTP gateway (passkey page, dashboard): port (0 = any free one) and bind address.
+    gateway_port: int = 8000
+    gateway_addr: str = "127.0.0.1"
     data_dir: str = ".lukhas"
     ledger_replicas: int = 1
     #: The ledger's signed-note signer key (secret; validated, never printed).
@@ -268,6 +273,9 @@ class Settings:
         port = _number(env, "LUKHAS_METRICS_PORT", 9464, int, minimum=0)
         if port > 65535:
             raise ConfigError("LUKHAS_METRICS_PORT", str(port), "a port from 0 to 65535")
+        gateway_port = _number(env, "LUKHAS_GATEWAY_PORT", 8000, int, minimum=0)
+        if gateway_port > 65535:
+            raise ConfigError("LUKHAS_GATEWAY_PORT", str(gateway_port), "a port from 0 to 65535")
         return cls(
             dry_run=dry_run,
             offline=_flag(env, "LUKHAS_OFFLINE"),
@@ -330,6 +338,8 @@ class Settings:
             matriz_buffer=_number(env, "LUKHAS_MATRIZ_BUFFER", 65_536, int, minimum=1),
             metrics_port=port,
             metrics_addr=_text(env, "LUKHAS_METRICS_ADDR") or "127.0.0.1",
+            gateway_port=gateway_port,
+            gateway_addr=_text(env, "LUKHAS_GATEWAY_ADDR") or "127.0.0.1",
             data_dir=_text(env, "LUKHAS_DATA_DIR") or ".lukhas",
             ledger_replicas=replicas,
             ledger_signing_key=signing_key,

@@ -29,6 +29,11 @@ ALERTS_PREFIX = "lukhas.observability.alerts"
 #: Each observability worker publishes its mergeable aggregate on `<prefix>.<worker id>`.
 OBSERVABILITY_STATE_PREFIX = "lukhas.observability.state"
 OBSERVABILITY_STATE_ALL = "lukhas.observability.state.*"
+#: The stats reply pushed by the leading observability worker every check interval.
+OBSERVABILITY_SNAPSHOT = "lukhas.observability.snapshot"
+#: Summaries of the MATRIZ nodes just seen (pseudonyms only), batched, for live views.
+OBSERVABILITY_NODES = "lukhas.observability.nodes"
+ALERTS_ALL = "lukhas.observability.alerts.>"
 
 #: Queue group every slice worker joins, so N workers split the load.
 SLICE_QUEUE_GROUP = "lukhas-slices"

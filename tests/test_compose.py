@@ -19,6 +19,7 @@ COMPOSE = yaml.safe_load((REPO / "compose.yaml").read_text())
 # Variables the nats service's own config reads (deploy/nats-server.conf), not lukhas.
 NATS_CONFIG_VARIABLES = {
     "SLICES_PASSWORD", "OBSERVABILITY_PASSWORD", "CLIENT_PASSWORD", "PLANNER_PASSWORD",
+    "GATEWAY_PASSWORD",
 }
 
 
@@ -36,7 +37,10 @@ def _parses(argv: list[str]) -> argparse.Namespace:
 
 def test_compose_runs_two_slice_workers_and_the_observability_worker() -> None:
     commands = sorted(tuple(svc["command"]) for svc in _lukhas_services().values())
-    assert commands == [("worker", "observability"), ("worker", "slices"), ("worker", "slices")]
+    assert commands == [
+        ("worker", "gateway"), ("worker", "observability"), ("worker", "slices"),
+        ("worker", "slices"),
+    ]
 
 
 def test_every_service_command_is_a_real_lukhas_subcommand() -> None:

@@ -18,6 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 BASE_ENV = {
     "LUKHAS_PSEUDONYM_KEY": "integration-test-pseudonym-key-0123456789",
     "LUKHAS_METRICS_PORT": "0",
+    # `lukhas up` serves the pages on 8000 by default; tests must not collide on it.
+    "LUKHAS_GATEWAY_PORT": "0",
     "LUKHAS_LOG_LEVEL": "INFO",
 }
 

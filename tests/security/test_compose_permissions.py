@@ -169,7 +169,8 @@ def compose_like(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Aut
                 if "profiles" in svc or name == "slices-2":
                     continue
                 # Port 0: other tests on this machine may hold compose's metrics port.
-                env = {**service_env(name, auth, variables), "LUKHAS_METRICS_PORT": "0"}
+                env = {**service_env(name, auth, variables), "LUKHAS_METRICS_PORT": "0",
+                       "LUKHAS_GATEWAY_PORT": "0"}
                 proc = LukhasProcess(*svc["command"], env=env)
                 procs.append(proc)
                 proc.wait_for_line("ready", 60)

@@ -114,6 +114,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         lambda: run_up(
             settings, ready=_print, port=port, data_dir=args.data_dir,
             metrics_port=metrics_port, observability=not args.join,
+            gateway_port=args.gateway_port,
         ),
         backend="asyncio",
     )
@@ -247,13 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "or ./.lukhas)")
     up.add_argument("--metrics-port", type=int, default=None,
                     help="Prometheus /metrics port (default LUKHAS_METRICS_PORT or 9464; 0 = free)")
+    up.add_argument("--gateway-port", type=int, default=None,
+                    help="passkey page and dashboard port (default LUKHAS_GATEWAY_PORT or 8000; "
+                    "0 = free)")
     up.add_argument("--join", action="store_true",
                     help="when a stack already runs on the port (or NATS_URL), add a slice "
                     "worker to its queue group instead of refusing")
     up.set_defaults(func=cmd_up)
 
     worker = commands.add_parser("worker", help="run one worker against NATS_URL (containers)")
-    worker.add_argument("name", choices=["slices", "observability"])
+    worker.add_argument("name", choices=["slices", "observability", "gateway"])
     worker.set_defaults(func=cmd_worker)
 
     def client_options(p: argparse.ArgumentParser) -> None:

@@ -57,6 +57,7 @@ from workers.service._aggregate import (
     StatsSnapshot,
     decode_state,
 )
+from workers.service._livefeed import LiveFeed
 from workers.service._manifests import load_manifests, sla_by_emit_point
 from workers.service._metrics import MatrizCollector, MetricsServer
 from workers.service._slo import BurnAlert, SloSettings, slo_by_emit_point
@@ -223,6 +224,7 @@ class ObservabilityWorker:
         self._source: Source = "subscription"
         self._metrics: MetricsServer | None = None
         self._subs: list[Subscription] = []
+        self._feed_subs: list[Subscription] = []
         self._nodes_sub: Subscription | None = None
         # Created up front so a stop that comes before the check task starts still ends it.
         self._check_scope = anyio.CancelScope()
@@ -353,6 +355,7 @@ class ObservabilityWorker:
                 peers = await stack.enter_async_context(
                     self._bus.subscribe(OBSERVABILITY_STATE_ALL)
                 )
+                feed, feed_sub = await self._open_live_feed(stack)
                 pull = await self._open_pull()
                 if pull is None:
                     nodes: Subscription | None = await stack.enter_async_context(
@@ -374,6 +377,7 @@ class ObservabilityWorker:
                     tg.start_soon(self._until_done, self._serve_stats, stats)
                     tg.start_soon(self._until_done, self._consume_peers, peers)
                     tg.start_soon(self._check_periodically)
+                    tg.start_soon(self._until_done, feed.run, feed_sub)
                     tg.start_soon(self._stop_when_asked)
                     logger.info(
                         "observability worker %s ready: source=%s, %d SLOs, metrics=%s",
@@ -384,6 +388,16 @@ class ObservabilityWorker:
                     task_status.started()
         finally:
             self._done.set()
+
+    async def _open_live_feed(self, stack: AsyncExitStack) -> tuple[LiveFeed, Subscription]:
+        """The live feed for dashboards (`_livefeed.py`), its subscription drained on stop."""
+        feed = LiveFeed(
+            self._bus, snapshot=self.snapshot, is_leader=self.is_leader,
+            worker_id=self.worker_id, interval_s=self._check_interval_s,
+        )
+        sub = await stack.enter_async_context(feed.subscribe())
+        self._feed_subs = [sub]
+        return feed, sub
 
     async def stop(self) -> None:
         """Stop gracefully: finish and ack what was taken, drain subscriptions, stop /metrics.
@@ -569,7 +583,7 @@ class ObservabilityWorker:
         self._check_scope.cancel()
         # Drained subscriptions hand out what they buffered, then their loops end; the
         # JetStream loop sees the flag after the pull in progress and acks that batch.
-        for sub in self._subs:
+        for sub in [*self._subs, *self._feed_subs]:
             try:
                 await sub.drain()
             except BusError as exc:

@@ -28,6 +28,7 @@ from bus import server as _server
 from lukhas.config import Settings
 from lukhas.runtime import Runtime, open_runtime
 from workers.service.bootstrap import unwire_providers, wire_providers
+from workers.service.gateway.service import Gateway, check_port
 from workers.service.observability import ObservabilityWorker
 from workers.service.slices import SliceService
 from workers.service.streams import ensure_matriz_stream
@@ -208,6 +209,7 @@ async def run_up(
     data_dir: str | None = None,
     metrics_port: int | None = None,
     observability: bool = True,
+    gateway_port: int | None = None,
 ) -> None:
     """The whole stack in one process: embedded server (if needed), slices, observability.
 
@@ -223,6 +225,9 @@ async def run_up(
     )
     if observability:
         check_metrics_port(settings.metrics_addr, metrics)
+        if not settings.offline:
+            check_port(settings.gateway_addr,
+                       settings.gateway_port if gateway_port is None else gateway_port)
     async with embedded_server(settings, port=port, data_dir=data_dir) as settings:
         async with open_worker_runtime(settings, producer="lukhas-up") as runtime:
             where = settings.nats_url or "the in-memory bus"
@@ -238,19 +243,35 @@ async def run_up(
             worker = ObservabilityWorker(
                 runtime.bus, settings, metrics_port=metrics, metrics_addr=settings.metrics_addr,
             )
+            # The pages (passkeys, dashboard); none under OFFLINE, which opens no socket.
+            gateway = None if settings.offline else Gateway(
+                runtime.bus, settings, port=gateway_port
+            )
+            if gateway is not None:
+                gateway.listen()
 
             def describe() -> str:
                 served = worker.metrics_port
                 return f"ready: slices and observability on {where} " + (
                     f"(metrics on http://{settings.metrics_addr}:{served}/metrics)"
                     if served is not None else "(no /metrics: LUKHAS_OFFLINE)"
-                )
+                ) + ("" if gateway is None else (
+                    f"; open {gateway.url} (passkeys) and {gateway.url}dashboard"
+                ))
 
-            await serve([slices, worker], ready, describe)
+            await serve([slices, worker, *([gateway] if gateway else [])], ready, describe)
 
 
 async def run_worker(settings: Settings, name: str, *, ready: Ready) -> None:
-    """One worker, as a container runs it: `slices` or `observability`."""
+    """One worker, as a container runs it: `slices`, `observability` or `gateway`."""
+    if name == "gateway":
+        # The gateway needs no runtime (it emits no MATRIZ and wires no provider).
+        async with connect(settings, name="lukhas-gateway") as bus:
+            gateway = Gateway(bus, settings)
+            gateway.listen()
+            await serve([gateway], ready, lambda: f"ready: gateway on {settings.nats_url}, "
+                        f"open {gateway.url} (passkeys) and {gateway.url}dashboard")
+        return
     async with open_worker_runtime(
         settings, producer=f"lukhas-{name}", serves_slices=name == "slices"
     ) as runtime:
