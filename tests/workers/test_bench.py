@@ -17,7 +17,7 @@ pytestmark = pytest.mark.nats
 
 SECTIONS = (
     "machine", "plan", "faststream", "throughput", "latency", "matriz",
-    "handoff_limiter", "handoff", "ledger", "targets", "notes",
+    "handoff_limiter", "handoff", "ledger", "deployed", "targets", "notes",
 )
 SLICES = ("consent_record", "passkey_verify", "context_handoff")
 
@@ -83,9 +83,24 @@ async def test_quick_bench_reports_every_section(nats_binary: None) -> None:
     assert positive(results["ledger"]["ratio_vs_raw"])
     assert results["ledger"]["errors"] == 0
 
+    deployed = results["deployed"]
+    assert sorted(deployed["curves"]) == sorted(("echo", *SLICES))
+    for name, points in deployed["curves"].items():
+        assert points and all(p["sent"] > 0 and positive(p["p95_ms"]) for p in points), name
+        assert all(p["outcomes"].get("ok", 0) + p["timeouts"] == p["sent"] for p in points)
+    for name in SLICES:
+        cpu = deployed["cpu"][name]
+        assert cpu is None or positive(cpu["service_us"])  # /proc jiffies may read 0 in 0.3 s
+    workers = deployed["workers"]
+    assert positive(workers["one_rps"]) and positive(workers["two_rps"])
+    assert workers["errors"] == 0
+    overload = deployed["overload"]
+    assert overload["sent"] > 0
+    assert sum(overload["outcomes"].values()) + overload["timeouts"] <= overload["sent"]
+
     table = render(results)
     for label in (*SLICES, "MATRIZ emitter", "MATRIZ dropped", "handoff limiter",
-                  "ledger appends", "targets:"):
+                  "ledger appends", "deployed: consent_record req/s", "targets:"):
         assert label in table
 
     names = {t["name"] for t in results["targets"]}

@@ -14,11 +14,16 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import nats.errors
+
 from lukhas.errors import ConfigError
 from lukhas.governance.consent_ledger import registry as consent_registry
 from lukhas.identity.passkey import registry as passkey_registry
 from lukhas.orchestration.context import registry as context_registry
+from lukhas.ratelimit import use_lease_store
 from lukhas.runtime import Runtime
+from workers.service.leases import BUCKET as LEASE_BUCKET
+from workers.service.leases import open_lease_store
 from workers.service.streams import HANDOFF_STREAM, DurableHandoffPublisher, ensure_handoff_stream
 
 logger = logging.getLogger(__name__)
@@ -61,6 +66,7 @@ async def wire_providers(
     if settings.dry_run:
         logger.info("DRY_RUN: real providers stay unwired; the null providers answer")
         return
+    await share_rate_limits(runtime)
     try:
         if settings.feature_governance_ledger:
             _require_stable_pseudonyms(runtime, "FEATURE_GOVERNANCE_LEDGER")
@@ -74,6 +80,27 @@ async def wire_providers(
     except BaseException:
         unwire_providers()
         raise
+
+
+async def share_rate_limits(runtime: Runtime) -> bool:
+    """Keep the rate-limit buckets in NATS KV so the limits hold for the whole queue group.
+
+    Outside DRY_RUN on a NATS bus with JetStream; otherwise (or if the bucket cannot be
+    opened, which is logged) each process keeps its own buckets. Returns whether shared.
+    """
+    if runtime.settings.dry_run or runtime.bus.backend != "nats":
+        return False
+    try:
+        store = await open_lease_store(runtime.bus.jetstream(), runtime.settings)  # type: ignore[attr-defined]
+    except nats.errors.Error as exc:
+        logger.warning(
+            "rate limits stay per process: KV bucket %s unavailable (%s: %s)",
+            LEASE_BUCKET, type(exc).__name__, exc,
+        )
+        return False
+    use_lease_store(runtime, store)
+    logger.info("rate limits shared by the queue group through KV bucket %s", LEASE_BUCKET)
+    return True
 
 
 async def wire_module(name: str, runtime: Runtime, **options: Any) -> None:

@@ -141,7 +141,41 @@ def build_table(results: dict[str, Any]) -> Table:
     led = results["ledger"]
     add("ledger appends/s, JetStream acks", _num(led["appends_per_s"]),
         f"js.publish {_num(led['raw_js_publish_per_s'])}", _ratio(led["ratio_vs_raw"]))
+    dep = results.get("deployed")
+    if dep is not None:
+        _deployed_rows(dep, add)
     return table
+
+
+def _deployed_rows(dep: dict[str, Any], add: Any) -> None:
+    """The deployed shape: capacities, CPU per request, workers, overload."""
+    echo_cap = dep["capacity"].get("echo")
+    for name, cap in dep["capacity"].items():
+        if name == "echo":
+            continue
+        add(f"deployed: {name} capacity req/s (p95 ≤ SLA)", _num(cap),
+            f"echo {_num(echo_cap)}",
+            _ratio(None if cap is None or not echo_cap else cap / echo_cap))
+    for name, cpu in dep["cpu"].items():
+        if cpu is None:
+            continue
+        add(f"deployed: {name} CPU µs/request @{_num(cpu['rate'])}/s",
+            _num(cpu["service_us"], 1), f"echo {_num(cpu['echo_us'], 1)}",
+            _ratio(cpu["ratio_vs_echo"]),
+            "deployed.consent_record.cpu_vs_echo" if name == "consent_record" else None)
+    w = dep["workers"]
+    add("deployed: consent_record req/s, 2 workers vs 1", _num(w["two_rps"]),
+        f"1 worker {_num(w['one_rps'])}", _ratio(w["ratio"]),
+        "deployed.consent_record.two_workers")
+    o = dep["overload"]
+    add(f"deployed: @{_num(o['rate'])}/s (2× capacity) timeouts", f"{o['timeouts']:,}",
+        f"of {o['sent']:,} sent", "", "deployed.overload.timeouts")
+    add("deployed: 2× capacity answered within SLA", f"{o['answered_within_sla_pct']}%",
+        ", ".join(f"{k} {v:,}" for k, v in o["outcomes"].items()), "",
+        "deployed.overload.answered_within_sla")
+    add("deployed: 2× capacity goodput req/s (ok within SLA)", _num(o["goodput_rps"]),
+        f"capacity {_num(o['capacity'])}", _ratio(o["goodput_vs_capacity"]),
+        "deployed.overload.goodput")
 
 
 def render(results: dict[str, Any], *, console: Console | None = None) -> str:

@@ -28,7 +28,7 @@ from lukhas.observability.matriz_emit import MatrizEmitter, MatrizNode, make_nod
 from lukhas.observability.tracing import make_traceparent, new_trace_id
 from lukhas.orchestration.context import api as context
 from lukhas.orchestration.context.messages import ContextHandedOff
-from lukhas.orchestration.context.ratelimit import HandoffLimiter
+from lukhas.ratelimit import MemoryLeaseStore, SharedLimiter
 from lukhas.runtime import open_runtime
 from lukhas.subjects import context_target
 from workers.service.bootstrap import LEDGER_MODULE, unwire_providers, wire_providers
@@ -140,11 +140,21 @@ def requester(client: Client, subject: str, payload: bytes, check: Check) -> Cal
     return call
 
 
+#: Quick mode's closed loops end by count (`max_requests`); this only stops a stuck one.
+QUICK_CLOSED_DEADLINE_S = 10.0
+
+
 async def throughput(call: Call, plan: Plan, *, rounds: int = 1) -> ClosedLoopResult:
-    """Warm up, then keep `plan.concurrency` requests in flight for `plan.duration_s / rounds`."""
+    """Warm up, then keep `plan.concurrency` requests in flight for `plan.duration_s / rounds`.
+
+    Quick runs are bounded by count instead: with a 0.15 s deadline, a busy machine could
+    let the deadline pass before any of the 256 workers got to start, and the run measured
+    nothing (0 req/s).
+    """
     await closed_loop(call, concurrency=plan.concurrency, total=plan.warmup)
     return await closed_loop(
-        call, concurrency=plan.concurrency, duration_s=plan.duration_s / rounds,
+        call, concurrency=plan.concurrency,
+        duration_s=QUICK_CLOSED_DEADLINE_S if plan.quick else plan.duration_s / rounds,
         total=plan.max_requests,
     )
 
@@ -367,24 +377,25 @@ async def limiter_accuracy(url: str, settings: Settings, plan: Plan) -> dict[str
         "expected": round(expected, 1),
         "error_pct": round(error_pct, 3),
         "within_2pct": abs(error_pct) <= 2.0,
-        **limiter_decision_ns(plan.limiter_decisions),
+        **(await limiter_decision_ns(plan.limiter_decisions)),
     }
 
 
-def limiter_decision_ns(count: int) -> dict[str, float]:
-    """Nanoseconds per `HandoffLimiter.decide` when it allows and when it refuses."""
+async def limiter_decision_ns(count: int) -> dict[str, float]:
+    """Nanoseconds per handoff limiter decision (`SharedLimiter.decide`, tokens leased from
+    an in-process store) when it allows and when it refuses."""
     key = "default"
-    allowing = HandoffLimiter(rate=1e12, burst=2**62)
-    started = time.perf_counter_ns()
-    for _ in range(count):
-        allowing.decide(key)
-    allowed_ns = (time.perf_counter_ns() - started) / count
-    refusing = HandoffLimiter(rate=1.0, burst=1)
-    refusing.decide(key)  # the only token
-    started = time.perf_counter_ns()
-    for _ in range(count):
-        refusing.decide(key)
-    refused_ns = (time.perf_counter_ns() - started) / count
+
+    async def timed(limiter: SharedLimiter) -> float:
+        started = time.perf_counter_ns()
+        for _ in range(count):
+            await limiter.decide(key)
+        return (time.perf_counter_ns() - started) / count
+
+    allowing = SharedLimiter(MemoryLeaseStore(), name="h", rate=1e12, burst=2**62)
+    refusing = SharedLimiter(MemoryLeaseStore(), name="h", rate=1.0, burst=1)
+    await refusing.decide(key)  # the only token
+    allowed_ns, refused_ns = await timed(allowing), await timed(refusing)
     return {"decide_ns_allowed": round(allowed_ns, 1), "decide_ns_refused": round(refused_ns, 1)}
 
 

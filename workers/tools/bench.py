@@ -30,7 +30,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from importlib import metadata
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import anyio
 import msgspec
@@ -46,6 +47,7 @@ from lukhas.runtime import open_runtime
 from workers.service._manifests import load_manifests, sla_by_emit_point
 from workers.service.slices import SliceService
 from workers.service.streams import ensure_matriz_stream
+from workers.tools import _bench_deployed as deployed
 from workers.tools import _bench_sections as sections
 from workers.tools._bench_faststream import faststream_version, serve_faststream
 from workers.tools._bench_report import Steps, progress_steps, render
@@ -68,6 +70,9 @@ TARGETS = {
     "emitter_vs_raw": 0.8,
     "paced_dropped": 0,
     "limiter_error_pct": 2.0,
+    "deployed_cpu_vs_echo": 2.5,
+    "two_workers_vs_one": 1.3,
+    "overload_goodput_vs_capacity": 0.7,
 }
 
 #: The request each slice is driven with (DRY_RUN: the null providers answer).
@@ -95,6 +100,8 @@ async def run_bench(
     quick: bool,
     rate: float = DEFAULT_RATE,
     matriz_stream: bool = True,
+    deployed_shape: bool = True,
+    plot: Path | None | Literal["default"] = "default",
 ) -> dict[str, Any]:
     """Run every measurement on a nats-server of its own; print and return the results.
 
@@ -108,6 +115,10 @@ async def run_bench(
         rate: requests per second of the open-loop latency measurement.
         matriz_stream: create the `MATRIZ` JetStream stream over `matriz.>` first, as the
             workers do, so the server persists every node during the measurements.
+        deployed_shape: also measure the deployed shape (each part in its own process:
+            nats-server, `lukhas worker slices`, echo responder, load generator).
+        plot: where to draw the latency-vs-load curve (needs matplotlib, the `bench`
+            extra); by default docs/bench-latency.png on full runs, none on quick ones.
 
     Raises:
         ValueError: a non-positive duration or rate.
@@ -118,7 +129,9 @@ async def run_bench(
     )
     fs_version = faststream_version()
     kinds = 3 if fs_version else 2
-    steps_total = len(SLICE_REQUESTS) * plan.rounds * (kinds + 2) + 5
+    steps_total = len(SLICE_REQUESTS) * plan.rounds * (kinds + 2) + 5 + int(deployed_shape)
+    if plot == "default":
+        plot = None if quick else deployed.DEFAULT_PLOT
     notes = [
         "The slices run in DRY_RUN: the null providers answer (passkey verify accepts "
         "{\"challenge\"} only in DRY_RUN); the ledger section wires the JetStream ledger.",
@@ -149,6 +162,15 @@ async def run_bench(
             await _measure(results, server.url, bench_settings, plan, steps,
                            faststream=fs_version is not None, matriz_stream=matriz_stream)
             other = meter.others_share()
+        if deployed_shape:
+            steps.begin("deployed shape: sweep, 1 vs 2 workers, 2x capacity")
+            slas = sla_by_emit_point(load_manifests())
+            by_slice = {ep.name: slas.get(ep.emit_point.name) for ep in ENDPOINTS}
+            results["deployed"] = await deployed.measure_deployed(
+                deployed.deployed_plan(quick=quick),
+                {name: by_slice[name] or 1000.0 for name in SLICE_REQUESTS}, plot=plot,
+            )
+            steps.done()
     results["machine"]["other_cpu_pct"] = None if other is None else round(other * 100, 1)
     if other is not None and other > 0.1:
         notes.append(
@@ -343,6 +365,23 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     add("matriz.emitter.vs_raw", f"≥ {floor}×", r, r is not None and r >= floor)
     dropped = results["matriz"]["paced"]["dropped"]
     add("matriz.paced.dropped", "= 0", dropped, dropped == 0)
+    dep = results.get("deployed")
+    if dep is not None:
+        cpu = dep["cpu"].get("consent_record")
+        r = None if cpu is None else cpu["ratio_vs_echo"]
+        ceiling = TARGETS["deployed_cpu_vs_echo"]
+        add("deployed.consent_record.cpu_vs_echo", f"≤ {ceiling}×", r,
+            r is not None and r <= ceiling)
+        r = dep["workers"]["ratio"]
+        floor = TARGETS["two_workers_vs_one"]
+        add("deployed.consent_record.two_workers", f"≥ {floor}×", r, r is not None and r >= floor)
+        over = dep["overload"]
+        add("deployed.overload.timeouts", "= 0", over["timeouts"], over["timeouts"] == 0)
+        add("deployed.overload.answered_within_sla", "= 100%", over["answered_within_sla_pct"],
+            over["answered_within_sla"] == over["sent"])
+        floor = TARGETS["overload_goodput_vs_capacity"]
+        add("deployed.overload.goodput", f"≥ {floor}× capacity", over["goodput_vs_capacity"],
+            over["goodput_vs_capacity"] >= floor)
     lim = results["handoff_limiter"]
     add("handoff.limiter.accuracy", f"±{TARGETS['limiter_error_pct']:g}%", lim["error_pct"],
         bool(lim["within_2pct"]))

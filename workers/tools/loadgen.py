@@ -90,6 +90,15 @@ class LatencyRecorder:
     def max_ms(self) -> float:
         return float(self._hist.get_max_value()) / 1000.0 if self.count else 0.0
 
+    def count_within(self, seconds: float) -> int:
+        """How many recorded latencies were at most `seconds` (to the histogram's precision)."""
+        limit = seconds * 1_000_000
+        return sum(
+            int(item.count_at_value_iterated_to)
+            for item in self._hist.get_recorded_iterator()
+            if item.value_iterated_to <= limit
+        )
+
     def merge(self, other: LatencyRecorder) -> None:
         """Add every value `other` recorded to this recorder."""
         self._hist.add(other._hist)
@@ -129,6 +138,9 @@ class OpenLoopResult:
     #: Seconds from the first scheduled send until the last request finished.
     elapsed_s: float
     error_types: dict[str, int] = field(default_factory=dict)
+    #: When the call returns a string (an outcome such as "ok" or "overloaded"), the
+    #: latencies of each outcome, also from the scheduled send time.
+    by_outcome: dict[str, LatencyRecorder] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -144,6 +156,7 @@ class OpenLoopResult:
             "elapsed_s": round(self.elapsed_s, 3),
             "latency": self.latency.summary(),
             "error_types": dict(self.error_types),
+            "by_outcome": {k: v.summary() for k, v in self.by_outcome.items()},
         }
 
 
@@ -223,15 +236,21 @@ async def open_loop(
     last_send = 0.0
     last_done = 0.0
 
+    by_outcome: dict[str, LatencyRecorder] = {}
+
     async def one(origin: float) -> None:
         nonlocal completed, last_done
         try:
-            await call()
+            outcome = await call()
         except Exception as exc:  # the load generator's boundary: a failed call is a count
             errors[type(exc).__name__] += 1
         else:
-            now = _clock()
-            latency.record(now - origin)
+            took = _clock() - origin
+            latency.record(took)
+            if isinstance(outcome, str):
+                if outcome not in by_outcome:
+                    by_outcome[outcome] = LatencyRecorder()
+                by_outcome[outcome].record(took)
             completed += 1
         finally:
             last_done = _clock()
@@ -272,6 +291,7 @@ async def open_loop(
         max_start_lag_ms=max_lag * 1000.0,
         elapsed_s=max(last_done, last_send, start) - start,
         error_types=dict(errors),
+        by_outcome=by_outcome,
     )
 
 

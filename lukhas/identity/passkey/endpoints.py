@@ -30,7 +30,7 @@ from lukhas.identity.passkey.messages import (
 )
 from lukhas.identity.passkey.registry import REGISTRY
 from lukhas.observability.matriz_decorators import annotate, instrument
-from lukhas.ratelimit import KeyedLimiter
+from lukhas.ratelimit import SharedLimiter, lease_store
 from lukhas.runtime import Runtime, current_runtime
 
 #: Bytes a passkey request body may take: an assertion or credential plus its envelope.
@@ -40,12 +40,14 @@ ANONYMOUS_SOURCE = "anonymous"
 _LIMITER_KEY = "identity.passkey.challenge_limiter"
 
 
-def challenge_limiter(runtime: Runtime) -> KeyedLimiter:
-    """The runtime's limiter of usernameless challenges, built from its settings on first use."""
+def challenge_limiter(runtime: Runtime) -> SharedLimiter:
+    """The limiter of usernameless challenges (buckets shared by the queue group), built
+    from the runtime's settings on first use."""
     limiter = runtime.slice_state.get(_LIMITER_KEY)
     if limiter is None:
         s = runtime.settings
-        limiter = runtime.slice_state[_LIMITER_KEY] = KeyedLimiter(
+        limiter = runtime.slice_state[_LIMITER_KEY] = SharedLimiter(
+            lease_store(runtime), name="passkey_challenge",
             rate=s.passkey_challenge_global_rate, burst=s.passkey_challenge_global_burst,
             key_rate=s.passkey_challenge_rate, key_burst=s.passkey_challenge_burst,
         )
@@ -98,7 +100,7 @@ async def challenge(req: ChallengeRequest) -> Reply:
     runtime = current_runtime()
     provider = REGISTRY.get(runtime.settings)
     if req.user_id is None and provider.name != "null":
-        decision = challenge_limiter(runtime).decide(req.source or ANONYMOUS_SOURCE)
+        decision = await challenge_limiter(runtime).decide(req.source or ANONYMOUS_SOURCE)
         if not decision.allowed:
             return _labelled({
                 "ok": False,

@@ -28,8 +28,9 @@ from lukhas.orchestration.context.messages import (
     ContextHandedOff,
     HandoffContext,
 )
-from lukhas.orchestration.context.ratelimit import HandoffLimiter, InflightGate
+from lukhas.orchestration.context.ratelimit import InflightGate
 from lukhas.orchestration.context.registry import REGISTRY
+from lukhas.ratelimit import SharedLimiter, lease_store
 from lukhas.runtime import Runtime, current_runtime
 from lukhas.subjects import context_target
 
@@ -42,9 +43,9 @@ _STATE_KEY = "orchestration.context"
 
 @dataclass(slots=True)
 class HandoffControls:
-    """The per-runtime limiter and in-flight gate."""
+    """The limiter (its buckets shared by the queue group) and this runtime's in-flight gate."""
 
-    limiter: HandoffLimiter
+    limiter: SharedLimiter
     gate: InflightGate
 
 
@@ -54,7 +55,8 @@ def handoff_controls(runtime: Runtime) -> HandoffControls:
     if controls is None:
         s = runtime.settings
         controls = runtime.slice_state[_STATE_KEY] = HandoffControls(
-            limiter=HandoffLimiter(
+            limiter=SharedLimiter(
+                lease_store(runtime), name="handoff",
                 rate=s.handoff_rate, burst=s.handoff_burst,
                 key_rate=s.handoff_source_rate, key_burst=s.handoff_source_burst,
             ),
@@ -89,7 +91,7 @@ async def handoff(cmd: HandoffContext) -> Reply:
         raise PayloadTooLarge(len(body), limit, "context")
 
     controls = handoff_controls(runtime)
-    decision = controls.limiter.decide(cmd.source or runtime.settings.tenant)
+    decision = await controls.limiter.decide(cmd.source or runtime.settings.tenant)
     if not decision.allowed:
         retry_after_ms = max(1, math.ceil(decision.retry_after_s * 1000))
         return _refusal("rate_limited", started, retry_after_ms=retry_after_ms)

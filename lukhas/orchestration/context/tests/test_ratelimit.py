@@ -190,3 +190,68 @@ async def test_a_publish_during_a_flush_waits_for_the_next_flush() -> None:
         assert done == [1] and flushes == 2
         gates[1].set()
     assert done == [1, 2]
+
+
+# -- the shared limiter (buckets in a lease store every worker draws from) ------------------
+
+
+async def test_workers_sharing_a_store_accept_one_rate_not_one_each() -> None:
+    from lukhas.ratelimit import MemoryLeaseStore, SharedLimiter
+
+    clock = FakeClock()
+    store = MemoryLeaseStore(clock=clock)
+    workers = [
+        SharedLimiter(store, name="handoff", rate=100, burst=20, clock=clock) for _ in range(4)
+    ]
+    accepted = 0
+    for step in range(5000):  # 10x the rate for 5 s, in 1 ms steps, round-robin
+        accepted += (await workers[step % 4].decide("a")).allowed
+        clock.advance(0.001)
+    assert accepted == pytest.approx(100 * 5 + 20, abs=4)  # 4 workers may hold a token each
+
+
+async def test_shared_retry_after_is_the_time_until_the_shared_bucket_has_a_token() -> None:
+    from lukhas.ratelimit import MemoryLeaseStore, SharedLimiter
+
+    clock = FakeClock()
+    store = MemoryLeaseStore(clock=clock)
+    a = SharedLimiter(store, name="h", rate=4, burst=1, clock=clock)
+    b = SharedLimiter(store, name="h", rate=4, burst=1, clock=clock)
+    assert (await a.decide("k")).allowed
+    refused = await b.decide("k")
+    assert not refused.allowed and refused.retry_after_s == pytest.approx(0.25)
+    clock.advance(0.1)
+    assert (await b.decide("k")).retry_after_s == pytest.approx(0.15)  # answered locally
+    clock.advance(0.15)
+    assert (await b.decide("k")).allowed
+    assert not (await a.decide("k")).allowed
+
+
+async def test_shared_refusal_by_one_bucket_spends_nothing_from_the_other() -> None:
+    from lukhas.ratelimit import MemoryLeaseStore, SharedLimiter
+
+    clock = FakeClock()
+    limiter = SharedLimiter(MemoryLeaseStore(clock=clock), name="h", rate=1, burst=2,
+                            key_rate=1, key_burst=1, clock=clock)
+    assert (await limiter.decide("a")).allowed
+    assert not (await limiter.decide("a")).allowed  # key bucket empty: global keeps its token
+    assert (await limiter.decide("b")).allowed
+    assert not (await limiter.decide("c")).allowed  # and now the global one is empty
+
+
+async def test_concurrent_shared_callers_never_exceed_the_burst() -> None:
+    from lukhas.ratelimit import MemoryLeaseStore, SharedLimiter
+
+    clock = FakeClock()
+    limiter = SharedLimiter(MemoryLeaseStore(clock=clock), name="h", rate=1, burst=50,
+                            clock=clock)
+    results: list[bool] = []
+
+    async def caller() -> None:
+        await anyio.lowlevel.checkpoint()
+        results.append((await limiter.decide("k")).allowed)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(200):
+            tg.start_soon(caller)
+    assert results.count(True) == 50
