@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from lukhas.transparency.merkle import HASH_SIZE, NodeId, fold_right
+from lukhas.transparency.merkle import HASH_SIZE, NodeId
+from lukhas.transparency.merkle import node_hash as merkle_node
 
 TILE_HEIGHT = 8
 TILE_WIDTH = 1 << TILE_HEIGHT
@@ -55,8 +56,10 @@ def node_hash(node: NodeId, tiles: Mapping[TileId, bytes]) -> bytes:
 
 
 def _perfect(hashes: list[bytes]) -> bytes:
-    """The root of a perfect subtree over `hashes` (a power of two of them)."""
-    return fold_right(hashes)
+    """The root of a perfect subtree over `hashes` (a power of two of them), pairwise."""
+    while len(hashes) > 1:
+        hashes = [merkle_node(hashes[i], hashes[i + 1]) for i in range(0, len(hashes), 2)]
+    return hashes[0]
 
 
 def partial_tiles(size: int) -> dict[TileId, int]:

@@ -57,6 +57,7 @@ from nats.js.api import (
     DeliverPolicy,
     DiscardPolicy,
     Header,
+    PubAck,
     RawStreamMsg,
     RetentionPolicy,
     StorageType,
@@ -264,6 +265,7 @@ class JetStreamConsentLedger:
         self._queue: list[_Item] = []
         self._wake = anyio.Event()
         self._writer: asyncio.Task[None] | None = None
+        self._pipeline: _Pipeline | None = None
         self._tree_ok = False
         self._lease_rev: int | None = None
         self._lease_until = 0.0
@@ -389,6 +391,10 @@ class JetStreamConsentLedger:
         except TransparencyError as exc:
             return _Opened(seq, subject, data, None, None, f"unauthenticated: {exc}")
         body = leaf.body
+        if body.get("seq") != seq:
+            return _Opened(seq, subject, data, None, None,
+                           f"unauthenticated: a replayed record (signed for stream seq "
+                           f"{body.get('seq')}, found at {seq})")
         pseudonym, _, token = subject[len(self.options.subject_prefix) + 1:].partition(".")
         if body.get("pseudonym") != pseudonym:
             return _Opened(seq, subject, data, leaf.index, body, "wrong_subject")
@@ -535,6 +541,11 @@ class JetStreamConsentLedger:
         signed index), check it against the signed checkpoint and the stored tiles, and check
         the user's chain and state values."""
         versions = self._versions(user_id)
+        writer_problem = None
+        try:  # checkpoint what was appended so far (the writer checks its own view first)
+            await self._fresh_checkpoint()
+        except LedgerTampered as exc:
+            writer_problem = exc.problem
         kv_stream = f"KV_{self.options.state_bucket}"
         kv_prefix = f"$KV.{self.options.state_bucket}."
         everything, kv_entries, cp_entry, tiles = await _gather(
@@ -560,6 +571,8 @@ class JetStreamConsentLedger:
             if is_mine:
                 user_records.append(opened)
         tree_problems = self._tree_problems(store, cp_entry, tiles)
+        if writer_problem is not None:
+            tree_problems.insert(0, f"the writer refuses to write: {writer_problem}")
         reports: list[_chain.ChainReport] = []
         mismatches: list[dict[str, Any]] = []
         for version, pseudonym in enumerate(versions):
@@ -932,7 +945,7 @@ class JetStreamConsentLedger:
                 continue
             if item.kind == "erase":
                 await self._destroy_keys(item.versions)
-            made = self._prepare(item, index)
+            made = self._prepare(item, index, self._last_seq + 1 + len(prepared))
             if made is not None:
                 prepared.append(made)
                 index += 1
@@ -948,11 +961,13 @@ class JetStreamConsentLedger:
                 }
                 if p.item.msg_id is not None:
                     headers[Header.MSG_ID.value] = p.item.msg_id
-                futures.append(await self._js.publish_async(
-                    self._subject(p.body["pseudonym"], p.body["scope"]), p.leaf,
-                    headers=headers))
-            with anyio.fail_after(self.options.timeout_s):
-                results = await _settle(futures)
+                futures.append(await self._publisher().publish(
+                    self._subject(p.body["pseudonym"], p.body["scope"]), p.leaf, headers))
+            try:
+                with anyio.fail_after(self.options.timeout_s):
+                    results = await _settle(futures)
+            finally:
+                self._publisher().forget(futures)
             for i, (p, result) in enumerate(zip(prepared, results, strict=True)):
                 if failed_at is not None:
                     break
@@ -1019,7 +1034,7 @@ class JetStreamConsentLedger:
             *(lambda k=k, v=v: state_kv.put(k, v) for k, v in latest.items()),
         )
 
-    def _prepare(self, item: _Item, index: int) -> _Prepared | None:
+    def _prepare(self, item: _Item, index: int, seq: int) -> _Prepared | None:
         fields = dict(item.fields)
         pseudonym = item.pseudonym
         if item.kind == "write":
@@ -1049,6 +1064,9 @@ class JetStreamConsentLedger:
                                   msgspec.json.encode(item.metadata), _aad(pseudonym, scope))
                 fields["sealed"] = msgspec.to_builtins(box)
         fields["prev_hash"] = self._tails.get(pseudonym, _chain.GENESIS)
+        # The stream seq it must land at (publishes are conditional on the last seq), signed:
+        # a genuine record copied elsewhere in the stream is refused as a replay.
+        fields["seq"] = seq
         body = _chain.seal(fields)
         return _Prepared(item, make_leaf(self._signer, index, body), body, index)
 
@@ -1388,6 +1406,11 @@ class JetStreamConsentLedger:
             raise RuntimeError("JetStreamConsentLedger.ensure() was not awaited before use")
         return self._kv
 
+    def _publisher(self) -> _Pipeline:
+        if self._pipeline is None:
+            self._pipeline = _Pipeline(self._js._nc)
+        return self._pipeline
+
     def _tree(self) -> KeyValue:
         if self._tree_kv is None:
             raise RuntimeError("JetStreamConsentLedger.ensure() was not awaited before use")
@@ -1400,6 +1423,57 @@ class JetStreamConsentLedger:
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
+
+
+class _Pipeline:
+    """Pipelined JetStream publishes: sent in order, each acknowledged on its own future.
+
+    (nats-py's `publish_async` loses the future when the server answers with an error, e.g.
+    a wrong expected last sequence, so the writer keeps its own small version.)
+    """
+
+    def __init__(self, nc: Any) -> None:
+        self._nc = nc
+        self._prefix: str | None = None
+        self._futures: dict[str, asyncio.Future[Any]] = {}
+        self._next = 0
+
+    async def publish(self, subject: str, payload: bytes,
+                      headers: dict[str, str]) -> asyncio.Future[Any]:
+        if self._prefix is None:
+            prefix = self._nc.new_inbox()
+            await self._nc.subscribe(f"{prefix}.*", cb=self._on_reply)
+            self._prefix = prefix
+        self._next += 1
+        token = str(self._next)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._futures[token] = future
+        await self._nc.publish(subject, payload, reply=f"{self._prefix}.{token}",
+                               headers=headers)
+        return future
+
+    async def _on_reply(self, msg: Any) -> None:
+        future = self._futures.pop(msg.subject.rsplit(".", 1)[-1], None)
+        if future is None or future.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            future.set_exception(NoStreamResponseError())
+            return
+        try:
+            resp = msgspec.json.decode(msg.data)
+            if "error" in resp:
+                err = resp["error"]
+                future.set_exception(APIError(code=err.get("code"), err_code=err.get("err_code"),
+                                              description=err.get("description")))
+            else:
+                future.set_result(PubAck.from_response(resp))
+        except (msgspec.DecodeError, TypeError, KeyError) as exc:
+            future.set_exception(exc)
+
+    def forget(self, futures: Sequence[asyncio.Future[Any]]) -> None:
+        for token, fut in list(self._futures.items()):
+            if fut in futures:
+                del self._futures[token]
 
 
 class _LeaseBusy(Exception):
