@@ -982,13 +982,14 @@ class JetStreamConsentLedger:
                 self._last_seq = result.seq
                 self._admit(p.leaf)
                 self._appended += 1
-                self._remember(result.seq, p.body)
                 admitted.append(p)
         await self._store_after(admitted)
         for p in admitted:
             p.item.resolve(self._reply(p, self._last_seq_of(p)))
         if failed_at is not None:
             self._retries += 1
+            self._tails.clear()
+            self._scopes.clear()
             rerun = [p.item for p in prepared[failed_at:] if not p.item.done.is_set()]
             if failure is not None and not _is_wrong_last_sequence(failure):
                 # Unknown outcome (timeout...): the failed item errs; the stream decides the
@@ -1068,7 +1069,10 @@ class JetStreamConsentLedger:
         # a genuine record copied elsewhere in the stream is refused as a replay.
         fields["seq"] = seq
         body = _chain.seal(fields)
-        return _Prepared(item, make_leaf(self._signer, index, body), body, index)
+        leaf = make_leaf(self._signer, index, body)
+        # Later items of the batch see this one (undone if the batch fails: caches cleared).
+        self._remember(seq, body)
+        return _Prepared(item, leaf, body, index)
 
     async def _load_for(self, batch: list[_Item]) -> None:
         """Read, for the batch, what the writer does not know yet: chain tails, the scopes'
