@@ -25,7 +25,7 @@ from lukhas.governance.consent_ledger.api import (
     consent_proof,
     consent_receipt,
     consent_status,
-    erase_consent_data,
+    consent_erase,
     record_consent,
     revoke_consent,
     verify_consent_chain,
@@ -234,7 +234,7 @@ async def test_erasure_keeps_every_proof_valid_and_the_data_unreadable(
         before = (await consent_history(uid))["records"]
         assert before[0]["metadata"] == {"email": "alice@example.com"}
 
-        erased = await erase_consent_data(uid)
+        erased = await consent_erase(uid)
         assert erased["ok"] is True and erased["erased"] is True
 
         history = (await consent_history(uid))["records"]

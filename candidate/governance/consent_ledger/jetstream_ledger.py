@@ -655,17 +655,16 @@ class JetStreamConsentLedger:
         return problems
 
     async def _read_all_tiles(self) -> dict[tuple[int, int], bytes]:
-        kv = self._tree()
-        try:
-            names = [k for k in await kv.keys() if k.startswith("t.")]
-        except (NotFoundError, KeyNotFoundError, NatsError):
-            return {}
-        values = await _gather(*(lambda k=k: self._kv_raw_value(kv, k) for k in names))
+        """Every stored tile (the bucket's stream, last value per key)."""
+        bucket = self.options.tree_bucket
+        prefix = f"$KV.{bucket}."
+        entries = await self._read(f"KV_{bucket}", [f"{prefix}t.>"],
+                                   DeliverPolicy.LAST_PER_SUBJECT)
         out = {}
-        for name, value in zip(names, values, strict=True):
-            if value is not None:
-                _, tl, n = name.split(".")
-                out[(int(tl), int(n))] = value
+        for _, subject, data, removed in entries:
+            parts = subject[len(prefix):].split(".")
+            if not removed and len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                out[(int(parts[1]), int(parts[2]))] = data
         return out
 
     # -- writing --------------------------------------------------------------------------

@@ -89,7 +89,7 @@ async def consent_proof(
     return await endpoints.PROOF.call(user_id=user_id, scope=scope, seq=seq, from_size=from_size)
 
 
-async def erase_consent_data(
+async def consent_erase(
     user_id: str, *, idempotency_key: str | None = None
 ) -> dict[str, Any]:
     """Crypto-shred the user's personal data in the ledger and record the erasure."""
