@@ -21,11 +21,11 @@ from candidate.governance.consent_ledger.jetstream_ledger import (
 )
 from lukhas.governance.consent_ledger.api import (
     consent_checkpoint,
+    consent_erase,
     consent_history,
     consent_proof,
     consent_receipt,
     consent_status,
-    consent_erase,
     record_consent,
     revoke_consent,
     verify_consent_chain,

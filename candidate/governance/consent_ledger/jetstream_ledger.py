@@ -1028,11 +1028,22 @@ class JetStreamConsentLedger:
             latest[_state.key(p.body["pseudonym"], p.body["scope"])] = _state.encode(
                 _state.of_record(p.body["_seq"], clean))
         tiles = self._tiles.take()
-        tree_kv = self._tree()
-        await _gather(
-            *(lambda t=t, v=v: tree_kv.put(_tiles.key(t), v) for t, v in tiles.items()),
-            *(lambda k=k, v=v: state_kv.put(k, v) for k, v in latest.items()),
-        )
+        pipeline = self._publisher()
+        futures = [
+            await pipeline.publish(f"$KV.{self.options.tree_bucket}.{_tiles.key(t)}", v, {})
+            for t, v in tiles.items()
+        ] + [
+            await pipeline.publish(f"$KV.{self.options.state_bucket}.{k}", v, {})
+            for k, v in latest.items()
+        ]
+        try:
+            with anyio.fail_after(self.options.timeout_s):
+                for result in await _settle(futures):
+                    if isinstance(result, BaseException):
+                        raise result
+        finally:
+            pipeline.forget(futures)
+        del state_kv
 
     def _prepare(self, item: _Item, index: int, seq: int) -> _Prepared | None:
         fields = dict(item.fields)
@@ -1081,33 +1092,46 @@ class JetStreamConsentLedger:
                          for p in i.versions} - set(self._scopes))
         wanted_keys = sorted({i.pseudonym for i in batch if i.kind == "write" and i.metadata}
                              - {p for p, k in self._data_keys.items() if k is not None})
+        # One read per data subject: its chain's last record is also its scope's latest when
+        # it is on that scope (or when the subject has no record at all).
         found = await _gather(
             *(lambda p=p: self._chain_tail(p) for p in tails),
-            *(lambda p=p, s=s: self._scope_latest(p, s) for p, s in scopes),
             *(lambda p=p: self._data_key(p, create=True) for p in wanted_keys),
         )
-        for p, tail in zip(tails, found[: len(tails)], strict=True):
+        for p, (tail, last) in zip(tails, found[: len(tails)], strict=True):
             self._tails[p] = tail
-        rest = found[len(tails):]
-        for key, (latest, _) in zip(scopes, rest[: len(scopes)], strict=True):
-            self._scopes[key] = latest
-        for p, data_key in zip(wanted_keys, rest[len(scopes):], strict=True):
+            if last is None:
+                for key in scopes:
+                    if key[0] == p:
+                        self._scopes[key] = None
+            elif (p, last[1]["scope"]) in scopes:
+                self._scopes[(p, last[1]["scope"])] = last
+        for p, data_key in zip(wanted_keys, found[len(tails):], strict=True):
             self._data_keys[p] = data_key
+        rest = [key for key in scopes if key not in self._scopes]
+        latest = await _gather(*(lambda p=p, s=s: self._scope_latest(p, s) for p, s in rest))
+        for key, (last, _) in zip(rest, latest, strict=True):
+            self._scopes[key] = last
 
-    async def _chain_tail(self, pseudonym: str) -> str:
+    async def _chain_tail(
+        self, pseudonym: str
+    ) -> tuple[str, tuple[int, dict[str, Any]] | None]:
+        """The hash the data subject's next record links to, and its last authenticated
+        record (seq, body), or None if it has none."""
         subject = self._chain_subjects(pseudonym)
         last = await self._last(subject)
         if last is None:
-            return _chain.GENESIS
-        opened = self._open(last.seq, last.subject, last.data)
+            return _chain.GENESIS, None
+        opened = self._open(last.seq, last.subject or "", last.data)
         if opened.problem is None and opened.body is not None:
-            return str(opened.body["hash"])
-        tail = _chain.GENESIS
+            return str(opened.body["hash"]), (last.seq, opened.body)
+        found: tuple[str, tuple[int, dict[str, Any]] | None] = (_chain.GENESIS, None)
         for msg in await self._messages([subject]):
             o = self._open(msg.seq, msg.subject, msg.data)
             if o.problem is None and o.body is not None:
-                tail = str(o.body["hash"])
-        return tail
+                found = (str(o.body["hash"]), (o.seq, o.body))
+        # The latest authenticated record is not necessarily the scope's: read scopes apart.
+        return found[0], None if found[1] is None else (-1, {"scope": None})
 
     async def _resolve_duplicate(self, p: _Prepared, seq: int) -> None:
         """A retry under a used idempotency key: the same request, or a conflict."""
