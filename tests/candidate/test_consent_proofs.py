@@ -19,6 +19,7 @@ from candidate.governance.consent_ledger.jetstream_ledger import (
     JetStreamConsentLedger,
     LedgerOptions,
 )
+from lukhas.governance.consent_ledger import registry as consent_registry
 from lukhas.governance.consent_ledger.api import (
     consent_checkpoint,
     consent_erase,
@@ -124,6 +125,11 @@ async def test_every_record_of_thousands_proves_inclusion_and_the_log_only_grows
         await ledger.aclose()
 
 
+async def _hand_back(runtime: Any) -> None:
+    """Let the registered ledger finish and hand its lease back (as between requests)."""
+    await consent_registry.get_provider(runtime.settings).aclose()
+
+
 async def _raw_leaves(js: Any, stream: str) -> list[tuple[str, bytes]]:
     info = await js.stream_info(stream)
     return [((m := await js.get_msg(stream, seq=s)).subject, m.data)
@@ -162,6 +168,7 @@ async def test_rewritten_truncated_or_recreated_streams_are_caught(
         await record_consent(uid, "scope.9")
         held = await consent_checkpoint()  # the client keeps this
         assert held["size"] == 8
+        await _hand_back(runtime)
 
         insider = await nats.connect(nats_url)
         try:
@@ -207,6 +214,7 @@ async def test_an_edited_tree_tile_is_caught(
         for i in range(5):
             await record_consent(uid, f"scope.{i}")
         held = await consent_checkpoint()
+        await _hand_back(runtime)  # the tile is edited while no worker holds the lease
         insider = await nats.connect(nats_url)
         try:
             kv = await insider.jetstream().key_value(names.tree_bucket)
