@@ -160,7 +160,7 @@ class LedgerOptions:
     #: the writer hands the lease back, and on request).
     checkpoint_interval_s: float = 1.0
     #: Records signed and published per round.
-    max_batch: int = 512
+    max_batch: int = 64
     #: How long a lease holds without renewal (a crashed writer blocks others this long).
     lease_s: float = 5.0
     #: How long a writer keeps the lease after its queue drains, for the next request.
