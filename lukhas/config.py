@@ -162,6 +162,7 @@ KNOWN_VARIABLES: tuple[str, ...] = (
     "LUKHAS_DATA_DIR",
     "LUKHAS_LEDGER_REPLICAS",
     "LUKHAS_LEDGER_SIGNING_KEY",
+    "LUKHAS_LEDGER_WRAPPING_KEY",
     "LUKHAS_LOG_LEVEL",
     # SLO burn-rate alert windows (seconds) and the error-budget period.
     "LUKHAS_SLO_PAGE_LONG_S",
@@ -230,6 +231,8 @@ class Settings:
     ledger_replicas: int = 1
     #: The ledger's signed-note signer key (secret; validated, never printed).
     ledger_signing_key: str | None = field(default=None, repr=False)
+    #: Wraps the ledger's per-subject data keys (secret; validated, never printed).
+    ledger_wrapping_key: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
     slo_page_long_s: float = 3600.0
     slo_page_short_s: float = 300.0
@@ -270,6 +273,11 @@ class Settings:
             from lukhas.transparency.keys import parse_signing_key  # cryptography only when set
 
             parse_signing_key(signing_key, dry_run=dry_run)
+        wrapping_key = _text(env, "LUKHAS_LEDGER_WRAPPING_KEY")
+        if wrapping_key is not None:
+            from lukhas.transparency.keys import parse_wrapping_key
+
+            parse_wrapping_key(wrapping_key)
         port = _number(env, "LUKHAS_METRICS_PORT", 9464, int, minimum=0)
         if port > 65535:
             raise ConfigError("LUKHAS_METRICS_PORT", str(port), "a port from 0 to 65535")
@@ -343,6 +351,7 @@ class Settings:
             data_dir=_text(env, "LUKHAS_DATA_DIR") or ".lukhas",
             ledger_replicas=replicas,
             ledger_signing_key=signing_key,
+            ledger_wrapping_key=wrapping_key,
             log_level=log_level,
             **_slo_windows(env),
         )

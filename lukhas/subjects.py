@@ -7,6 +7,12 @@ CONSENT_REVOKE = "lukhas.governance.consent.revoke"
 CONSENT_STATUS = "lukhas.governance.consent.status"
 CONSENT_HISTORY = "lukhas.governance.consent.history"
 CONSENT_VERIFY = "lukhas.governance.consent.verify"
+CONSENT_CHECKPOINT = "lukhas.governance.consent.checkpoint"
+CONSENT_PROOF = "lukhas.governance.consent.proof"
+CONSENT_ERASE = "lukhas.governance.consent.erase"
+CONSENT_RECEIPT = "lukhas.governance.consent.receipt"
+#: Signed checkpoints are announced here (the note itself) as the ledger makes them.
+CONSENT_CHECKPOINT_FEED = "lukhas.governance.consent.checkpoints"
 
 PASSKEY_VERIFY = "lukhas.identity.passkey.verify"
 PASSKEY_REGISTER_OPTIONS = "lukhas.identity.passkey.register.options"

@@ -8,7 +8,10 @@ parties need is `lukhas consent vkey`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
+import secrets
 
 from lukhas.errors import ConfigError
 from lukhas.transparency.errors import MalformedKey
@@ -17,6 +20,8 @@ from lukhas.transparency.note import Signer
 logger = logging.getLogger(__name__)
 
 VARIABLE = "LUKHAS_LEDGER_SIGNING_KEY"
+#: The key wrapping the per-subject data keys that erasure destroys.
+WRAPPING_VARIABLE = "LUKHAS_LEDGER_WRAPPING_KEY"
 #: Key names under this prefix would collide with the record and receipt note headers.
 RESERVED_PREFIX = "lukhas/"
 #: Private keys published in test vectors (golang.org/x/mod/sumdb/note): never for production.
@@ -62,3 +67,36 @@ def ledger_signer(raw: str | None, *, dry_run: bool, ledger_enabled: bool) -> Si
         )
     logger.warning("%s unset: signing with a random key for this process only", VARIABLE)
     return Signer.generate(DRY_RUN_NAME)
+
+
+def parse_wrapping_key(raw: str) -> bytes:
+    """The wrapping key from a LUKHAS_LEDGER_WRAPPING_KEY value: base64 of 16, 24 or 32 bytes.
+
+    Raises:
+        ConfigError: not such a key (the message never contains the value).
+    """
+    try:
+        key = base64.b64decode(raw.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) not in (16, 24, 32):
+        raise ConfigError(WRAPPING_VARIABLE, "<hidden>",
+                          "base64 of a 16, 24 or 32-byte key (e.g. `openssl rand -base64 32`)")
+    return key
+
+
+def ledger_wrapping_key(raw: str | None, *, dry_run: bool, ledger_enabled: bool) -> bytes:
+    """The key wrapping the ledger's per-subject data keys (never stored in NATS).
+
+    Unset: in DRY_RUN or with the ledger off, a random per-process key; with the real ledger
+    on, a ConfigError (no default: a default key would make erasure meaningless).
+    """
+    if raw is not None and raw.strip():
+        return parse_wrapping_key(raw)
+    if ledger_enabled and not dry_run:
+        raise ConfigError(
+            WRAPPING_VARIABLE, "",
+            "base64 of a 32-byte key (e.g. `openssl rand -base64 32`): it wraps the data keys "
+            "erasure destroys, and has no default",
+        )
+    return secrets.token_bytes(32)

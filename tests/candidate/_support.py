@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -16,8 +17,13 @@ from bus.nats import NatsBus
 from lukhas.config import Settings
 from lukhas.runtime import Runtime
 from lukhas.testing import MatrizRecorder
+from lukhas.transparency.note import Signer
 
 PSEUDONYM_KEY = "test-candidate-pseudonym-key-0123456789"
+#: The consent ledger's keys in tests (made once per session; never a published key).
+LEDGER_SIGNER = Signer.generate("test.lukhas.example/consent")
+LEDGER_SIGNING_KEY = LEDGER_SIGNER.private_key_string()
+LEDGER_WRAPPING_KEY = base64.b64encode(b"w" * 32).decode()
 
 
 def user() -> str:
@@ -44,6 +50,14 @@ class Names:
         return f"test.{self.tag}.ledger.consent"
 
     @property
+    def tree_bucket(self) -> str:
+        return f"consent_tree_{self.tag}"
+
+    @property
+    def keys_bucket(self) -> str:
+        return f"consent_keys_{self.tag}"
+
+    @property
     def credentials_bucket(self) -> str:
         return f"passkey_credentials_{self.tag}"
 
@@ -59,6 +73,8 @@ class Names:
         return {
             "stream": self.stream,
             "state_bucket": self.state_bucket,
+            "tree_bucket": self.tree_bucket,
+            "keys_bucket": self.keys_bucket,
             "subject_prefix": self.subject_prefix,
             **overrides,
         }
@@ -76,7 +92,8 @@ class Names:
         streams = [self.stream] + [
             f"KV_{b}"
             for b in (
-                self.state_bucket, self.credentials_bucket, self.challenges_bucket,
+                self.state_bucket, self.tree_bucket, self.keys_bucket,
+                self.credentials_bucket, self.challenges_bucket,
                 self.grants_bucket,
             )
         ]
@@ -90,7 +107,9 @@ class Names:
 def nats_settings(nats_url: str, **overrides: Any) -> Settings:
     """Outside DRY_RUN, on NATS, with a stable pseudonym key; flags via `overrides`."""
     return dataclasses.replace(
-        Settings(nats_url=nats_url, pseudonym_key=PSEUDONYM_KEY), **overrides
+        Settings(nats_url=nats_url, pseudonym_key=PSEUDONYM_KEY,
+                 ledger_signing_key=LEDGER_SIGNING_KEY, ledger_wrapping_key=LEDGER_WRAPPING_KEY),
+        **overrides
     )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -11,7 +10,6 @@ import pytest
 from nats.js.errors import APIError
 
 from candidate.governance.consent_ledger import _chain, _state
-from candidate.governance.consent_ledger.errors import LedgerCorrupt
 from candidate.governance.consent_ledger.jetstream_ledger import (
     JetStreamConsentLedger,
     LedgerOptions,
@@ -26,9 +24,19 @@ from lukhas.governance.consent_ledger.api import (
 )
 from lukhas.governance.consent_ledger.messages import ConsentEntry
 from lukhas.observability.pseudonym import Pseudonymizer
-from tests.candidate._support import PSEUDONYM_KEY, Names, Stack, nats_bus, user
+from lukhas.transparency.record import open_leaf
+from tests.candidate._support import (
+    LEDGER_SIGNER,
+    PSEUDONYM_KEY,
+    Names,
+    Stack,
+    nats_bus,
+    user,
+)
 
 pytestmark = pytest.mark.nats
+
+WRAPPING = b"w" * 32
 
 
 async def test_record_revoke_status_history_verify_round_trip(wired: Stack) -> None:
@@ -92,7 +100,10 @@ async def test_the_stream_holds_pseudonyms_never_raw_ids(
         assert info.state.subjects == {subject: 1}
         stored = await js.get_last_msg(names.stream, subject)
         assert uid.encode() not in stored.data
-        assert json.loads(stored.data)["pseudonym"] == pseudonym
+        body = open_leaf(stored.data, LEDGER_SIGNER.verifier).body
+        assert body["pseudonym"] == pseudonym
+        # Personal data (metadata) is stored only as ciphertext.
+        assert b"kept" not in stored.data and "metadata" not in body and "sealed" in body
         state = await js.key_value(names.state_bucket)
         assert all(uid not in key for key in await state.keys())
 
@@ -146,32 +157,23 @@ async def test_expiry_follows_the_clock(wired: Stack, names: Names) -> None:
         assert (await consent_status(uid, "gmail.read"))["status"] == "granted"
 
 
-def _forge(kind: str, genuine: dict[str, Any], other_pseudonym: str) -> bytes:
-    """A record published by someone bypassing the ledger."""
-    if kind == "edited":  # linked correctly, content changed, hash left as it was
-        return _chain.canonical(
-            {**genuine, "prev_hash": genuine["hash"], "scope": "everything.write"}
-        )
-    if kind == "relinked":  # self-consistent, but chained to the wrong predecessor
-        return _chain.canonical(_chain.seal({**genuine, "prev_hash": _chain.GENESIS}))
-    if kind == "foreign":  # a valid record of another data subject
-        return _chain.canonical(
-            _chain.seal({**genuine, "pseudonym": other_pseudonym, "prev_hash": genuine["hash"]})
-        )
+def _forge(kind: str, genuine_leaf: bytes, other_pseudonym: str) -> bytes:
+    """A record published by an insider with stream access but without the ledger key."""
+    body = open_leaf(genuine_leaf, LEDGER_SIGNER.verifier).body
+    if kind == "edited":  # the genuine signed note with its scope changed
+        return genuine_leaf.replace(b"drive.read", b"every.write")
+    if kind == "replayed":  # a genuine signed record copied verbatim to a new position
+        return genuine_leaf
+    if kind == "rechained":  # the old format: a JSON record with a recomputed hash
+        return _chain.canonical(_chain.seal({**body, "prev_hash": body["hash"]}))
+    if kind == "foreign":  # a self-consistent record naming another data subject
+        return _chain.canonical(_chain.seal({**body, "pseudonym": other_pseudonym}))
     return b"not a record"
 
 
-@pytest.mark.parametrize(
-    ("kind", "problem"),
-    [
-        ("edited", "hash_mismatch"),
-        ("relinked", "prev_hash_mismatch"),
-        ("foreign", "wrong_subject"),
-        ("garbage", "malformed"),
-    ],
-)
-async def test_a_tampered_record_is_detected(
-    wired: Stack, names: Names, kind: str, problem: str
+@pytest.mark.parametrize("kind", ["edited", "replayed", "rechained", "foreign", "garbage"])
+async def test_a_forged_append_is_refused_and_reported(
+    wired: Stack, names: Names, kind: str
 ) -> None:
     uid = user()
     async with wired(ledger=True) as (runtime, _):
@@ -180,30 +182,30 @@ async def test_a_tampered_record_is_detected(
         js = runtime.bus.jetstream()  # type: ignore[attr-defined]
         pseudonym, token = runtime.pseudonymize(uid), _state.scope_token("drive.read")
         subject = f"{names.subject_prefix}.{pseudonym}.{token}"
-        genuine = json.loads((await js.get_last_msg(names.stream, subject)).data)
+        genuine = (await js.get_last_msg(names.stream, subject)).data
+        # A revoke forged as a grant would be the attack: publish as an insider with nats-py.
         forged = await js.publish(subject, _forge(kind, genuine, runtime.pseudonymize(user())))
-        # Later genuine appends chain on from whatever is at the tail; the break stays found.
         after = await record_consent(uid, "photos.read")
         assert after["seq"] > forged.seq > second["seq"]
+        # The forgery was refused into the tree: tree positions skip it.
+        assert after["index"] == second["index"] + 1
 
         verdict = await verify_consent_chain(uid)
         assert verdict["ok"] is True and verdict["valid"] is False
-        assert verdict["broken_at"] == forged.seq and verdict["problem"] == problem
-        assert verdict["length"] == 3  # records read up to and including the broken one
+        assert verdict["broken_at"] == forged.seq and verdict["problem"] == "unauthenticated"
+        assert [r["seq"] for r in verdict["refused"]] == [forged.seq]
+        assert verdict["length"] == 3  # the genuine records, chained without the forgery
+        assert verdict["tree"]["problems"] == []  # the tree itself is intact
 
         history = await consent_history(uid)
-        assert [r["seq"] for r in history["records"]] == [
-            first["seq"], second["seq"], forged.seq, after["seq"]
+        assert [(r["seq"], r.get("unauthenticated", False)) for r in history["records"]] == [
+            (first["seq"], False), (second["seq"], False), (forged.seq, True),
+            (after["seq"], False),
         ]
-
-        # `status` answers from the scope's latest record: one that is not a valid record of
-        # this subject and scope is a clear error, never an answer.
-        if kind == "relinked":  # a copy of a genuine grant: its own fields check out
-            assert (await consent_status(uid, "drive.read"))["status"] == "granted"
-        else:
-            with pytest.raises(LedgerCorrupt) as caught:
-                await consent_status(uid, "drive.read")
-            assert caught.value.code == "ledger_corrupt" and caught.value.seq == forged.seq
+        # `status` answers from the latest authenticated record and names the forgery.
+        status = await consent_status(uid, "drive.read")
+        assert status["status"] == "granted" and status["seq"] == second["seq"]
+        assert status["unauthenticated_seqs"] == [forged.seq]
 
 
 async def test_concurrent_writers_keep_one_chain(nats_url: str, names: Names) -> None:
@@ -214,7 +216,8 @@ async def test_concurrent_writers_keep_one_chain(nats_url: str, names: Names) ->
     replies: list[dict[str, Any]] = []
 
     async def writer(bus: Any, name: str) -> None:
-        ledger = JetStreamConsentLedger(bus, pseudonymize, options)
+        ledger = JetStreamConsentLedger(bus, pseudonymize, options, signer=LEDGER_SIGNER,
+                                        wrapping_key=WRAPPING)
         await ledger.ensure()
         for i in range(per_writer):
             # Each writer grants a scope, then revokes it (a revoke needs a grant first).
@@ -232,7 +235,8 @@ async def test_concurrent_writers_keep_one_chain(nats_url: str, names: Names) ->
             async with anyio.create_task_group() as tg:
                 tg.start_soon(writer, bus_a, "a")
                 tg.start_soon(writer, bus_b, "b")
-        ledger = JetStreamConsentLedger(bus_a, pseudonymize, options)
+        ledger = JetStreamConsentLedger(bus_a, pseudonymize, options, signer=LEDGER_SIGNER,
+                                        wrapping_key=WRAPPING)
         await ledger.ensure()
         verdict = await ledger.verify_chain(uid)
         assert verdict["valid"] is True and verdict["length"] == 2 * per_writer
@@ -255,36 +259,38 @@ def _entry(uid: str, trace_id: str, scope: str = "gmail.read") -> ConsentEntry:
     )
 
 
-async def test_a_writer_with_a_stale_tail_retries_and_chains_after_the_winner(
+async def test_a_forgery_slipped_in_under_the_lease_is_refused_and_the_batch_retried(
     nats_url: str, names: Names
 ) -> None:
-    """Deterministic race: a rival appends between this writer's tail read and its publish."""
+    """Deterministic race: an insider appends between the writer's catch-up and its publish;
+    the publish (conditional on the stream's last seq) is refused, the writer replays the
+    stream, refuses the forgery into the tree and appends after it."""
     uid = user()
     pseudonymize = Pseudonymizer(PSEUDONYM_KEY)
     options = LedgerOptions(**names.ledger_options())
-    rival_reply: list[dict[str, Any]] = []
+    forged: list[int] = []
 
     class Interrupted(JetStreamConsentLedger):
-        async def _tail(self, subject: str) -> tuple[int, str]:
-            tail = await super()._tail(subject)
-            if not rival_reply:
-                rival_reply.append(await rival.record(_entry(uid, "rival"), idempotency_key=None))
-            return tail
+        async def _run_batch(self, batch: list[Any]) -> None:
+            if not forged:
+                subject = self._subject(pseudonymize(uid), "gmail.read")
+                forged.append((await raw.publish(subject, b'{"action":"grant"}')).seq)
+            await super()._run_batch(batch)
 
     async with nats_bus(nats_url, names) as bus_a, nats_bus(nats_url, names) as bus_b:
-        rival = JetStreamConsentLedger(bus_b, pseudonymize, options)
-        ledger = Interrupted(bus_a, pseudonymize, options)
-        await rival.ensure()
+        raw = bus_b.jetstream()
+        ledger = Interrupted(bus_a, pseudonymize, options, signer=LEDGER_SIGNER,
+                             wrapping_key=WRAPPING)
         await ledger.ensure()
+        await raw.stream_info(names.stream)
         mine = await ledger.record(_entry(uid, "late"), idempotency_key=None)
 
-        # The publish against the stale tail was refused; the re-read put it after the rival.
-        assert ledger.statistics().retries == 1
-        assert mine["seq"] > rival_reply[0]["seq"]
-        assert mine["prev_hash"] == rival_reply[0]["hash"]
-        records = (await ledger.history(uid))["records"]
-        assert [r["trace_id"] for r in records] == ["rival", "late"]
-        assert (await ledger.verify_chain(uid))["valid"] is True
+        stats = ledger.statistics()
+        assert stats.retries == 1 and stats.refused >= 1
+        assert mine["seq"] == forged[0] + 1 and mine["index"] == 0
+        verdict = await ledger.verify_chain(uid)
+        assert verdict["valid"] is False and verdict["refused"][0]["seq"] == forged[0]
+        assert verdict["length"] == 1 and verdict["tree"]["size"] == 1
 
 
 async def test_a_retried_request_records_once(wired: Stack) -> None:

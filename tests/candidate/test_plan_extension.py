@@ -6,6 +6,7 @@ import dataclasses
 
 from lukhas.governance.consent_ledger.api import record_consent, revoke_consent
 from lukhas.testing import dry_run_settings, open_test_runtime
+from tests.candidate._support import LEDGER_SIGNING_KEY, LEDGER_WRAPPING_KEY
 from workers.service.bootstrap import unwire_providers, wire_module
 
 PLAN_MODULE = "tests.candidate.plan_cloud_ledger"
@@ -13,7 +14,8 @@ PLAN_MODULE = "tests.candidate.plan_cloud_ledger"
 
 async def test_a_record_only_provider_serves_record_and_refuses_the_rest() -> None:
     settings = dataclasses.replace(
-        dry_run_settings(), dry_run=False, feature_governance_ledger=True
+        dry_run_settings(), dry_run=False, feature_governance_ledger=True,
+        ledger_signing_key=LEDGER_SIGNING_KEY, ledger_wrapping_key=LEDGER_WRAPPING_KEY
     )
     try:
         async with open_test_runtime(settings) as (runtime, matriz):

@@ -24,6 +24,7 @@ from nats.js import JetStreamContext
 from bus import Bus, BusError, NoResponders, RequestTimeout
 from bus.server import NatsServer
 from lukhas import subjects
+from tests.candidate._support import LEDGER_SIGNING_KEY, LEDGER_WRAPPING_KEY
 from tests.integration.processes import LukhasProcess
 
 #: The emit point every consent record reports to MATRIZ.
@@ -41,6 +42,8 @@ def worker_env(url: str, **extra: str) -> dict[str, str]:
     return {
         "NATS_URL": url,
         "FEATURE_GOVERNANCE_LEDGER": "true",
+        "LUKHAS_LEDGER_SIGNING_KEY": LEDGER_SIGNING_KEY,
+        "LUKHAS_LEDGER_WRAPPING_KEY": LEDGER_WRAPPING_KEY,
         "LUKHAS_PSEUDONYM_KEY": "fault-test-pseudonym-key-0123456789abcdef",
         "LUKHAS_METRICS_PORT": "0",
         **extra,

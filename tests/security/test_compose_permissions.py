@@ -31,6 +31,7 @@ from bus import connect
 from bus.connect import inbox_prefix
 from lukhas import subjects
 from lukhas.config import Settings
+from tests.candidate._support import LEDGER_SIGNING_KEY, LEDGER_WRAPPING_KEY
 from tests.integration.processes import REPO, LukhasProcess
 from tests.security.test_nats_auth import (
     DEPLOY_CONF,
@@ -157,6 +158,8 @@ def compose_like(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Aut
     variables["LUKHAS_PSEUDONYM_KEYS"] = secrets.token_hex(32)
     variables.update({  # the features on, as a deployment that uses them runs
         "FEATURE_GOVERNANCE_LEDGER": "true", "FEATURE_ORCHESTRATION_HANDOFF": "true",
+        "LUKHAS_LEDGER_SIGNING_KEY": LEDGER_SIGNING_KEY,
+        "LUKHAS_LEDGER_WRAPPING_KEY": LEDGER_WRAPPING_KEY,
     })
     procs: list[LukhasProcess] = []
     # Only compose's environment: no test defaults (e.g. a second pseudonym key variable).

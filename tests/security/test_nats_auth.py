@@ -44,6 +44,7 @@ from bus.server import free_port
 from lukhas import subjects
 from lukhas.config import Settings
 from lukhas.observability.matriz_emit import make_node
+from tests.candidate._support import LEDGER_SIGNING_KEY, LEDGER_WRAPPING_KEY
 from tests.faults._harness import lukhas_worker, request_json, stats
 from tests.integration.processes import REPO
 
@@ -160,6 +161,8 @@ async def watched(auth: AuthServer, user: str, *, inbox_prefix: str | None = Non
 
 FULL_FLAGS = {
     "FEATURE_GOVERNANCE_LEDGER": "true",
+    "LUKHAS_LEDGER_SIGNING_KEY": LEDGER_SIGNING_KEY,
+    "LUKHAS_LEDGER_WRAPPING_KEY": LEDGER_WRAPPING_KEY,
     "FEATURE_IDENTITY_PASSKEY": "true",
     "FEATURE_ORCHESTRATION_HANDOFF": "true",
     "LUKHAS_PSEUDONYM_KEY": "auth-test-pseudonym-key-0123456789abcdef",

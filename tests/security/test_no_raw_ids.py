@@ -30,7 +30,13 @@ from bus import Bus, NatsServer, Subscription, open_nats_bus
 from lukhas import subjects
 from lukhas.observability.pseudonym import Pseudonymizer
 from lukhas.runtime import open_runtime
-from tests.candidate._support import Names, nats_bus, nats_settings
+from tests.candidate._support import (
+    LEDGER_SIGNING_KEY,
+    LEDGER_WRAPPING_KEY,
+    Names,
+    nats_bus,
+    nats_settings,
+)
 from tests.candidate.authenticator import SoftAuthenticator
 from tests.faults._harness import lukhas_worker, request_json
 from workers.service.bootstrap import unwire_providers, wire_providers
@@ -243,6 +249,8 @@ async def test_no_raw_id_in_worker_stderr_subjects_nodes_or_store(tmp_path: Path
             "NATS_URL": server.url, "LUKHAS_LOG_LEVEL": "DEBUG",
             "LUKHAS_PSEUDONYM_KEY": PSEUDONYM_KEY, "LUKHAS_METRICS_PORT": "0",
             "FEATURE_GOVERNANCE_LEDGER": "true", "FEATURE_IDENTITY_PASSKEY": "true",
+            "LUKHAS_LEDGER_SIGNING_KEY": LEDGER_SIGNING_KEY,
+            "LUKHAS_LEDGER_WRAPPING_KEY": LEDGER_WRAPPING_KEY,
             "FEATURE_ORCHESTRATION_HANDOFF": "true",
         }
         async with (

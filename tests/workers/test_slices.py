@@ -15,6 +15,7 @@ from lukhas import subjects
 from lukhas.observability.tracing import make_traceparent
 from lukhas.runtime import Runtime
 from lukhas.testing import MatrizRecorder, dry_run_settings, open_test_runtime
+from tests.candidate._support import LEDGER_SIGNING_KEY, LEDGER_WRAPPING_KEY
 from tests.conftest import BusFactory
 from workers.service.slices import SliceService
 
@@ -171,7 +172,10 @@ async def test_stop_finishes_in_flight_requests() -> None:
 
     registry.register(SlowLedger())
     replies: list[Envelope] = []
-    settings = dry_run_settings(dry_run=False, feature_governance_ledger=True)
+    settings = dry_run_settings(
+        dry_run=False, feature_governance_ledger=True, ledger_signing_key=LEDGER_SIGNING_KEY,
+        ledger_wrapping_key=LEDGER_WRAPPING_KEY,
+    )
     try:
         async with open_test_runtime(settings) as (runtime, _):
             bus = runtime.bus

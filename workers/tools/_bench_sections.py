@@ -7,6 +7,7 @@ Nothing here prints: each function returns a plain dict for the JSON report.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib
 import itertools
@@ -447,12 +448,22 @@ async def handoff_throughput(
 async def ledger_throughput(
     url: str, settings: Settings, raw: Client, plan: Plan
 ) -> dict[str, Any]:
-    """Consent records/s through the JetStream ledger (acked) vs raw `js.publish` (acked)."""
+    """Consent records/s through the JetStream ledger (signed leaves, Merkle tiles, state
+    values and checkpoints on; each call returns after its record is acked and stored) vs
+    raw `js.publish` of the same bytes, awaited per call and with async acks."""
+    import base64
+    import secrets
+
     from lukhas.governance.consent_ledger import api as consent
+    from lukhas.transparency.note import Signer
 
     ledger_settings = dataclasses.replace(
         settings, dry_run=False, feature_governance_ledger=True,
         feature_identity_passkey=False, feature_orchestration_handoff=False,
+        ledger_signing_key=settings.ledger_signing_key
+        or Signer.generate("bench.lukhas.invalid/consent").private_key_string(),
+        ledger_wrapping_key=settings.ledger_wrapping_key
+        or base64.b64encode(secrets.token_bytes(32)).decode(),
     )
     users = itertools.count()
     async with (
@@ -463,12 +474,12 @@ async def ledger_throughput(
         try:
 
             async def record() -> None:
-                # A user per call: appends to one user's chain are serialized by design.
                 reply = await consent.record_consent(f"bench-{next(users)}", "bench.read")
                 if reply.get("ok") is not True or reply.get("provider") != "jetstream":
                     raise UnexpectedReply("record_consent", msgspec.json.encode(reply))
 
             result = await throughput(record, plan)
+            checkpoint = await consent.consent_checkpoint()
         finally:
             unwire_providers()
         stream = importlib.import_module(LEDGER_MODULE).STREAM
@@ -483,14 +494,27 @@ async def ledger_throughput(
         await js.publish(f"bench.raw.ledger.{next(subjects) % 1024}", sample)
 
     raw_result = await throughput(publish, plan)
+
+    async def publish_async() -> None:
+        # As many publishes in flight as the ledger had callers, acks awaited per window.
+        acks = [await js.publish_async(f"bench.raw.ledger.{next(subjects) % 1024}", sample)
+                for _ in range(plan.concurrency)]
+        await asyncio.gather(*acks)
+
+    async_plan = dataclasses.replace(plan, concurrency=1)
+    async_result = await throughput(publish_async, async_plan)
+    async_rate = async_result.throughput * plan.concurrency
     return {
         "concurrency": plan.concurrency,
         "appends_per_s": round(result.throughput, 1),
         "errors": result.errors,
         "error_types": result.error_types,
         "latency": result.latency.summary(),
+        "checkpoint_size": checkpoint.get("size"),
         "raw_js_publish_per_s": round(raw_result.throughput, 1),
+        "raw_js_publish_async_per_s": round(async_rate, 1),
         "raw_errors": raw_result.errors,
         "record_bytes": len(sample),
         "ratio_vs_raw": ratio(result.throughput, raw_result.throughput),
+        "ratio_vs_raw_async": ratio(result.throughput, async_rate),
     }

@@ -50,7 +50,7 @@ def decode(data: bytes | None) -> StateValue | str:
 def of_record(seq: int, record: dict[str, Any]) -> StateValue:
     """The state a ledger record sets."""
     return StateValue(
-        status="revoked" if record.get("action") == "revoke" else "granted",
+        status="revoked" if record.get("action") in ("revoke", "refuse") else "granted",
         ts=int(record.get("ts", 0)),
         seq=seq,
         hash=str(record.get("hash", "")),

@@ -43,6 +43,17 @@ class LedgerCorrupt(LedgerError):
         self.problem = problem
 
 
+class LedgerTampered(LedgerError):
+    """The stream, tree tiles or kept checkpoint disagree with what the ledger key signed:
+    the writer refuses to append or sign on top of it (run verify)."""
+
+    code = "ledger_tampered"
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"consent ledger refuses to write: {problem}; run verify")
+        self.problem = problem
+
+
 class LedgerStreamWeakened(LukhasError):
     """At startup the ledger's stream lacks a protection records depend on; not served."""
 

@@ -1,51 +1,52 @@
-"""The consent ledger on JetStream: append-only, hash-chained, idempotent, per data subject.
+"""The consent ledger on JetStream: signed records in one Merkle tree, checkpoints, proofs.
 
 Layout:
 
 * Stream `CONSENT_LEDGER` on `lukhas.ledger.consent.<pseudonym>.<scope token>`: one subject
-  per (data subject, scope), keyed by the keyed pseudonym (never the raw id) and base64url of
-  the scope. Deletes, purges, limits and rollups are denied, so the stream is append-only;
-  `ensure()` refuses to serve on a stream whose protective config was weakened. Each message
-  is one record (canonical JSON, see `_chain`) carrying `prev_hash` (the hash of the data
-  subject's previous record, whatever its scope) and its own `hash`.
-* KV bucket `consent_state`, key `<pseudonym>.<scope token>`: the state one (subject, scope)
-  has, with the seq and hash of the record that set it. It is a derived view, checked on
-  every read: `status` answers from the scope's latest record (`get_last_msg` on its
-  subject), compares the KV value with it and reports a mismatch; `verify` compares every KV
-  value of the data subject.
+  per (data subject, scope), named by the keyed pseudonym (never the raw id) and base64url
+  of the scope. Deletes, purges, limits and rollups are denied; `ensure()` refuses a stream
+  whose protective config was weakened. Each message is one *leaf*: a C2SP signed note made
+  by `lukhas.transparency.record.make_leaf(signer, index, body)`, so only a holder of
+  `LUKHAS_LEDGER_SIGNING_KEY` can make a record the ledger admits. The body is the record
+  (pseudonym, scope, DPV event, time, the data subject's `prev_hash` chain link and own
+  `hash`; personal data only as `sealed` ciphertext).
+* One RFC 6962 tree over every admitted record, in stream order. Leaf index = tree position;
+  a message that does not authenticate (forged by someone with stream access but without the
+  key) is refused into the tree and reported, so index and stream seq may differ.
+* KV bucket `consent_tree`: `lease` (which worker writes), tiles `t.<level>.<n>` (the tree's
+  nodes, `_tiles`), `checkpoint` (the latest signed checkpoint with its last stream seq) and
+  `cp.<size>` (every checkpoint, kept).
+* KV bucket `consent_keys` (history 1): per pseudonym, the data key sealing its personal data,
+  wrapped by `LUKHAS_LEDGER_WRAPPING_KEY`. `erase` purges it.
+* KV bucket `consent_state`: the derived (subject, scope) state, checked on every read.
 
-Records hold the pseudonym, never the raw user id: a consent ledger is append-only and
-cannot forget, so it must not hold what it would have to forget. Replies carry the
-`user_id` the caller passed in, which is the id the pseudonym was computed from. Writes use
-the current pseudonym key; reads look under every configured key (`all_versions`), so a
-key rotation keeps every record reachable and the newest record (by stream seq) wins.
-
-Appends cannot fork a chain: each publish carries `Nats-Expected-Last-Subject-Sequence`
-with `...-Subject` set to the data subject's wildcard (`<prefix>.<pseudonym>.*`), i.e. the
-tail seq the `prev_hash` was read from; if another writer got there first the server
-refuses, and the append re-reads the tail and tries again.
-
-Idempotency: only a request with an `idempotency_key` can be a duplicate. The key (scoped to
-the data subject) becomes the `Nats-Msg-Id`; a copy within the stream's duplicate window is
-dropped by the server, which acknowledges the original's seq. The original is then read and
-compared: the same action, scope and metadata is a retry (its record is returned,
-`duplicate: true`); anything else is an `IdempotencyConflict`, never a silent dedupe. A
-request without a key is always a new request.
+One writer at a time: a worker that has records to append takes the KV lease, restores the
+tree from the latest signed checkpoint (checking the tiles against its signed root), replays
+the stream after it (admitting only authenticated records), then appends in batches: each
+batch is signed, published pipelined with `Nats-Expected-Last-Sequence` (so nothing, not even
+a forger, can slip between the writer's view and the stream), and its completed tiles and
+state values written once. The lease is released (with a checkpoint) when the worker's queue
+drains; other workers wait for it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import hashlib
 import logging
 import random
 import secrets
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, NamedTuple, TypeVar
 
 import anyio
+import msgspec
 from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -56,6 +57,7 @@ from nats.js.api import (
     DeliverPolicy,
     DiscardPolicy,
     Header,
+    PubAck,
     RawStreamMsg,
     RetentionPolicy,
     StorageType,
@@ -74,15 +76,14 @@ from nats.js.kv import KeyValue
 from candidate._jetstream import (
     ensure_kv,
     ensure_stream,
-    is_wrong_last_sequence,
     jetstream_of,
     protection_gaps,
 )
-from candidate.governance.consent_ledger import _chain, _state
+from candidate.governance.consent_ledger import _chain, _dpv, _state, _tiles
 from candidate.governance.consent_ledger.errors import (
     LedgerContention,
-    LedgerCorrupt,
     LedgerStreamWeakened,
+    LedgerTampered,
 )
 from lukhas.config import Settings
 from lukhas.errors import Unavailable
@@ -91,21 +92,49 @@ from lukhas.governance.consent_ledger.errors import IdempotencyConflict
 from lukhas.governance.consent_ledger.messages import ConsentEntry
 from lukhas.observability.pseudonym import Pseudonymizer
 from lukhas.runtime import Runtime
+from lukhas.transparency import keys, sealed
+from lukhas.transparency.bundle import build_bundle
+from lukhas.transparency.checkpoint import Checkpoint, open_checkpoint
+from lukhas.transparency.errors import TransparencyError
+from lukhas.transparency.merkle import (
+    CompactRange,
+    MemoryNodeStore,
+    NodeId,
+    consistency_plan,
+    inclusion_plan,
+    leaf_hash,
+    root_plan,
+)
+from lukhas.transparency.note import Signer, b64encode
+from lukhas.transparency.receipt import (
+    ConsentReceipt,
+    ReceiptPurpose,
+    receipt_leaf_hash,
+    sign_receipt,
+)
+from lukhas.transparency.record import make_leaf, open_leaf
 
 logger = logging.getLogger(__name__)
 
 STREAM = "CONSENT_LEDGER"
 STATE_BUCKET = "consent_state"
+TREE_BUCKET = "consent_tree"
+KEYS_BUCKET = "consent_keys"
 SUBJECT_PREFIX = "lukhas.ledger.consent"
+#: Signed checkpoints are announced here (plain notes) as they are made.
+CHECKPOINT_FEED = "lukhas.governance.consent.checkpoints"
+#: The scope of erasure records (scopes on the wire cannot start with `$`).
+ERASURE_SCOPE = "$erasure"
+#: Record layout of signed leaves.
+RECORD_VERSION = 2
 
-#: Records fetched per pull when reading a subject's history.
-_READ_BATCH = 256
-#: Fetches of a new read consumer that may find it leaderless (503) before the read fails.
+_READ_BATCH = 512
 _READ_UNAVAILABLE_RETRIES = 50
-#: Scopes the expected-last-sequence check to a set of subjects (nats-server 2.11+).
-_EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
-#: KV operations that mean "no value".
 _KV_REMOVED = frozenset({"DEL", "PURGE"})
+_LEASE_KEY = "lease"
+_CHECKPOINT_KEY = "checkpoint"
+#: Optional consent-model fields a record may carry (ISO/IEC TS 27560).
+DETAIL_FIELDS = ("controller", "lawful_basis", "collection_method", "notice", "jurisdiction")
 
 T = TypeVar("T")
 
@@ -116,17 +145,28 @@ class LedgerOptions:
 
     stream: str = STREAM
     state_bucket: str = STATE_BUCKET
+    tree_bucket: str = TREE_BUCKET
+    keys_bucket: str = KEYS_BUCKET
     subject_prefix: str = SUBJECT_PREFIX
-    #: Stream and KV replicas: 1 on one server, 3 in a cluster.
+    checkpoint_feed: str = CHECKPOINT_FEED
     replicas: int = 1
     #: A grant lapses this long after it was recorded (status then says "expired"); None: never.
     consent_ttl_s: float | None = None
-    #: How long JetStream remembers message ids: a retry within it records once.
     duplicate_window_s: float = 120.0
-    #: Appends to one subject give up (LedgerContention) after losing this many races.
+    #: A request gives up (LedgerContention) after its batch was re-run this many times.
     max_append_attempts: int = 64
-    #: Seconds allowed for one JetStream request.
     timeout_s: float = 5.0
+    #: A checkpoint is signed at least this often while records are appended (and whenever
+    #: the writer hands the lease back, and on request).
+    checkpoint_interval_s: float = 1.0
+    #: Records signed and published per round.
+    max_batch: int = 64
+    #: How long a lease holds without renewal (a crashed writer blocks others this long).
+    lease_s: float = 5.0
+    #: How long a writer keeps the lease after its queue drains, for the next request.
+    linger_s: float = 0.005
+    #: How long a worker waits for another's lease before LedgerContention.
+    lease_wait_s: float = 30.0
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> LedgerOptions:
@@ -134,28 +174,67 @@ class LedgerOptions:
 
 
 class LedgerStatistics(NamedTuple):
-    """Counters since the provider was built."""
-
     appended: int
     duplicates: int
-    #: Appends that lost the race for a subject's tail and re-read it.
+    #: Batches re-run because the stream moved under the writer (forged append, rival).
     retries: int
-    #: Reads whose KV state disagreed with the ledger (answered from the ledger).
     state_mismatches: int
+    #: Stream messages refused into the tree (not authenticated by the ledger key).
+    refused: int
+    checkpoints: int
 
 
-class _Appended(NamedTuple):
+class _Msg(NamedTuple):
     seq: int
-    #: The stored record (the original's on a duplicate; None if that is not a record).
-    record: dict[str, Any] | None
-    duplicate: bool
+    subject: str
+    data: bytes
+
+
+class _Opened(NamedTuple):
+    """A stream message opened as a record, or why it is refused."""
+
+    seq: int
+    subject: str
+    data: bytes
+    index: int | None
+    body: dict[str, Any] | None
+    problem: str | None
+
+
+@dataclass
+class _Item:
+    """One append waiting in the writer's queue."""
+
+    kind: str  # "write" | "erase" | "checkpoint"
+    pseudonym: str = ""
+    versions: tuple[str, ...] = ()
+    fields: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    msg_id: str | None = None
+    user_id: str = ""
+    attempts: int = 0
+    done: anyio.Event = field(default_factory=anyio.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+    def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
+        if not self.done.is_set():
+            self.result, self.error = result, error
+            self.done.set()
+
+
+@dataclass
+class _Prepared:
+    item: _Item
+    leaf: bytes
+    body: dict[str, Any]
+    index: int
 
 
 class JetStreamConsentLedger:
-    """`ConsentProvider` on a JetStream stream (history) and a KV bucket (current state).
+    """`ConsentProvider` on JetStream: signed leaves in a stream, the tree and keys in KV.
 
-    Call `await ensure()` once before use; it creates the stream and bucket if missing and
-    refuses (`LedgerStreamWeakened`) an existing stream whose protective config was weakened.
+    Call `await ensure()` once before use, and `await aclose()` to hand the lease back.
     """
 
     name = "jetstream"
@@ -167,24 +246,39 @@ class JetStreamConsentLedger:
         pseudonymize: Pseudonymizer | Callable[[str], str],
         options: LedgerOptions | None = None,
         *,
+        signer: Signer | None = None,
+        wrapping_key: bytes | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """
-        Args:
-            js: nats-py's JetStream context, or a bus (or client) with a `jetstream()` method.
-            pseudonymize: the runtime's keyed pseudonymizer (stable across workers); with
-                earlier keys configured, reads look under all of them.
-            clock: seconds since the epoch; injectable so tests can move past an expiry.
-        """
         self._js: JetStreamContext = js.jetstream() if hasattr(js, "jetstream") else js
         self._pseudonymize = pseudonymize
         self.options = options or LedgerOptions()
+        self._signer = signer or Signer.generate(keys.DRY_RUN_NAME)
+        self._verifier = self._signer.verifier
+        self._wrapping_key = wrapping_key or secrets.token_bytes(32)
         self._clock = clock
         self._kv: KeyValue | None = None
-        self._appended = 0
-        self._duplicates = 0
-        self._retries = 0
-        self._state_mismatches = 0
+        self._tree_kv: KeyValue | None = None
+        self._keys_kv: KeyValue | None = None
+        self._owner = uuid.uuid4().hex
+        # writer state (valid while the lease is held)
+        self._queue: list[_Item] = []
+        self._wake = anyio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._pipeline: _Pipeline | None = None
+        self._tree_ok = False
+        self._lease_rev: int | None = None
+        self._lease_until = 0.0
+        self._range = CompactRange()
+        self._tiles = _tiles.TileWriter()
+        self._last_seq = 0
+        self._checkpoint: tuple[int, bytes] | None = None  # (size, note)
+        self._checkpoint_at = 0.0
+        self._tails: dict[str, str] = {}
+        self._scopes: dict[tuple[str, str], tuple[int, dict[str, Any]] | None] = {}
+        self._data_keys: dict[str, tuple[str, bytes] | None] = {}
+        self._appended = self._duplicates = self._retries = 0
+        self._state_mismatches = self._refused = self._checkpoints = 0
 
     @classmethod
     def from_settings(
@@ -194,22 +288,29 @@ class JetStreamConsentLedger:
         settings: Settings,
         **overrides: Any,
     ) -> JetStreamConsentLedger:
-        return cls(js, pseudonymize, LedgerOptions.from_settings(settings, **overrides))
+        signer = keys.ledger_signer(settings.ledger_signing_key, dry_run=settings.dry_run,
+                                    ledger_enabled=True)
+        wrapping = keys.ledger_wrapping_key(settings.ledger_wrapping_key,
+                                            dry_run=settings.dry_run, ledger_enabled=True)
+        return cls(js, pseudonymize, LedgerOptions.from_settings(settings, **overrides),
+                   signer=signer, wrapping_key=wrapping)
 
     def __repr__(self) -> str:
         return f"<JetStreamConsentLedger stream={self.options.stream}>"
 
+    @property
+    def verifier_key(self) -> str:
+        return str(self._verifier)
+
     def statistics(self) -> LedgerStatistics:
-        return LedgerStatistics(
-            self._appended, self._duplicates, self._retries, self._state_mismatches
-        )
+        return LedgerStatistics(self._appended, self._duplicates, self._retries,
+                                self._state_mismatches, self._refused, self._checkpoints)
 
     def stream_config(self) -> StreamConfig:
-        """The stream this ledger needs; an existing stream must be at least as protective."""
         opts = self.options
         return StreamConfig(
             name=opts.stream,
-            description="LUKHAS consent ledger: hash-chained records per data subject",
+            description="LUKHAS consent ledger: signed records, one Merkle tree",
             subjects=[f"{opts.subject_prefix}.*.*"],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
@@ -221,20 +322,23 @@ class JetStreamConsentLedger:
         )
 
     async def ensure(self) -> None:
-        """Create the stream and the state bucket unless they exist; check the stream.
-
-        Raises:
-            LedgerStreamWeakened: the existing stream lost a protection (a limit that drops
-                records, deletes or purges allowed, other subjects...); nothing is served.
-        """
+        """Create the stream and buckets unless they exist; refuse a weakened stream."""
         required = self.stream_config()
         info = await ensure_stream(self._js, required)
         gaps = protection_gaps(info.config, required)
         if gaps:
             logger.error("consent ledger stream %s is weakened: %s", required.name, gaps)
             raise LedgerStreamWeakened(self.options.stream, gaps)
-        self._kv = await ensure_kv(self._js, self.options.state_bucket,
-                                   replicas=self.options.replicas)
+        replicas = self.options.replicas
+        self._kv = await ensure_kv(self._js, self.options.state_bucket, replicas=replicas)
+        self._tree_kv = await ensure_kv(self._js, self.options.tree_bucket, replicas=replicas)
+        self._keys_kv = await ensure_kv(self._js, self.options.keys_bucket, replicas=replicas)
+
+    async def aclose(self) -> None:
+        """Finish queued appends and hand the lease back (with a checkpoint)."""
+        if self._writer is not None:
+            self._wake.set()
+            await asyncio.gather(self._writer, return_exceptions=True)
 
     # -- ConsentProvider ------------------------------------------------------------------
 
@@ -256,269 +360,969 @@ class JetStreamConsentLedger:
 
     async def verify_chain(self, user_id: str) -> dict[str, Any]:
         with _unavailable_when_jetstream_is("verify"):
-            return await self._verify_chain(user_id)
+            return await self._verify(user_id)
+
+    async def checkpoint(self, size: int | None = None) -> dict[str, Any]:
+        with _unavailable_when_jetstream_is("checkpoint"):
+            return await self._checkpoint_reply(size)
+
+    async def proof(
+        self, user_id: str, *, scope: str | None = None, seq: int | None = None,
+        from_size: int | None = None,
+    ) -> dict[str, Any]:
+        with _unavailable_when_jetstream_is("proof"):
+            return await self._proof(user_id, scope, seq, from_size)
+
+    async def erase(self, user_id: str, *, idempotency_key: str | None = None) -> dict[str, Any]:
+        with _unavailable_when_jetstream_is("erase"):
+            return await self._erase(user_id, idempotency_key)
+
+    async def receipt(self, user_id: str, seq: int) -> dict[str, Any]:
+        with _unavailable_when_jetstream_is("receipt"):
+            return await self._receipt(user_id, seq)
+
+    # -- opening records ------------------------------------------------------------------
+
+    def _open(self, seq: int, subject: str, data: bytes | None,
+              index: int | None = None) -> _Opened:
+        data = data or b""
+        try:
+            leaf = open_leaf(data, self._verifier, index=index)
+        except TransparencyError as exc:
+            return _Opened(seq, subject, data, None, None, f"unauthenticated: {exc}")
+        body = leaf.body
+        if body.get("seq") != seq:
+            return _Opened(seq, subject, data, None, None,
+                           f"unauthenticated: a replayed record (signed for stream seq "
+                           f"{body.get('seq')}, found at {seq})")
+        pseudonym, _, token = subject[len(self.options.subject_prefix) + 1:].partition(".")
+        if body.get("pseudonym") != pseudonym:
+            return _Opened(seq, subject, data, leaf.index, body, "wrong_subject")
+        if _state.scope_token(str(body.get("scope"))) != token:
+            return _Opened(seq, subject, data, leaf.index, body, "wrong_scope")
+        return _Opened(seq, subject, data, leaf.index, body, None)
 
     # -- status ---------------------------------------------------------------------------
 
     async def _status(self, user_id: str, scope: str) -> dict[str, Any]:
-        """Answer from the scope's latest record under any key version; check the KV."""
         versions = self._versions(user_id)
         kv = self._state()
         found = await _gather(
             *(lambda p=p: self._kv_get(kv, _state.key(p, scope)) for p in versions),
-            *(lambda p=p: self._last(self._subject(p, scope)) for p in versions),
+            *(lambda p=p: self._scope_latest(p, scope) for p in versions),
         )
         states, lasts = found[: len(versions)], found[len(versions):]
         reply: dict[str, Any] = {
             "ok": True, "provider": self.name, "user_id": user_id, "scope": scope,
-            "status": "none",
+            "status": "none", "dpv": _dpv.UNKNOWN,
         }
         problems: list[str] = []
+        refused: list[int] = []
         latest: tuple[int, dict[str, Any]] | None = None
-        for pseudonym, state, last in zip(versions, states, lasts, strict=True):
-            record = None
-            if last is not None:
-                record = _chain.decode(last.data)
-                problem = _state.record_problem(record, pseudonym=pseudonym, scope=scope)
-                if problem is not None:
-                    raise LedgerCorrupt(pseudonym, last.seq, problem)
-                assert record is not None
-                if latest is None or last.seq > latest[0]:
-                    latest = (last.seq, record)
-            mismatch = _state.mismatch(state, last.seq if last else None, record)
+        for pseudonym, state, (last, forged) in zip(versions, states, lasts, strict=True):
+            refused.extend(forged)
+            if last is not None and (latest is None or last[0] > latest[0]):
+                latest = last
+            seq, record = last if last is not None else (None, None)
+            mismatch = _state.mismatch(state, seq, record)
             if mismatch is not None:
                 problems.append(mismatch)
-                logger.warning(
-                    "consent state of %s scope=%s disagrees with the ledger (%s); "
-                    "answering from the ledger", pseudonym, scope, mismatch,
-                )
+                logger.warning("consent state of %s scope=%s disagrees with the ledger (%s)",
+                               pseudonym, scope, mismatch)
         if problems:
             self._state_mismatches += 1
             reply.update(state_mismatch=True, state_problem=problems[0])
+        if refused:
+            reply["unauthenticated_seqs"] = sorted(refused)
         if latest is None:
             return reply
         seq, record = latest
         truth = _state.of_record(seq, record)
-        status = truth.status
-        if status == "granted" and truth.expires_at is not None:
-            if self._now_ms() >= truth.expires_at:
-                status = "expired"
-        reply.update(status=status, ts=truth.ts, seq=truth.seq, hash=truth.hash)
-        if truth.expires_at is not None:
-            reply["expires_at"] = truth.expires_at
+        expires_at = record.get("expires_at")
+        expired = expires_at is not None and self._now_ms() >= expires_at
+        event = _dpv.event_of(record)
+        status, term = _dpv.status_of(event, expired=expired)
+        reply.update(status=status, dpv=term, event=event, ts=truth.ts, seq=seq,
+                     hash=truth.hash)
+        if expires_at is not None:
+            reply["expires_at"] = expires_at
         return reply
 
-    # -- history and verify ---------------------------------------------------------------
+    async def _scope_latest(
+        self, pseudonym: str, scope: str
+    ) -> tuple[tuple[int, dict[str, Any]] | None, list[int]]:
+        """The scope's latest authenticated record, and the seqs of forged ones after it."""
+        subject = self._subject(pseudonym, scope)
+        last = await self._last(subject)
+        if last is None:
+            return None, []
+        opened = self._open(last.seq, subject, last.data)
+        if opened.problem is None:
+            assert opened.body is not None
+            return (last.seq, opened.body), []
+        # The newest message is not the writer's: read the subject and skip what is forged.
+        self._refused += 1
+        logger.warning("consent record seq %s of %s is refused (%s)", last.seq, pseudonym,
+                       opened.problem)
+        good, forged = None, []
+        for msg in await self._messages([subject]):
+            o = self._open(msg.seq, msg.subject, msg.data)
+            if o.problem is None:
+                assert o.body is not None
+                good = (o.seq, o.body)
+            else:
+                forged.append(o.seq)
+        return good, [s for s in forged if good is None or s > good[0]]
+
+    # -- history --------------------------------------------------------------------------
 
     async def _history(self, user_id: str) -> dict[str, Any]:
-        records = [
-            _history_record(user_id, seq, data)
-            for seq, _, data in await self._read_records(self._versions(user_id))
-        ]
+        versions = self._versions(user_id)
+        messages, data_keys = await _gather(
+            lambda: self._messages([self._chain_subjects(p) for p in versions]),
+            lambda: self._read_data_keys(versions),
+        )
+        records = []
+        for msg in messages:
+            opened = self._open(msg.seq, msg.subject, msg.data)
+            if opened.problem is not None or opened.body is None:
+                records.append({"seq": msg.seq, "unauthenticated": True,
+                                "problem": opened.problem})
+                continue
+            records.append(self._history_record(user_id, opened, data_keys))
         return {"ok": True, "provider": self.name, "user_id": user_id, "records": records}
 
-    async def _verify_chain(self, user_id: str) -> dict[str, Any]:
+    def _history_record(
+        self, user_id: str, opened: _Opened, data_keys: dict[str, tuple[str, bytes] | None]
+    ) -> dict[str, Any]:
+        body = opened.body or {}
+        metadata, erased = self._unseal(body, data_keys)
+        out = {
+            "seq": opened.seq,
+            "index": opened.index,
+            **_entry(user_id, body, metadata),
+            "event": _dpv.event_of(body) if body.get("action") != "erase" else "erased",
+            "expires_at": body.get("expires_at"),
+            "prev_hash": body.get("prev_hash"),
+            "hash": body.get("hash"),
+        }
+        for name in DETAIL_FIELDS:
+            if name in body:
+                out[name] = body[name]
+        if erased:
+            out["erased"] = True
+        return out
+
+    def _unseal(
+        self, body: dict[str, Any], data_keys: dict[str, tuple[str, bytes] | None]
+    ) -> tuple[dict[str, Any] | None, bool]:
+        """(metadata, erased): the record's personal data, or None if its key is gone."""
+        box = body.get("sealed")
+        if box is None:
+            return body.get("metadata", {}), False
+        pseudonym = str(body.get("pseudonym"))
+        key = data_keys.get(pseudonym)
+        try:
+            box_ = msgspec.convert(box, sealed.Sealed)
+        except msgspec.ValidationError:
+            return None, True
+        if key is None or key[0] != box_.kid:
+            return None, True
+        try:
+            plain = sealed.unseal(key[1], box_, _aad(pseudonym, str(body.get("scope"))))
+        except TransparencyError:
+            return None, True
+        return msgspec.json.decode(plain), False
+
+    # -- verify ---------------------------------------------------------------------------
+
+    async def _verify(self, user_id: str) -> dict[str, Any]:
+        """Replay the whole stream into a tree (admitting only authenticated records at their
+        signed index), check it against the signed checkpoint and the stored tiles, and check
+        the user's chain and state values."""
         versions = self._versions(user_id)
+        writer_problem = None
+        try:  # checkpoint what was appended so far (the writer checks its own view first)
+            await self._fresh_checkpoint()
+        except LedgerTampered as exc:
+            writer_problem = exc.problem
         kv_stream = f"KV_{self.options.state_bucket}"
         kv_prefix = f"$KV.{self.options.state_bucket}."
-        records, kv_entries = await _gather(
-            lambda: self._read_records(versions),
-            lambda: self._read(
-                kv_stream, [f"{kv_prefix}{p}.*" for p in versions],
-                DeliverPolicy.LAST_PER_SUBJECT,
-            ),
+        everything, kv_entries, cp_entry, tiles = await _gather(
+            lambda: self._messages([f"{self.options.subject_prefix}.*.*"]),
+            lambda: self._read(kv_stream, [f"{kv_prefix}{p}.*" for p in versions],
+                               DeliverPolicy.LAST_PER_SUBJECT),
+            lambda: self._kv_raw(self._tree(), _CHECKPOINT_KEY),
+            self._read_all_tiles,
         )
+        store = MemoryNodeStore()
+        leaves: dict[int, bytes] = {}
+        mine = {f"{self.options.subject_prefix}.{p}." for p in versions}
+        user_records: list[_Opened] = []
+        refused: list[dict[str, Any]] = []
+        for msg in everything:
+            opened = self._open(msg.seq, msg.subject, msg.data, index=store.range.size)
+            is_mine = any(msg.subject.startswith(m) for m in mine)
+            if opened.problem is not None and opened.problem.startswith("unauthenticated"):
+                if is_mine:
+                    refused.append({"seq": msg.seq, "problem": opened.problem})
+                continue
+            leaves[store.append(msg.data)] = msg.data
+            if is_mine:
+                user_records.append(opened)
+        tree_problems = self._tree_problems(store, cp_entry, tiles)
+        if writer_problem is not None:
+            tree_problems.insert(0, f"the writer refuses to write: {writer_problem}")
         reports: list[_chain.ChainReport] = []
         mismatches: list[dict[str, Any]] = []
         for version, pseudonym in enumerate(versions):
-            mine = [(seq, subject, data) for seq, subject, data in records
-                    if subject.startswith(f"{self.options.subject_prefix}.{pseudonym}.")]
-            reports.append(_verify_one(mine, pseudonym))
+            prefix = f"{self.options.subject_prefix}.{pseudonym}."
+            own = [o for o in user_records if o.subject.startswith(prefix)]
+            reports.append(_verify_one(own, pseudonym))
             states = {
                 subject[len(kv_prefix) + len(pseudonym) + 1:]: _state.decode(data)
                 for _, subject, data, removed in kv_entries
                 if subject.startswith(f"{kv_prefix}{pseudonym}.") and not removed
             }
-            mismatches.extend(_state_mismatches(version, pseudonym, mine, states))
+            mismatches.extend(_state_mismatches(version, own, states))
         broken = [r for r in reports if not r.valid]
         first = min(broken, key=lambda r: r.broken_at or 0) if broken else None
         heads = [(r.length, r.head) for r in reports if r.length]
+        valid = first is None and not mismatches and not refused and not tree_problems
         reply: dict[str, Any] = {
             "ok": True, "provider": self.name, "user_id": user_id,
-            "valid": first is None and not mismatches,
+            "valid": valid,
             "length": sum(r.length for r in reports),
             "head": heads[0][1] if heads else _chain.GENESIS,
             "state_mismatches": mismatches,
+            "refused": refused,
+            "tree": {
+                "size": store.range.size,
+                "root": b64encode(store.root()),
+                "checkpoint_size": cp_entry[0] if cp_entry else None,
+                "problems": tree_problems,
+            },
         }
-        pseudonym = versions[0]
+        candidates = []
+        if refused:
+            candidates.append((refused[0]["seq"], "unauthenticated"))
         if first is not None:
-            reply["broken_at"] = first.broken_at
-            reply["problem"] = first.problem
-            logger.warning(
-                "consent chain of %s broken at seq %s (%s)",
-                pseudonym, first.broken_at, first.problem,
-            )
+            candidates.append((first.broken_at or 0, first.problem or "broken"))
+        if candidates:
+            reply["broken_at"], reply["problem"] = min(candidates)
+        elif tree_problems:
+            reply["problem"] = "tree_mismatch"
         elif mismatches:
             reply["problem"] = "state_mismatch"
+        if not valid:
+            logger.warning("consent verify of %s: %s", versions[0], reply.get("problem"))
         if mismatches:
             self._state_mismatches += 1
-            logger.warning(
-                "consent state of %s disagrees with the ledger for %d scope(s)",
-                pseudonym, len(mismatches),
-            )
         return reply
+
+    def _tree_problems(
+        self, store: MemoryNodeStore, cp_entry: tuple[int, bytes, int] | None,
+        tiles: dict[tuple[int, int], bytes],
+    ) -> list[str]:
+        problems: list[str] = []
+        size = store.range.size
+        if cp_entry is not None:
+            _, note, _ = cp_entry
+            try:
+                cp = open_checkpoint(note, self._verifier)
+            except TransparencyError as exc:
+                problems.append(f"the kept checkpoint does not verify: {exc}")
+            else:
+                if cp.size > size:
+                    problems.append(
+                        f"the signed checkpoint has {cp.size} records, the stream only "
+                        f"{size}: records were dropped (truncated or recreated stream)")
+                elif store.root(cp.size) != cp.root_hash:
+                    problems.append(
+                        f"the stream's first {cp.size} records do not hash to the signed "
+                        "checkpoint: records were rewritten, reordered or replaced")
+        elif size:
+            problems.append("records exist but no signed checkpoint is kept")
+        for (tile_level, n), data in sorted(tiles.items()):
+            level = tile_level * _tiles.TILE_HEIGHT
+            for i in range(len(data) // 32):
+                index = n * _tiles.TILE_WIDTH + i
+                node = NodeId(level, index)
+                if node.end > size or store.nodes.get(node) != data[i * 32:(i + 1) * 32]:
+                    problems.append(f"stored tree tile t.{tile_level}.{n} differs from the "
+                                    f"stream at node {level}/{index}")
+                    break
+        return problems
+
+    async def _read_all_tiles(self) -> dict[tuple[int, int], bytes]:
+        """Every stored tile (the bucket's stream, last value per key)."""
+        bucket = self.options.tree_bucket
+        prefix = f"$KV.{bucket}."
+        entries = await self._read(f"KV_{bucket}", [f"{prefix}t.>"],
+                                   DeliverPolicy.LAST_PER_SUBJECT)
+        out = {}
+        for _, subject, data, removed in entries:
+            parts = subject[len(prefix):].split(".")
+            if not removed and len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                out[(int(parts[1]), int(parts[2]))] = data
+        return out
 
     # -- writing --------------------------------------------------------------------------
 
     async def _write(self, entry: ConsentEntry, idempotency_key: str | None) -> dict[str, Any]:
         pseudonym = self._pseudonymize(entry.user_id)
+        details = dict(entry.details)
+        expires_at = details.pop("expires_at", None)
+        event = entry.event or ("withdrawn" if entry.action == "revoke" else "given")
+        action = _dpv.EVENTS[event][0]
         ttl = self.options.consent_ttl_s
-        expires_at = None
-        if ttl is not None and entry.action == "grant":
+        if expires_at is None and ttl is not None and action == "grant":
             expires_at = entry.ts + int(ttl * 1000)
-        fields = {
-            "v": _chain.RECORD_VERSION,
+        fields: dict[str, Any] = {
+            "v": RECORD_VERSION,
             "pseudonym": pseudonym,
-            "action": entry.action,
+            "action": action,
+            "event": event,
             "scope": entry.scope,
             "ts": entry.ts,
             "trace_id": entry.trace_id,
-            "metadata": entry.metadata,
             "expires_at": expires_at,
+            **{k: v for k, v in details.items() if k in DETAIL_FIELDS and v is not None},
         }
         msg_id = None if idempotency_key is None else _msg_id(pseudonym, idempotency_key)
-        # A withdrawal needs something to withdraw: the scope must have a record (under any
-        # key version). Checked against the tail the publish is conditional on, so a grant
-        # racing this revoke is either seen here or makes the publish retry.
-        must_exist = self._versions(entry.user_id) if entry.action == "revoke" else None
-        appended = await self._append(pseudonym, fields, msg_id, must_exist=must_exist)
-        if appended is None:
-            logger.info("consent revoke %s scope=%s refused: not_granted", pseudonym, entry.scope)
-            return {
-                "ok": False, "provider": self.name, "reason": "not_granted",
-                "user_id": entry.user_id, "scope": entry.scope,
-                "message": "there is no consent for this scope to revoke: it was never granted",
-            }
-        seq, record, duplicate = appended
-        if duplicate and (record is None or _chain.request_of(record) != _chain.request_of(fields)):
-            logger.info("consent %s %s idempotency conflict with seq %s",
-                        entry.action, pseudonym, seq)
-            raise IdempotencyConflict(
-                action=str((record or {}).get("action")), scope=str((record or {}).get("scope")),
-                seq=seq,
+        item = _Item("write", pseudonym, self._versions(entry.user_id), fields,
+                     dict(entry.metadata), msg_id, entry.user_id)
+        return await self._submit(item)
+
+    async def _erase(self, user_id: str, idempotency_key: str | None) -> dict[str, Any]:
+        pseudonym = self._pseudonymize(user_id)
+        fields = {
+            "v": RECORD_VERSION, "pseudonym": pseudonym, "action": "erase", "event": "erased",
+            "scope": ERASURE_SCOPE, "ts": self._now_ms(), "trace_id": None,
+        }
+        msg_id = None if idempotency_key is None else _msg_id(pseudonym, idempotency_key)
+        item = _Item("erase", pseudonym, self._versions(user_id), fields, {}, msg_id, user_id)
+        return await self._submit(item)
+
+    async def _submit(self, item: _Item) -> Any:
+        """Queue an append for the writer (started on demand) and wait for its outcome."""
+        self._queue.append(item)
+        self._wake.set()
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._drive())
+        await item.done.wait()
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    async def _drive(self) -> None:
+        """The writer: drain the queue under the lease, hand the lease back after
+        `linger_s` of quiet; run again if something was queued meanwhile."""
+        try:
+            while self._queue:
+                await self._run_writer()
+        except BaseException as exc:
+            for item in self._queue:
+                item.resolve(error=Unavailable(f"consent ledger writer stopped: {exc}"))
+            self._queue.clear()
+            raise
+
+    async def _run_writer(self) -> None:
+        try:
+            while True:
+                if not self._queue:
+                    with anyio.move_on_after(self.options.linger_s):
+                        self._wake = anyio.Event()
+                        await self._wake.wait()
+                    if not self._queue:
+                        break
+                batch = self._queue[: self.options.max_batch]
+                del self._queue[: len(batch)]
+                try:
+                    await self._hold_lease()
+                    await self._run_batch(batch)
+                except Exception as exc:
+                    for item in batch:
+                        item.resolve(error=exc)
+                    # The writer's view may be off: never checkpoint it; restore next time.
+                    self._tree_ok = False
+                    if not isinstance(exc, LedgerTampered):
+                        logger.warning("consent ledger batch failed: %r", exc)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._release_lease()
+
+    # -- the lease ------------------------------------------------------------------------
+
+    async def _hold_lease(self) -> None:
+        now = self._clock()
+        if (self._lease_rev is not None and self._tree_ok
+                and now < self._lease_until - self.options.lease_s / 2):
+            return
+        if self._lease_rev is not None and not self._tree_ok:
+            await self._restore()
+            self._tree_ok = True
+        kv = self._tree()
+        deadline = now + self.options.lease_wait_s
+        delay = 0.001
+        while True:
+            value = msgspec.json.encode({"owner": self._owner,
+                                         "until": self._clock() + self.options.lease_s})
+            try:
+                if self._lease_rev is not None:
+                    self._lease_rev = await kv.update(_LEASE_KEY, value, last=self._lease_rev)
+                    self._lease_until = self._clock() + self.options.lease_s
+                    return
+                try:
+                    current = await kv.get(_LEASE_KEY)
+                except KeyNotFoundError:
+                    current = None
+                if current is None or current.value is None or current.operation in _KV_REMOVED:
+                    rev = (await kv.create(_LEASE_KEY, value) if current is None
+                           else await kv.update(_LEASE_KEY, value, last=current.revision))
+                else:
+                    held = _lease_of(current.value)
+                    if held is not None and held[0] != self._owner and held[1] > self._clock():
+                        raise _LeaseBusy
+                    rev = await kv.update(_LEASE_KEY, value, last=current.revision)
+                self._lease_rev = rev
+                self._lease_until = self._clock() + self.options.lease_s
+                self._tree_ok = False
+                await self._restore()
+                self._tree_ok = True
+                return
+            except (KeyWrongLastSequenceError, _LeaseBusy):
+                self._lease_rev = None
+                if self._clock() > deadline:
+                    raise LedgerContention("the ledger lease", 0) from None
+                await anyio.sleep(random.uniform(0, delay))
+                delay = min(delay * 2, 0.05)
+
+    async def _release_lease(self) -> None:
+        if self._lease_rev is None:
+            return
+        try:
+            if self._tree_ok:
+                await self._make_checkpoint(force=True)
+            await self._tree().update(
+                _LEASE_KEY, msgspec.json.encode({"owner": "", "until": 0}), last=self._lease_rev
             )
-        assert record is not None
-        # Re-applied on duplicates too: a retry repairs state a crashed first attempt missed.
-        await self._apply_state(pseudonym, seq, record)
-        logger.info(
-            "consent %s %s scope=%s seq=%s duplicate=%s",
-            record.get("action"), pseudonym, record.get("scope"), seq, duplicate,
+        except Exception as exc:  # the lease then lapses by itself
+            logger.warning("could not hand the consent ledger lease back: %s", exc)
+        await self._drop_lease_state()
+
+    async def _drop_lease_state(self) -> None:
+        self._lease_rev = None
+        self._tree_ok = False
+        self._tails.clear()
+        self._scopes.clear()
+        self._data_keys.clear()
+
+    # -- restoring the tree ---------------------------------------------------------------
+
+    async def _restore(self) -> None:
+        """Rebuild the writer's tree at the latest signed checkpoint, checking the stored
+        tiles against its root, then replay the stream after it."""
+        self._tails.clear()
+        self._scopes.clear()
+        self._data_keys.clear()
+        entry = await self._kv_raw(self._tree(), _CHECKPOINT_KEY)
+        if entry is None:
+            size, last_seq, root, note = 0, 0, None, None
+        else:
+            size, note, last_seq = entry
+            cp = open_checkpoint(note, self._verifier)
+            if cp.size != size:
+                raise LedgerTampered("the kept checkpoint entry does not match its signed size")
+            root = cp.root_hash
+        partial = _tiles.partial_tiles(size)
+        frontier = root_plan(size).nodes
+        wanted = sorted(set(_tiles.tiles_for(frontier)) | set(partial))
+        values = await _gather(*(lambda t=t: self._kv_raw_value(self._tree(), _tiles.key(t))
+                                 for t in wanted))
+        tiles = {t: v for t, v in zip(wanted, values, strict=True) if v is not None}
+        try:
+            cr = CompactRange.from_hashes(size, [_tiles.node_hash(n, tiles) for n in frontier])
+        except KeyError as exc:
+            raise LedgerTampered(f"a stored tree tile is missing ({exc})") from None
+        if root is not None and cr.root() != root:
+            raise LedgerTampered("the stored tree tiles do not match the signed checkpoint")
+        info = await self._js.stream_info(self.options.stream)
+        if info.state.last_seq < last_seq:
+            raise LedgerTampered(
+                f"the stream ends at seq {info.state.last_seq}, before the signed checkpoint's "
+                f"seq {last_seq}: records were dropped (stream truncated or recreated)")
+        self._range = cr
+        self._tiles = _tiles.TileWriter({
+            t: tiles.get(t, b"")[: count * 32] for t, count in partial.items()
+        })
+        self._last_seq = last_seq
+        self._checkpoint = None if note is None else (size, note)
+        self._checkpoint_at = self._clock()
+        await self._catch_up()
+
+    async def _catch_up(self) -> None:
+        """Admit the stream's records after `_last_seq` (authenticated ones only)."""
+        msgs = await self._messages([f"{self.options.subject_prefix}.*.*"],
+                                    start_seq=self._last_seq + 1)
+        changed = False
+        for msg in msgs:
+            opened = self._open(msg.seq, msg.subject, msg.data, index=self._range.size)
+            self._last_seq = msg.seq
+            if opened.problem is not None and opened.problem.startswith("unauthenticated"):
+                self._refused += 1
+                logger.warning("consent ledger: stream seq %s refused into the tree (%s)",
+                               msg.seq, opened.problem)
+                continue
+            self._admit(msg.data)
+            changed = True
+            self._tails.clear()
+            self._scopes.clear()
+        if changed:
+            await self._store_tiles()
+
+    def _admit(self, leaf: bytes) -> None:
+        for node, value in self._range.append(leaf_hash(leaf)):
+            self._tiles.add(node, value)
+
+    async def _store_tiles(self) -> None:
+        kv = self._tree()
+        tiles = self._tiles.take()
+        await _gather(*(lambda t=t, v=v: kv.put(_tiles.key(t), v) for t, v in tiles.items()))
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    async def _make_checkpoint(self, *, force: bool) -> None:
+        size = self._range.size
+        if self._checkpoint is not None and self._checkpoint[0] == size:
+            return
+        if not force and self._clock() - self._checkpoint_at < self.options.checkpoint_interval_s:
+            return
+        note = Checkpoint(self._signer.name, size, self._range.root()).sign(self._signer)
+        value = msgspec.json.encode({"size": size, "last_seq": self._last_seq,
+                                     "note": note.decode()})
+        kv = self._tree()
+        await _gather(lambda: kv.put(_CHECKPOINT_KEY, value),
+                      lambda: kv.put(f"cp.{size}", value))
+        self._checkpoint = (size, note)
+        self._checkpoint_at = self._clock()
+        self._checkpoints += 1
+        try:
+            await self._js._nc.publish(self.options.checkpoint_feed, note)
+        except NatsError as exc:
+            logger.debug("checkpoint announcement not sent: %s", exc)
+
+    async def _checkpoint_reply(self, size: int | None) -> dict[str, Any]:
+        if size is not None:
+            entry = await self._kv_raw(self._tree(), f"cp.{size}")
+            if entry is None:
+                return {"ok": False, "provider": self.name, "reason": "no_such_checkpoint",
+                        "size": size, "message": f"no checkpoint of size {size} is kept"}
+            note = entry[1]
+        else:
+            note = await self._fresh_checkpoint()
+        cp = open_checkpoint(note, self._verifier)
+        return {"ok": True, "provider": self.name, "checkpoint": note.decode(),
+                "origin": cp.origin, "size": cp.size, "root_hash": b64encode(cp.root_hash),
+                "vkey": self.verifier_key}
+
+    async def _fresh_checkpoint(self) -> bytes:
+        """A signed checkpoint covering every record appended so far."""
+        item = _Item("checkpoint")
+        await self._submit(item)
+        assert isinstance(item.result, bytes)
+        return item.result
+
+    # -- one batch ------------------------------------------------------------------------
+
+    async def _run_batch(self, batch: list[_Item]) -> None:
+        await self._load_for(batch)
+        prepared: list[_Prepared] = []
+        index = self._range.size
+        for item in batch:
+            if item.kind == "checkpoint":
+                continue
+            if item.kind == "erase":
+                await self._destroy_keys(item.versions)
+            made = self._prepare(item, index, self._last_seq + 1 + len(prepared))
+            if made is not None:
+                prepared.append(made)
+                index += 1
+        admitted: list[_Prepared] = []
+        failed_at: int | None = None
+        failure: BaseException | None = None
+        if prepared:
+            futures = []
+            for i, p in enumerate(prepared):
+                headers = {
+                    Header.EXPECTED_LAST_SEQUENCE.value: str(self._last_seq + i),
+                    Header.EXPECTED_STREAM.value: self.options.stream,
+                }
+                if p.item.msg_id is not None:
+                    headers[Header.MSG_ID.value] = p.item.msg_id
+                futures.append(await self._publisher().publish(
+                    self._subject(p.body["pseudonym"], p.body["scope"]), p.leaf, headers))
+            try:
+                with anyio.fail_after(self.options.timeout_s):
+                    results = await _settle(futures)
+            finally:
+                self._publisher().forget(futures)
+            for i, (p, result) in enumerate(zip(prepared, results, strict=True)):
+                if failed_at is not None:
+                    break
+                if isinstance(result, BaseException):
+                    failed_at, failure = i, result
+                    break
+                if result.duplicate:
+                    self._duplicates += 1
+                    await self._resolve_duplicate(p, result.seq)
+                    failed_at = i + 1
+                    break
+                self._last_seq = result.seq
+                self._admit(p.leaf)
+                self._appended += 1
+                admitted.append(p)
+        await self._store_after(admitted)
+        for p in admitted:
+            p.item.resolve(self._reply(p, self._last_seq_of(p)))
+        if failed_at is not None:
+            self._retries += 1
+            self._tails.clear()
+            self._scopes.clear()
+            rerun = [p.item for p in prepared[failed_at:] if not p.item.done.is_set()]
+            if failure is not None and not _is_wrong_last_sequence(failure):
+                # Unknown outcome (timeout...): the failed item errs; the stream decides the
+                # tree on catch-up, and a retry with the same idempotency key is deduplicated.
+                prepared[failed_at].item.resolve(error=failure)
+                rerun = [i for i in rerun if not i.done.is_set()]
+            await self._catch_up()
+            for item in rerun:
+                item.attempts += 1
+                if item.attempts >= self.options.max_append_attempts:
+                    item.resolve(error=LedgerContention(item.pseudonym, item.attempts))
+            self._queue[:0] = [i for i in rerun if not i.done.is_set()]
+        wanted = [item for item in batch if item.kind == "checkpoint"]
+        await self._make_checkpoint(force=bool(wanted))
+        for item in wanted:
+            assert self._checkpoint is not None
+            item.resolve(self._checkpoint[1])
+
+    def _last_seq_of(self, p: _Prepared) -> int:
+        return p.body["_seq"]
+
+    def _remember(self, seq: int, body: dict[str, Any]) -> None:
+        body["_seq"] = seq
+        pseudonym = body["pseudonym"]
+        self._tails[pseudonym] = body["hash"]
+        if body.get("action") != "erase":
+            self._scopes[(pseudonym, body["scope"])] = (seq, body)
+
+    async def _store_after(self, admitted: list[_Prepared]) -> None:
+        """Write the batch's tiles and the state values of the scopes it changed."""
+        state_kv = self._state()
+        latest: dict[str, bytes] = {}
+        for p in admitted:
+            if p.body.get("action") == "erase":
+                continue
+            clean = {k: v for k, v in p.body.items() if k != "_seq"}
+            latest[_state.key(p.body["pseudonym"], p.body["scope"])] = _state.encode(
+                _state.of_record(p.body["_seq"], clean))
+        tiles = self._tiles.take()
+        pipeline = self._publisher()
+        futures = [
+            await pipeline.publish(f"$KV.{self.options.tree_bucket}.{_tiles.key(t)}", v, {})
+            for t, v in tiles.items()
+        ] + [
+            await pipeline.publish(f"$KV.{self.options.state_bucket}.{k}", v, {})
+            for k, v in latest.items()
+        ]
+        try:
+            with anyio.fail_after(self.options.timeout_s):
+                for result in await _settle(futures):
+                    if isinstance(result, BaseException):
+                        raise result
+        finally:
+            pipeline.forget(futures)
+        del state_kv
+
+    def _prepare(self, item: _Item, index: int, seq: int) -> _Prepared | None:
+        fields = dict(item.fields)
+        pseudonym = item.pseudonym
+        if item.kind == "write":
+            scope = fields["scope"]
+            current = None
+            for p in item.versions:
+                known = self._scopes.get((p, scope))
+                if known is not None and (current is None or known[0] > current[0]):
+                    current = known
+            event = fields["event"]
+            current_event = _dpv.event_of(current[1]) if current else None
+            expires_at = current[1].get("expires_at") if current else None
+            expired = expires_at is not None and self._now_ms() >= expires_at
+            refusal = _dpv.refusal(event, current_event, expired=expired)
+            if refusal is not None:
+                reason, message = refusal
+                logger.info("consent %s %s scope=%s refused: %s", event, pseudonym, scope,
+                            reason)
+                item.resolve({"ok": False, "provider": self.name, "reason": reason,
+                              "user_id": item.user_id, "scope": scope, "event": event,
+                              "message": message})
+                return None
+            if item.metadata:
+                data_key = self._data_keys.get(pseudonym)
+                assert data_key is not None
+                box = sealed.seal(data_key[1], data_key[0],
+                                  msgspec.json.encode(item.metadata), _aad(pseudonym, scope))
+                fields["sealed"] = msgspec.to_builtins(box)
+        fields["prev_hash"] = self._tails.get(pseudonym, _chain.GENESIS)
+        # The stream seq it must land at (publishes are conditional on the last seq), signed:
+        # a genuine record copied elsewhere in the stream is refused as a replay.
+        fields["seq"] = seq
+        body = _chain.seal(fields)
+        leaf = make_leaf(self._signer, index, body)
+        # Later items of the batch see this one (undone if the batch fails: caches cleared).
+        self._remember(seq, body)
+        return _Prepared(item, leaf, body, index)
+
+    async def _load_for(self, batch: list[_Item]) -> None:
+        """Read, for the batch, what the writer does not know yet: chain tails, the scopes'
+        latest records (every key version), data keys."""
+        tails = sorted({i.pseudonym for i in batch if i.kind != "checkpoint"} - set(self._tails))
+        scopes = sorted({(p, i.fields["scope"]) for i in batch if i.kind == "write"
+                         for p in i.versions} - set(self._scopes))
+        wanted_keys = sorted({i.pseudonym for i in batch if i.kind == "write" and i.metadata}
+                             - {p for p, k in self._data_keys.items() if k is not None})
+        # One read per data subject: its chain's last record is also its scope's latest when
+        # it is on that scope (or when the subject has no record at all).
+        found = await _gather(
+            *(lambda p=p: self._chain_tail(p) for p in tails),
+            *(lambda p=p: self._data_key(p, create=True) for p in wanted_keys),
         )
+        for p, (tail, last) in zip(tails, found[: len(tails)], strict=True):
+            self._tails[p] = tail
+            if last is None:
+                for key in scopes:
+                    if key[0] == p:
+                        self._scopes[key] = None
+            elif (p, last[1]["scope"]) in scopes:
+                self._scopes[(p, last[1]["scope"])] = last
+        for p, data_key in zip(wanted_keys, found[len(tails):], strict=True):
+            self._data_keys[p] = data_key
+        rest = [key for key in scopes if key not in self._scopes]
+        latest = await _gather(*(lambda p=p, s=s: self._scope_latest(p, s) for p, s in rest))
+        for key, (last, _) in zip(rest, latest, strict=True):
+            self._scopes[key] = last
+
+    async def _chain_tail(
+        self, pseudonym: str
+    ) -> tuple[str, tuple[int, dict[str, Any]] | None]:
+        """The hash the data subject's next record links to, and its last authenticated
+        record (seq, body), or None if it has none."""
+        subject = self._chain_subjects(pseudonym)
+        last = await self._last(subject)
+        if last is None:
+            return _chain.GENESIS, None
+        opened = self._open(last.seq, last.subject or "", last.data)
+        if opened.problem is None and opened.body is not None:
+            return str(opened.body["hash"]), (last.seq, opened.body)
+        found: tuple[str, tuple[int, dict[str, Any]] | None] = (_chain.GENESIS, None)
+        for msg in await self._messages([subject]):
+            o = self._open(msg.seq, msg.subject, msg.data)
+            if o.problem is None and o.body is not None:
+                found = (str(o.body["hash"]), (o.seq, o.body))
+        # The latest authenticated record is not necessarily the scope's: read scopes apart.
+        return found[0], None if found[1] is None else (-1, {"scope": None})
+
+    async def _resolve_duplicate(self, p: _Prepared, seq: int) -> None:
+        """A retry under a used idempotency key: the same request, or a conflict."""
+        original = await self._js.get_msg(self.options.stream, seq=seq)
+        opened = self._open(seq, original.subject or "", original.data)
+        body = opened.body if opened.problem is None else None
+        mine = p.body
+        same = body is not None and body.get("action") == mine.get("action") and (
+            body.get("scope") == mine.get("scope"))
+        if same and body is not None:
+            data_keys = {p.item.pseudonym: self._data_keys.get(p.item.pseudonym)}
+            metadata, _ = self._unseal(body, data_keys)
+            same = (metadata or {}) == p.item.metadata
+        if not same:
+            p.item.resolve(error=IdempotencyConflict(
+                action=str((body or {}).get("action")), scope=str((body or {}).get("scope")),
+                seq=seq))
+            return
+        assert body is not None
+        body = {**body, "_seq": seq}
+        # Re-applied: a retry repairs state a crashed first attempt missed.
+        if body.get("action") != "erase":
+            await self._state().put(
+                _state.key(body["pseudonym"], body["scope"]),
+                _state.encode(_state.of_record(seq, {k: v for k, v in body.items()
+                                                     if k != "_seq"})))
+        p.item.resolve(self._reply(_Prepared(p.item, original.data or b"", body,
+                                             opened.index or 0), seq, duplicate=True))
+
+    def _reply(self, p: _Prepared, seq: int, *, duplicate: bool = False) -> dict[str, Any]:
+        body = p.body
+        if p.item.kind == "erase":
+            return {"ok": True, "provider": self.name, "user_id": p.item.user_id,
+                    "erased": True, "seq": seq, "index": p.index, "hash": body.get("hash"),
+                    "duplicate": duplicate}
+        event = _dpv.event_of(body)
         reply: dict[str, Any] = {
             "ok": True,
             "provider": self.name,
-            "entry": _entry(entry.user_id, record),
+            "entry": _entry(p.item.user_id, body, p.item.metadata),
             "seq": seq,
-            "hash": record.get("hash"),
-            "prev_hash": record.get("prev_hash"),
+            "index": p.index,
+            "event": event,
+            "dpv": _dpv.EVENTS[event][1],
+            "hash": body.get("hash"),
+            "prev_hash": body.get("prev_hash"),
             "duplicate": duplicate,
         }
-        if record.get("expires_at") is not None:
-            reply["expires_at"] = record["expires_at"]
+        if body.get("expires_at") is not None:
+            reply["expires_at"] = body["expires_at"]
         return reply
 
-    async def _append(
-        self,
-        pseudonym: str,
-        fields: dict[str, Any],
-        msg_id: str | None,
-        *,
-        must_exist: Sequence[str] | None = None,
-    ) -> _Appended | None:
-        """Append one record to the data subject's chain; None if `must_exist` (pseudonyms
-        to look under) is given and the scope has no record under any of them."""
-        scope = str(fields["scope"])
-        subject = self._subject(pseudonym, scope)
-        chain = self._chain_subjects(pseudonym)
-        attempts = self.options.max_append_attempts
-        for attempt in range(attempts):
-            if must_exist is None:
-                tail_seq, prev_hash = await self._tail(chain)
-            else:
-                (tail_seq, prev_hash), *lasts = await _gather(
-                    lambda: self._tail(chain),
-                    *(lambda p=p: self._last(self._subject(p, scope)) for p in must_exist),
-                )
-                if all(last is None for last in lasts):
-                    return None
-            record = _chain.seal({**fields, "prev_hash": prev_hash})
-            headers = {
-                Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(tail_seq),
-                _EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: chain,
-                Header.EXPECTED_STREAM.value: self.options.stream,
-            }
-            if msg_id is not None:
-                headers[Header.MSG_ID.value] = msg_id
+    # -- data keys ------------------------------------------------------------------------
+
+    async def _data_key(self, pseudonym: str, *, create: bool) -> tuple[str, bytes] | None:
+        kv = self._keys()
+        for _ in range(8):
             try:
-                ack = await self._js.publish(
-                    subject, _chain.canonical(record), headers=headers,
-                    timeout=self.options.timeout_s,
-                )
-            except APIError as exc:
-                if not is_wrong_last_sequence(exc):
-                    raise
-                self._retries += 1
-                # Another writer moved the tail: back off a little, jittered, and re-read.
-                await anyio.sleep(random.uniform(0, 0.001 * min(attempt + 1, 20)))
+                entry = await kv.get(pseudonym)
+            except KeyNotFoundError:
+                entry = None
+            if entry is not None and entry.value and entry.operation not in _KV_REMOVED:
+                return self._unwrap(entry.value)
+            if not create:
+                return None
+            kid = secrets.token_hex(8)
+            key = sealed.new_data_key()
+            value = msgspec.json.encode({
+                "kid": kid, "wrapped": b64encode(sealed.wrap_data_key(self._wrapping_key, key)),
+            })
+            try:
+                if entry is None:
+                    await kv.create(pseudonym, value)
+                else:
+                    await kv.update(pseudonym, value, last=entry.revision)
+                return kid, key
+            except (KeyWrongLastSequenceError, APIError):
                 continue
-            if ack.duplicate:
-                self._duplicates += 1
-                original = await self._js.get_msg(self.options.stream, seq=ack.seq)
-                return _Appended(ack.seq, _chain.decode(original.data), True)
-            self._appended += 1
-            return _Appended(ack.seq, record, False)
-        raise LedgerContention(pseudonym, attempts)
+        raise LedgerContention(pseudonym, 8)
 
-    async def _tail(self, subject: str) -> tuple[int, str]:
-        """(seq, hash) of the last record on `subject` (the data subject's wildcard), or
-        (0, GENESIS) when it has none.
-
-        The non-direct get is answered by the stream leader, so it is never stale.
-        """
-        msg = await self._last(subject)
-        if msg is None:
-            return 0, _chain.GENESIS
-        return msg.seq, _chain.link_of(msg.data)
-
-    async def _last(self, subject: str) -> RawStreamMsg | None:
-        """The stream's last message on `subject` (may be a wildcard), or None."""
+    def _unwrap(self, value: bytes) -> tuple[str, bytes] | None:
         try:
-            return await self._js.get_last_msg(self.options.stream, subject)
-        except NotFoundError:
+            stored = msgspec.json.decode(value)
+            return str(stored["kid"]), sealed.unwrap_data_key(
+                self._wrapping_key, base64.b64decode(stored["wrapped"]))
+        except (ValueError, KeyError, TypeError, TransparencyError, msgspec.DecodeError):
+            logger.warning("a consent data key cannot be unwrapped")
             return None
 
-    async def _apply_state(self, pseudonym: str, seq: int, record: dict[str, Any]) -> None:
-        """Move the (subject, scope) state to this record unless a later one is already there."""
-        kv = self._state()
-        key = _state.key(pseudonym, str(record.get("scope", "")))
-        value = _state.encode(_state.of_record(seq, record))
-        for _ in range(self.options.max_append_attempts):
-            try:
-                current = await kv.get(key)
-            except KeyNotFoundError:
-                current = None
-            try:
-                if current is None:
-                    await kv.create(key, value)
-                else:
-                    stored = _state.decode(current.value)
-                    if isinstance(stored, _state.StateValue) and stored.seq >= seq:
-                        return  # a later record already set the state
-                    await kv.update(key, value, last=current.revision)
-                return
-            except KeyWrongLastSequenceError:
+    async def _read_data_keys(self, versions: Sequence[str]) -> dict[str, tuple[str, bytes] | None]:
+        found = await _gather(*(lambda p=p: self._data_key(p, create=False) for p in versions))
+        return dict(zip(versions, found, strict=True))
+
+    async def _destroy_keys(self, versions: Sequence[str]) -> None:
+        kv = self._keys()
+        await _gather(*(lambda p=p: kv.purge(p) for p in versions))
+        for p in versions:
+            self._data_keys[p] = None
+
+    # -- proofs and receipts --------------------------------------------------------------
+
+    async def _proof(
+        self, user_id: str, scope: str | None, seq: int | None, from_size: int | None
+    ) -> dict[str, Any]:
+        note = await self._fresh_checkpoint()
+        cp = open_checkpoint(note, self._verifier)
+        if from_size is not None and from_size > cp.size:
+            return {"ok": False, "provider": self.name, "reason": "from_size_too_large",
+                    "size": cp.size, "message": f"the log has {cp.size} records, not "
+                    f"{from_size}: your checkpoint is not from this log (or it was truncated)"}
+        versions = self._versions(user_id)
+        subjects = ([self._subject(p, scope) for p in versions] if scope is not None
+                    else [self._chain_subjects(p) for p in versions])
+        refused: list[int] = []
+        records: list[_Opened] = []
+        for msg in await self._messages(subjects):
+            if seq is not None and msg.seq != seq:
                 continue
-        raise LedgerContention(pseudonym, self.options.max_append_attempts)
+            opened = self._open(msg.seq, msg.subject, msg.data)
+            if opened.problem is not None or opened.index is None:
+                refused.append(msg.seq)
+                continue
+            if opened.index < cp.size:
+                records.append(opened)
+        plans = [inclusion_plan(o.index or 0, cp.size) for o in records]
+        cons = (consistency_plan(from_size, cp.size)
+                if from_size is not None and from_size < cp.size else None)
+        nodes = [n for plan in plans for n in plan.nodes] + list(cons.nodes if cons else ())
+        wanted = _tiles.tiles_for(nodes)
+        values = await _gather(*(lambda t=t: self._kv_raw_value(self._tree(), _tiles.key(t))
+                                 for t in wanted))
+        tiles = {t: v for t, v in zip(wanted, values, strict=True) if v is not None}
+        try:
+            proved = [(o.index or 0, o.data, plan.assemble([_tiles.node_hash(n, tiles)
+                                                            for n in plan.nodes]))
+                      for o, plan in zip(records, plans, strict=True)]
+            consistency = None if cons is None else (
+                from_size or 0, cons.assemble([_tiles.node_hash(n, tiles) for n in cons.nodes]))
+        except KeyError as exc:
+            raise LedgerTampered(f"a stored tree node is missing ({exc})") from None
+        bundle = build_bundle(note, proved, consistency)
+        reply: dict[str, Any] = {
+            "ok": True, "provider": self.name, "user_id": user_id,
+            "bundle": msgspec.to_builtins(bundle), "records": len(proved),
+            "checkpoint_size": cp.size, "reads": len(wanted),
+        }
+        if refused:
+            reply["refused_seqs"] = refused
+        return reply
+
+    async def _receipt(self, user_id: str, seq: int) -> dict[str, Any]:
+        versions = self._versions(user_id)
+        try:
+            msg = await self._js.get_msg(self.options.stream, seq=seq)
+        except NotFoundError:
+            msg = None
+        prefixes = tuple(f"{self.options.subject_prefix}.{p}." for p in versions)
+        if msg is None or not (msg.subject or "").startswith(prefixes):
+            return {"ok": False, "provider": self.name, "reason": "no_such_record",
+                    "user_id": user_id, "seq": seq,
+                    "message": f"seq {seq} is not a consent record of this user"}
+        opened = self._open(seq, msg.subject or "", msg.data)
+        if opened.problem is not None or opened.body is None or opened.index is None:
+            return {"ok": False, "provider": self.name, "reason": "unauthenticated",
+                    "user_id": user_id, "seq": seq,
+                    "message": "that record is not authenticated by the ledger key"}
+        body = opened.body
+        event = "erased" if body.get("action") == "erase" else _dpv.event_of(body)
+        expires_at = body.get("expires_at")
+        receipt = ConsentReceipt(
+            receipt_id=str(uuid.uuid4()),
+            issued_at=_rfc3339(self._now_ms()),
+            pii_principal=str(body.get("pseudonym")),
+            controller=str(body.get("controller") or self._signer.name),
+            purposes=(ReceiptPurpose(
+                purpose=str(body.get("scope")),
+                lawful_basis=str(body.get("lawful_basis") or "dpv:Consent"),
+            ),),
+            status=_dpv.EVENTS[event][1] if event in _dpv.EVENTS else "dpv:ConsentErased",
+            event_time=_rfc3339(int(body.get("ts") or 0)),
+            log_origin=self._signer.name,
+            leaf_index=opened.index,
+            leaf_hash=receipt_leaf_hash(opened.data),
+            collection_method=body.get("collection_method"),
+            notice=body.get("notice"),
+            jurisdiction=body.get("jurisdiction"),
+            expires_at=None if expires_at is None else _rfc3339(int(expires_at)),
+        )
+        return {"ok": True, "provider": self.name, "user_id": user_id, "seq": seq,
+                "index": opened.index, "receipt": sign_receipt(self._signer, receipt).decode(),
+                "leaf": opened.data.decode()}
 
     # -- reading --------------------------------------------------------------------------
 
@@ -529,29 +1333,47 @@ class JetStreamConsentLedger:
             return None
         return _state.decode(entry.value)
 
-    async def _read_records(self, versions: Sequence[str]) -> list[tuple[int, str, bytes]]:
-        """Every record of the data subject under every key version, in stream order."""
-        entries = await self._read(
-            self.options.stream, list(self._chain_subjects(p) for p in versions),
-            DeliverPolicy.ALL,
-        )
-        return [(seq, subject, data) for seq, subject, data, _ in entries]
+    async def _kv_raw_value(self, kv: KeyValue, key: str) -> bytes | None:
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:
+            return None
+        return entry.value
+
+    async def _kv_raw(self, kv: KeyValue, key: str) -> tuple[int, bytes, int] | None:
+        """A kept checkpoint entry: (size, note, last stream seq)."""
+        value = await self._kv_raw_value(kv, key)
+        if not value:
+            return None
+        try:
+            stored = msgspec.json.decode(value)
+            return int(stored["size"]), str(stored["note"]).encode(), int(stored["last_seq"])
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+            raise LedgerTampered(f"the kept {key} entry is malformed") from None
+
+    async def _last(self, subject: str) -> RawStreamMsg | None:
+        try:
+            return await self._js.get_last_msg(self.options.stream, subject)
+        except NotFoundError:
+            return None
+
+    async def _messages(self, filters: list[str], *, start_seq: int | None = None) -> list[_Msg]:
+        entries = await self._read(self.options.stream, filters, DeliverPolicy.ALL,
+                                   start_seq=start_seq)
+        return [_Msg(seq, subject, data) for seq, subject, data, _ in entries]
 
     async def _read(
-        self, stream: str, filters: list[str], deliver: DeliverPolicy
+        self, stream: str, filters: list[str], deliver: DeliverPolicy, *,
+        start_seq: int | None = None,
     ) -> list[tuple[int, str, bytes, bool]]:
         """The messages of `stream` on `filters`, oldest first, as (seq, subject, data,
-        removed) where `removed` marks a KV delete or purge.
-
-        An ephemeral pull consumer (memory storage, one replica, no acks) is created for
-        the read and deleted after it; its `num_pending` at creation is the number of
-        messages to fetch, so the read is a snapshot with a known end.
-        """
+        removed); an ephemeral pull consumer whose `num_pending` bounds the read."""
         name = f"consent_read_{secrets.token_hex(8)}"
         config = ConsumerConfig(
             name=name,
             filter_subjects=filters,
-            deliver_policy=deliver,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start_seq else deliver,
+            opt_start_seq=start_seq,
             ack_policy=AckPolicy.NONE,
             inactive_threshold=max(self.options.timeout_s * 6, 30.0),
             mem_storage=True,
@@ -572,7 +1394,6 @@ class JetStreamConsentLedger:
                             batch=min(remaining, _READ_BATCH), timeout=self.options.timeout_s
                         )
                     except ServiceUnavailableError:
-                        # In a cluster a new consumer answers 503 until it has a leader.
                         unavailable += 1
                         if unavailable > _READ_UNAVAILABLE_RETRIES:
                             raise
@@ -590,13 +1411,12 @@ class JetStreamConsentLedger:
             with anyio.CancelScope(shield=True):
                 try:
                     await self._js.delete_consumer(stream, name)
-                except NatsError as exc:  # its inactive threshold removes it anyway
+                except NatsError as exc:
                     logger.debug("could not delete read consumer %s: %s", name, exc)
 
     # -- helpers --------------------------------------------------------------------------
 
     def _versions(self, user_id: str) -> tuple[str, ...]:
-        """The data subject's pseudonym under every key, current first."""
         all_versions = getattr(self._pseudonymize, "all_versions", None)
         if all_versions is None:
             return (self._pseudonymize(user_id),)
@@ -606,7 +1426,6 @@ class JetStreamConsentLedger:
         return f"{self.options.subject_prefix}.{pseudonym}.{_state.scope_token(scope)}"
 
     def _chain_subjects(self, pseudonym: str) -> str:
-        """Every subject of one data subject's chain."""
         return f"{self.options.subject_prefix}.{pseudonym}.*"
 
     def _state(self) -> KeyValue:
@@ -614,16 +1433,105 @@ class JetStreamConsentLedger:
             raise RuntimeError("JetStreamConsentLedger.ensure() was not awaited before use")
         return self._kv
 
+    def _publisher(self) -> _Pipeline:
+        if self._pipeline is None:
+            self._pipeline = _Pipeline(self._js._nc)
+        return self._pipeline
+
+    def _tree(self) -> KeyValue:
+        if self._tree_kv is None:
+            raise RuntimeError("JetStreamConsentLedger.ensure() was not awaited before use")
+        return self._tree_kv
+
+    def _keys(self) -> KeyValue:
+        if self._keys_kv is None:
+            raise RuntimeError("JetStreamConsentLedger.ensure() was not awaited before use")
+        return self._keys_kv
+
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
 
 
-async def _gather(*calls: Callable[[], Awaitable[Any]]) -> list[Any]:
-    """Run JetStream reads concurrently (one round trip of latency); results in order.
+class _Pipeline:
+    """Pipelined JetStream publishes: sent in order, each acknowledged on its own future.
 
-    If any fails the rest are cancelled and the first failure is raised as itself, so
-    callers handle it as they would from a single call.
+    (nats-py's `publish_async` loses the future when the server answers with an error, e.g.
+    a wrong expected last sequence, so the writer keeps its own small version.)
     """
+
+    def __init__(self, nc: Any) -> None:
+        self._nc = nc
+        self._prefix: str | None = None
+        self._futures: dict[str, asyncio.Future[Any]] = {}
+        self._next = 0
+
+    async def publish(self, subject: str, payload: bytes,
+                      headers: dict[str, str]) -> asyncio.Future[Any]:
+        if self._prefix is None:
+            prefix = self._nc.new_inbox()
+            await self._nc.subscribe(f"{prefix}.*", cb=self._on_reply)
+            self._prefix = prefix
+        self._next += 1
+        token = str(self._next)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._futures[token] = future
+        await self._nc.publish(subject, payload, reply=f"{self._prefix}.{token}",
+                               headers=headers)
+        return future
+
+    async def _on_reply(self, msg: Any) -> None:
+        future = self._futures.pop(msg.subject.rsplit(".", 1)[-1], None)
+        if future is None or future.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            future.set_exception(NoStreamResponseError())
+            return
+        try:
+            resp = msgspec.json.decode(msg.data)
+            if "error" in resp:
+                err = resp["error"]
+                future.set_exception(APIError(code=err.get("code"), err_code=err.get("err_code"),
+                                              description=err.get("description")))
+            else:
+                future.set_result(PubAck.from_response(resp))
+        except (msgspec.DecodeError, TypeError, KeyError) as exc:
+            future.set_exception(exc)
+
+    def forget(self, futures: Sequence[asyncio.Future[Any]]) -> None:
+        for token, fut in list(self._futures.items()):
+            if fut in futures:
+                del self._futures[token]
+
+
+class _LeaseBusy(Exception):
+    """Another worker holds the ledger lease."""
+
+
+def _lease_of(value: bytes) -> tuple[str, float] | None:
+    try:
+        stored = msgspec.json.decode(value)
+        return str(stored["owner"]), float(stored["until"])
+    except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _is_wrong_last_sequence(exc: BaseException) -> bool:
+    return isinstance(exc, APIError) and exc.err_code in (10071, 10164)
+
+
+async def _settle(futures: list[Any]) -> list[Any]:
+    """Each future's result, or its exception, in order."""
+    out = []
+    for fut in futures:
+        try:
+            out.append(await fut)
+        except Exception as exc:
+            out.append(exc)
+    return out
+
+
+async def _gather(*calls: Callable[[], Awaitable[Any]]) -> list[Any]:
+    """Run JetStream calls concurrently; results in order; the first failure is raised."""
     results: list[Any] = [None] * len(calls)
 
     async def run(index: int, call: Callable[[], Awaitable[Any]]) -> None:
@@ -638,30 +1546,28 @@ async def _gather(*calls: Callable[[], Awaitable[Any]]) -> list[Any]:
     return results
 
 
-def _verify_one(records: list[tuple[int, str, bytes]], pseudonym: str) -> _chain.ChainReport:
-    """One key version's chain, plus: every record sits on its own scope's subject."""
-    report = _chain.verify([(seq, data) for seq, _, data in records], pseudonym=pseudonym)
-    for count, (seq, subject, data) in enumerate(records, start=1):
-        if report.broken_at is not None and seq >= report.broken_at:
+def _verify_one(records: list[_Opened], pseudonym: str) -> _chain.ChainReport:
+    """One key version's chain over its authenticated records."""
+    items = [(o.seq, _chain.canonical(o.body) if o.body is not None else None)
+             for o in records]
+    report = _chain.verify(items, pseudonym=pseudonym)
+    for count, o in enumerate(records, start=1):
+        if report.broken_at is not None and o.seq >= report.broken_at:
             break
-        record = _chain.decode(data)
-        scope = str((record or {}).get("scope"))
-        if not subject.endswith(f".{pseudonym}.{_state.scope_token(scope)}"):
-            return _chain.ChainReport(False, count, report.head, broken_at=seq,
-                                      problem="wrong_scope")
+        if o.problem is not None:
+            return _chain.ChainReport(False, count, report.head, broken_at=o.seq,
+                                      problem=o.problem)
     return report
 
 
 def _state_mismatches(
-    version: int,
-    pseudonym: str,
-    records: list[tuple[int, str, bytes]],
-    states: dict[str, _state.StateValue | str],
+    version: int, records: list[_Opened], states: dict[str, _state.StateValue | str],
 ) -> list[dict[str, Any]]:
-    """Each scope whose KV state disagrees with its latest record under one key version."""
     latest: dict[str, tuple[int, dict[str, Any] | None]] = {}
-    for seq, subject, data in records:
-        latest[subject.rsplit(".", 1)[-1]] = (seq, _chain.decode(data))
+    for o in records:
+        if o.body is not None and o.body.get("action") == "erase":
+            continue
+        latest[o.subject.rsplit(".", 1)[-1]] = (o.seq, o.body)
     found = []
     for token in sorted(set(latest) | set(states)):
         seq, record = latest.get(token, (None, None))
@@ -684,12 +1590,11 @@ def _state_mismatches(
 
 @contextmanager
 def _unavailable_when_jetstream_is(operation: str) -> Iterator[None]:
-    """JetStream did not answer (a leader election, a lost server, a timeout): that is a
-    clear, retryable `unavailable` for the caller, not an internal error."""
     try:
         yield
     except (
-        NatsTimeoutError, NoRespondersError, NoStreamResponseError, ServiceUnavailableError
+        NatsTimeoutError, NoRespondersError, NoStreamResponseError, ServiceUnavailableError,
+        TimeoutError,
     ) as exc:
         raise Unavailable(
             f"consent ledger {operation}: JetStream did not answer ({type(exc).__name__}); "
@@ -698,48 +1603,38 @@ def _unavailable_when_jetstream_is(operation: str) -> Iterator[None]:
 
 
 def _msg_id(pseudonym: str, key: str) -> str:
-    """The JetStream message id of a keyed write: the key, scoped to its data subject.
-
-    The key alone (not the action or scope) decides, so reusing a key for a different
-    request is caught as a conflict instead of recording beside the original. Scoping by
-    pseudonym means two users' keys never collide; hashing keeps client keys out of headers.
-    """
     material = "\x00".join(("consent", pseudonym, key)).encode("utf-8", "surrogatepass")
     return hashlib.sha256(material).hexdigest()
 
 
-def _entry(user_id: str, record: dict[str, Any]) -> dict[str, Any]:
-    """The reply `entry` (the null provider's fields) of a stored record."""
+def _aad(pseudonym: str, scope: str) -> bytes:
+    return f"{pseudonym}\n{scope}".encode()
+
+
+def _rfc3339(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _entry(user_id: str, record: dict[str, Any], metadata: dict[str, Any] | None
+           ) -> dict[str, Any]:
     return {
         "trace_id": record.get("trace_id"),
         "ts": record.get("ts"),
         "user_id": user_id,
         "scope": record.get("scope"),
-        "metadata": record.get("metadata", {}),
+        "metadata": metadata,
         "action": record.get("action"),
     }
 
 
-def _history_record(user_id: str, seq: int, data: bytes | None) -> dict[str, Any]:
-    record = _chain.decode(data)
-    if record is None:
-        return {"seq": seq, "malformed": True}
-    return {
-        "seq": seq,
-        **_entry(user_id, record),
-        "expires_at": record.get("expires_at"),
-        "prev_hash": record.get("prev_hash"),
-        "hash": record.get("hash"),
-    }
-
-
 async def _wire(runtime: Runtime, **overrides: Any) -> None:
-    """Build the ledger on the runtime's JetStream, ensure it, and register it (the bootstrap
-    calls this only under FEATURE_GOVERNANCE_LEDGER outside DRY_RUN)."""
+    """Build the ledger, ensure it, and register it (under FEATURE_GOVERNANCE_LEDGER outside
+    DRY_RUN). Without LUKHAS_LEDGER_SIGNING_KEY or LUKHAS_LEDGER_WRAPPING_KEY: ConfigError."""
     js = jetstream_of(runtime, "FEATURE_GOVERNANCE_LEDGER", "the JetStream consent ledger")
     ledger = JetStreamConsentLedger.from_settings(
         js, runtime.pseudonymize, runtime.settings, **overrides
     )
     await ledger.ensure()
     registry.register(ledger)
-    logger.info("FEATURE_GOVERNANCE_LEDGER: consent ledger provider %r registered", ledger.name)
+    logger.info("FEATURE_GOVERNANCE_LEDGER: consent ledger provider %r registered (vkey %s)",
+                ledger.name, ledger.verifier_key)

@@ -16,9 +16,13 @@ from lukhas.governance.consent_ledger.messages import (
     RECORD_REPLY,
     STATUS_REPLY,
     VERIFY_REPLY,
+    CheckpointQuery,
     ConsentEntry,
     ConsentHistoryQuery,
     ConsentStatusQuery,
+    EraseQuery,
+    ProofQuery,
+    ReceiptQuery,
     RecordConsent,
     RevokeConsent,
     VerifyConsentChain,
@@ -36,7 +40,10 @@ async def _call(operation: str, *args: Any, **options: Any) -> Reply:
     return await REGISTRY.call(current_runtime().settings, operation, *args, **options)
 
 
-def _entry(user_id: str, scope: str, metadata: dict[str, Any], action: str) -> ConsentEntry:
+def _entry(
+    user_id: str, scope: str, metadata: dict[str, Any], action: str, *,
+    event: str | None = None, details: dict[str, Any] | None = None,
+) -> ConsentEntry:
     return ConsentEntry(
         trace_id=current_trace_id() or new_trace_id(),
         ts=time.time_ns() // 1_000_000,
@@ -44,7 +51,13 @@ def _entry(user_id: str, scope: str, metadata: dict[str, Any], action: str) -> C
         scope=scope,
         metadata=metadata,
         action=action,
+        event=event,
+        details=details or {},
     )
+
+
+_DETAILS = ("controller", "lawful_basis", "collection_method", "notice", "jurisdiction",
+            "expires_at")
 
 
 @instrument(
@@ -53,7 +66,10 @@ def _entry(user_id: str, scope: str, metadata: dict[str, Any], action: str) -> C
 )
 async def record(cmd: RecordConsent) -> Reply:
     annotate(consent_scope=cmd.scope)
-    entry = _entry(cmd.user_id, cmd.scope, cmd.metadata, "grant")
+    details = {k: getattr(cmd, k) for k in _DETAILS if getattr(cmd, k) is not None}
+    action = "refuse" if cmd.event == "refused" else "grant"
+    event = None if cmd.event == "given" else cmd.event
+    entry = _entry(cmd.user_id, cmd.scope, cmd.metadata, action, event=event, details=details)
     return await _call("record", entry, idempotency_key=cmd.idempotency_key)
 
 
@@ -63,7 +79,8 @@ async def record(cmd: RecordConsent) -> Reply:
 )
 async def revoke(cmd: RevokeConsent) -> Reply:
     annotate(consent_scope=cmd.scope)
-    entry = _entry(cmd.user_id, cmd.scope, {}, "revoke")
+    event = None if cmd.by == "subject" else "revoked"
+    entry = _entry(cmd.user_id, cmd.scope, {}, "revoke", event=event)
     return await _call("revoke", entry, idempotency_key=cmd.idempotency_key)
 
 
@@ -92,6 +109,39 @@ async def verify(query: VerifyConsentChain) -> Reply:
     return await _call("verify_chain", query.user_id)
 
 
+@instrument(
+    "CONSENT", label="governance:checkpoint", salience=0.3, urgency=0.2,
+    capability="consent_checkpoint",
+)
+async def checkpoint(query: CheckpointQuery) -> Reply:
+    return await _call("checkpoint", query.size)
+
+
+@instrument(
+    "CONSENT", label="governance:proof", salience=0.4, urgency=0.3,
+    subject_field="user_id", capability="consent_proof",
+)
+async def proof(query: ProofQuery) -> Reply:
+    return await _call("proof", query.user_id, scope=query.scope, seq=query.seq,
+                       from_size=query.from_size)
+
+
+@instrument(
+    "CONSENT", label="governance:erase", salience=0.8, urgency=0.6,
+    subject_field="user_id", capability="consent_erase",
+)
+async def erase(query: EraseQuery) -> Reply:
+    return await _call("erase", query.user_id, idempotency_key=query.idempotency_key)
+
+
+@instrument(
+    "CONSENT", label="governance:receipt", salience=0.3, urgency=0.2,
+    subject_field="user_id", capability="consent_receipt",
+)
+async def receipt(query: ReceiptQuery) -> Reply:
+    return await _call("receipt", query.user_id, query.seq)
+
+
 RECORD = Endpoint("consent_record", subjects.CONSENT_RECORD, RecordConsent, record,
                   "record_consent", MAX_BODY_BYTES, REGISTRY.waits_on_io,
                   reply=RECORD_REPLY)
@@ -108,4 +158,15 @@ VERIFY = Endpoint("consent_verify", subjects.CONSENT_VERIFY, VerifyConsentChain,
                   "verify_consent_chain", MAX_BODY_BYTES, REGISTRY.waits_on_io,
                   reply=VERIFY_REPLY)
 
-ENDPOINTS: tuple[Endpoint[Any], ...] = (RECORD, REVOKE, STATUS, HISTORY, VERIFY)
+CHECKPOINT = Endpoint("consent_checkpoint", subjects.CONSENT_CHECKPOINT, CheckpointQuery,
+                      checkpoint, "consent_checkpoint", MAX_BODY_BYTES, REGISTRY.waits_on_io)
+PROOF = Endpoint("consent_proof", subjects.CONSENT_PROOF, ProofQuery, proof,
+                 "consent_proof", MAX_BODY_BYTES, REGISTRY.waits_on_io)
+ERASE = Endpoint("consent_erase", subjects.CONSENT_ERASE, EraseQuery, erase,
+                 "consent_erase", MAX_BODY_BYTES, REGISTRY.waits_on_io)
+RECEIPT = Endpoint("consent_receipt", subjects.CONSENT_RECEIPT, ReceiptQuery, receipt,
+                   "consent_receipt", MAX_BODY_BYTES, REGISTRY.waits_on_io)
+
+ENDPOINTS: tuple[Endpoint[Any], ...] = (
+    RECORD, REVOKE, STATUS, HISTORY, VERIFY, CHECKPOINT, PROOF, ERASE, RECEIPT,
+)

@@ -30,6 +30,18 @@ class ConsentProvider(Protocol):
 
     async def verify_chain(self, user_id: str) -> dict[str, Any]: ...
 
+    async def checkpoint(self, size: int | None = None) -> dict[str, Any]: ...
+
+    async def proof(
+        self, user_id: str, *, scope: str | None = None, seq: int | None = None,
+        from_size: int | None = None,
+    ) -> dict[str, Any]: ...
+
+    async def erase(self, user_id: str, *, idempotency_key: str | None = None
+                    ) -> dict[str, Any]: ...
+
+    async def receipt(self, user_id: str, seq: int) -> dict[str, Any]: ...
+
 
 _null = NullConsentProvider()
 
