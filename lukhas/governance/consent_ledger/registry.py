@@ -10,13 +10,16 @@ from lukhas.registry import ProviderRegistry
 
 
 class ConsentProvider(Protocol):
-    """What a full consent ledger provides; replies are the wire dicts (`ok`, `provider`...).
-
-    Only `name` and `record` are required: an operation a provider lacks is answered with a
-    `not_supported` refusal. `waits_on_io` (default true) says whether calls may wait on I/O.
-    """
+    """What the registry needs of a provider: a name for its replies. Every operation is
+    optional (the plan's providers have only `record`): one a provider lacks is answered with
+    a `not_supported` refusal. `waits_on_io` (default true) says whether calls may wait on I/O.
+    The operations and their signatures are those of `ConsentLedger`."""
 
     name: str
+
+
+class ConsentLedger(ConsentProvider, Protocol):
+    """Every operation the consent endpoints call; replies are wire dicts (`ok`, `provider`)."""
 
     async def record(self, entry: ConsentEntry, *, idempotency_key: str | None) -> dict[str, Any]:
         ...
