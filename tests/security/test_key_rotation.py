@@ -24,7 +24,7 @@ from bus import NatsServer, connect
 from lukhas import subjects
 from lukhas.config import Settings
 from lukhas.observability.pseudonym import Pseudonymizer
-from lukhas.transparency.note import Signer
+from tests.candidate._support import LEDGER_SIGNING_KEY, LEDGER_WRAPPING_KEY
 from tests.candidate.authenticator import SoftAuthenticator
 from tests.faults._harness import request_json
 from tests.integration.processes import LukhasProcess
@@ -33,7 +33,6 @@ pytestmark = pytest.mark.nats
 
 OLD = "rotation-old-pseudonym-key-" + "a" * 16
 NEW = "rotation-new-pseudonym-key-" + "b" * 16
-SIGNING_KEY = Signer.generate("rotation.test/consent").private_key_string()
 
 
 @contextmanager
@@ -42,7 +41,8 @@ def worker(nats_url: str, keys: str) -> Iterator[LukhasProcess]:
         "NATS_URL": nats_url,
         "LUKHAS_PSEUDONYM_KEY": "",  # the base environment's single key: use the list instead
         "LUKHAS_PSEUDONYM_KEYS": keys,
-        "LUKHAS_LEDGER_SIGNING_KEY": SIGNING_KEY,
+        "LUKHAS_LEDGER_SIGNING_KEY": LEDGER_SIGNING_KEY,
+        "LUKHAS_LEDGER_WRAPPING_KEY": LEDGER_WRAPPING_KEY,
         "FEATURE_GOVERNANCE_LEDGER": "true",
         "FEATURE_IDENTITY_PASSKEY": "true",
     }
