@@ -12,7 +12,11 @@ from typing import Any
 from lukhas import subjects
 from lukhas.endpoint import Endpoint, Reply
 from lukhas.governance.consent_ledger.messages import (
+    CHECKPOINT_REPLY,
+    ERASE_REPLY,
     HISTORY_REPLY,
+    PROOF_REPLY,
+    RECEIPT_REPLY,
     RECORD_REPLY,
     STATUS_REPLY,
     VERIFY_REPLY,
@@ -159,13 +163,15 @@ VERIFY = Endpoint("consent_verify", subjects.CONSENT_VERIFY, VerifyConsentChain,
                   reply=VERIFY_REPLY)
 
 CHECKPOINT = Endpoint("consent_checkpoint", subjects.CONSENT_CHECKPOINT, CheckpointQuery,
-                      checkpoint, "consent_checkpoint", MAX_BODY_BYTES, REGISTRY.waits_on_io)
+                      checkpoint, "consent_checkpoint", MAX_BODY_BYTES, REGISTRY.waits_on_io,
+                      reply=CHECKPOINT_REPLY)
 PROOF = Endpoint("consent_proof", subjects.CONSENT_PROOF, ProofQuery, proof,
-                 "consent_proof", MAX_BODY_BYTES, REGISTRY.waits_on_io)
+                 "consent_proof", MAX_BODY_BYTES, REGISTRY.waits_on_io, reply=PROOF_REPLY)
 ERASE = Endpoint("consent_erase", subjects.CONSENT_ERASE, EraseQuery, erase,
-                 "consent_erase", MAX_BODY_BYTES, REGISTRY.waits_on_io)
+                 "consent_erase", MAX_BODY_BYTES, REGISTRY.waits_on_io, reply=ERASE_REPLY)
 RECEIPT = Endpoint("consent_receipt", subjects.CONSENT_RECEIPT, ReceiptQuery, receipt,
-                   "consent_receipt", MAX_BODY_BYTES, REGISTRY.waits_on_io)
+                   "consent_receipt", MAX_BODY_BYTES, REGISTRY.waits_on_io,
+                   reply=RECEIPT_REPLY)
 
 ENDPOINTS: tuple[Endpoint[Any], ...] = (
     RECORD, REVOKE, STATUS, HISTORY, VERIFY, CHECKPOINT, PROOF, ERASE, RECEIPT,
