@@ -25,6 +25,7 @@ from lukhas import subjects
 from lukhas.config import Settings
 from lukhas.observability.pseudonym import Pseudonymizer
 from lukhas.transparency.note import Signer
+from tests.candidate._support import LEDGER_WRAPPING_KEY
 from tests.candidate.authenticator import SoftAuthenticator
 from tests.faults._harness import request_json
 from tests.integration.processes import LukhasProcess
@@ -43,6 +44,7 @@ def worker(nats_url: str, keys: str) -> Iterator[LukhasProcess]:
         "LUKHAS_PSEUDONYM_KEY": "",  # the base environment's single key: use the list instead
         "LUKHAS_PSEUDONYM_KEYS": keys,
         "LUKHAS_LEDGER_SIGNING_KEY": SIGNING_KEY,
+        "LUKHAS_LEDGER_WRAPPING_KEY": LEDGER_WRAPPING_KEY,
         "FEATURE_GOVERNANCE_LEDGER": "true",
         "FEATURE_IDENTITY_PASSKEY": "true",
     }
