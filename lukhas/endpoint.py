@@ -2,7 +2,8 @@
 
 A slice lists its endpoints as data (`ENDPOINTS` in its `endpoints.py`): the subject, the
 message Struct a body decodes into, the instrumented handler that takes that Struct, the body
-limit, whether answering may wait on I/O, and the Structs its replies take. The slice
+limit, whether answering may wait on I/O, the Structs its replies take, and whether it is a
+read-only query (a message nobody awaits is then not handled). The slice
 service serves whatever the slices declare; the manifest check, discovery, the gate and
 the generated AsyncAPI document (`lukhas asyncapi`) read the same declarations.
 """
@@ -58,6 +59,12 @@ class Endpoint(Generic[M]):
     #: also answer `ErrorReply`. Replies are still built as dicts; this declares them for
     #: the published contract, and the contract tests check every reply against it.
     reply: tuple[type, ...] = ()
+    #: A query: answering changes nothing anyone relies on but the reply. A message without
+    #: a reply subject is then not a request (nobody awaits its answer): the service counts
+    #: it (`unawaited` in the endpoint's stats) and does not handle it, so the subject may
+    #: also carry announcements (the consent ledger publishes its signed checkpoints on the
+    #: checkpoint subject) without each one showing as a failed request.
+    read_only: bool = False
 
     @property
     def replies(self) -> tuple[type, ...]:

@@ -11,8 +11,11 @@ CONSENT_CHECKPOINT = "lukhas.governance.consent.checkpoint"
 CONSENT_PROOF = "lukhas.governance.consent.proof"
 CONSENT_ERASE = "lukhas.governance.consent.erase"
 CONSENT_RECEIPT = "lukhas.governance.consent.receipt"
-#: Signed checkpoints are announced here (the note itself) as the ledger makes them.
-CONSENT_CHECKPOINT_FEED = "lukhas.governance.consent.checkpoints"
+#: The ledger also announces each signed checkpoint on CONSENT_CHECKPOINT: the note itself
+#: (text/plain), no reply subject, this header giving its tree size. Requests on the same
+#: subject always have a reply subject (the endpoint is read-only: the service ignores the
+#: announcements). The header is no authentication: verify the note with the ledger's key.
+CHECKPOINT_HEADER = "Lukhas-Checkpoint"
 
 PASSKEY_VERIFY = "lukhas.identity.passkey.verify"
 PASSKEY_REGISTER_OPTIONS = "lukhas.identity.passkey.register.options"

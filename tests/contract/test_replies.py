@@ -19,9 +19,11 @@ import msgspec
 import pytest
 
 from bus import Bus
+from candidate.governance.consent_ledger._state import scope_token
 from lukhas import subjects
 from lukhas.catalog import ENDPOINTS
 from lukhas.config import Settings
+from lukhas.runtime import Runtime
 from lukhas.testing import dry_run_settings, open_test_runtime
 from tests.candidate._support import Names, nats_bus, nats_settings, user
 from tests.candidate.authenticator import SoftAuthenticator
@@ -36,8 +38,9 @@ Seen = list[tuple[str, bytes, dict[str, str]]]
 class Client:
     """Sends requests and keeps every reply with its headers, for the contract checks."""
 
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, runtime: Runtime) -> None:
         self._bus = bus
+        self.runtime = runtime
         self.seen: Seen = []
 
     async def ask(self, subject: str, body: Any, **headers: str) -> dict[str, Any]:
@@ -49,10 +52,12 @@ class Client:
 
 
 @asynccontextmanager
-async def serving(settings: Settings, bus: Bus | None = None) -> AsyncIterator[Client]:
+async def serving(
+    settings: Settings, bus: Bus | None = None, names: Names | None = None
+) -> AsyncIterator[Client]:
     async with open_test_runtime(settings, bus=bus) as (runtime, _):
         if bus is not None:
-            names = Names(uuid.uuid4().hex[:10])
+            assert names is not None, "the real providers need the test's JetStream names"
             await wire_providers(
                 runtime, ledger_options=names.ledger_options(),
                 passkey_options=names.passkey_options(),
@@ -61,7 +66,7 @@ async def serving(settings: Settings, bus: Bus | None = None) -> AsyncIterator[C
         async with anyio.create_task_group() as tg:
             await tg.start(service.run)
             try:
-                yield Client(runtime.bus)
+                yield Client(runtime.bus, runtime)
             finally:
                 await service.stop()
 
@@ -88,7 +93,7 @@ async def test_real_providers_answer_in_their_published_shapes(nats_url: str) ->
     )
     uid, authn = user(), SoftAuthenticator()
     try:
-        async with nats_bus(nats_url, names) as bus, serving(settings, bus) as client:
+        async with nats_bus(nats_url, names) as bus, serving(settings, bus, names) as client:
             ask = client.ask
             # consent ledger
             rec = await ask(subjects.CONSENT_RECORD, {"user_id": uid, "scope": "gmail.read",
@@ -109,12 +114,65 @@ async def test_real_providers_answer_in_their_published_shapes(nats_url: str) ->
             history = await ask(subjects.CONSENT_HISTORY, {"user_id": uid})
             assert len(history["records"]) == 2
             chain = await ask(subjects.CONSENT_VERIFY, {"user_id": uid})
-            assert chain["valid"] is True
+            assert chain["valid"] is True and chain["tree"]["problems"] == [], chain
+            # the consent model's refusals
+            renew = await ask(subjects.CONSENT_RECORD, {"user_id": uid, "scope": "maps",
+                                                        "event": "renewed"})
+            assert renew["reason"] == "not_given" and renew["event"] == "renewed", renew
+            given = await ask(subjects.CONSENT_RECORD, {
+                "user_id": uid, "scope": "maps", "metadata": {"ip": "192.0.2.1"},
+                "controller": "Example Ltd", "notice": "https://example.com/n",
+                "expires_at": 4_102_444_800_000})
+            assert given["dpv"] == "dpv:ConsentGiven" and given["expires_at"], given
+            already = await ask(subjects.CONSENT_RECORD, {"user_id": uid, "scope": "maps",
+                                                          "event": "refused"})
+            assert already["reason"] == "already_given", already
+            # checkpoints, proofs, receipts
+            cp = await ask(subjects.CONSENT_CHECKPOINT, {})
+            assert cp["ok"] is True and cp["size"] >= 3 and cp["checkpoint"].startswith(
+                cp["origin"]), cp
+            kept = await ask(subjects.CONSENT_CHECKPOINT, {"size": 10**9})
+            assert kept["reason"] == "no_such_checkpoint" and kept["size"] == 10**9, kept
+            proof = await ask(subjects.CONSENT_PROOF, {"user_id": uid, "from_size": 1})
+            assert proof["records"] == 3 and proof["bundle"]["consistency"], proof
+            too_large = await ask(subjects.CONSENT_PROOF, {"user_id": uid, "from_size": 10**9})
+            assert too_large["reason"] == "from_size_too_large", too_large
+            receipt = await ask(subjects.CONSENT_RECEIPT, {"user_id": uid, "seq": rec["seq"]})
+            assert receipt["ok"] is True and receipt["index"] == rec["index"], receipt
+            elsewhere = await ask(subjects.CONSENT_RECEIPT, {"user_id": uid, "seq": 10**9})
+            assert elsewhere["reason"] == "no_such_record", elsewhere
+            # an insider appends a record without the ledger key: reported, never admitted
+            pseudonym = client.runtime.pseudonymize(uid)
+            forged = await bus.jetstream().publish(
+                f"{names.subject_prefix}.{pseudonym}.{scope_token('gmail.read')}",
+                b'{"action":"grant"}')
+            status = await ask(subjects.CONSENT_STATUS, {"user_id": uid, "scope": "gmail.read"})
+            assert status["unauthenticated_seqs"] == [forged.seq], status
+            history = await ask(subjects.CONSENT_HISTORY, {"user_id": uid})
+            assert history["records"][-1]["unauthenticated"] is True, history
+            chain = await ask(subjects.CONSENT_VERIFY, {"user_id": uid})
+            assert chain["valid"] is False and chain["refused"][0]["seq"] == forged.seq, chain
+            proof = await ask(subjects.CONSENT_PROOF, {"user_id": uid})
+            assert proof["refused_seqs"] == [forged.seq], proof
+            unsigned = await ask(subjects.CONSENT_RECEIPT, {"user_id": uid, "seq": forged.seq})
+            assert unsigned["reason"] == "unauthenticated", unsigned
+            # erasure: the personal data is gone, the records (and their proofs) stay
+            erased = await ask(subjects.CONSENT_ERASE, {"user_id": uid, "idempotency_key": "e"})
+            assert erased["erased"] is True and erased["duplicate"] is False, erased
+            assert (await ask(subjects.CONSENT_ERASE, {"user_id": uid, "idempotency_key": "e"})
+                    )["duplicate"] is True
+            history = await ask(subjects.CONSENT_HISTORY, {"user_id": uid})
+            maps = [r for r in history["records"] if r.get("scope") == "maps"]
+            assert maps[0]["erased"] is True and maps[0]["metadata"] is None, maps
+            assert history["records"][-1]["event"] == "erased", history
             for subject in (subjects.CONSENT_RECORD, subjects.CONSENT_REVOKE,
                             subjects.CONSENT_STATUS, subjects.CONSENT_HISTORY,
-                            subjects.CONSENT_VERIFY):
+                            subjects.CONSENT_VERIFY, subjects.CONSENT_PROOF,
+                            subjects.CONSENT_ERASE, subjects.CONSENT_RECEIPT):
                 bad = await ask(subject, {"user_id": ""})
                 assert bad["error"]["code"] == "invalid_request"
+            bad = await ask(subjects.CONSENT_CHECKPOINT, {"size": -1})
+            assert bad["error"]["code"] == "invalid_request"
             huge = await ask(subjects.CONSENT_RECORD, b"{" + b" " * 100_000 + b"}")
             assert huge["error"]["code"] == "payload_too_large"
 
@@ -171,7 +229,8 @@ async def test_real_providers_answer_in_their_published_shapes(nats_url: str) ->
         seen = shapes[endpoint.subject]
         assert endpoint.reply[0].__name__ in seen, (endpoint.name, seen)
         assert seen & {"ErrorReply", *(t.__name__ for t in endpoint.reply[1:])}, endpoint.name
-    for refusal in ("ConsentRefusal", "PasskeyRefusal", "HandoffRefusal"):
+    for refusal in ("ConsentWriteRefusal", "CheckpointRefusal", "ProofRefusal",
+                    "ReceiptRefusal", "PasskeyRefusal", "HandoffRefusal"):
         assert any(refusal in s for s in shapes.values()), refusal
 
 
@@ -185,6 +244,11 @@ async def test_builtin_providers_answer_in_their_published_shapes() -> None:
         assert recorded["entry"]["scope"] == "s" and "seq" not in recorded
         no_ledger = await ask(subjects.CONSENT_STATUS, {"user_id": "usr_1", "scope": "s"})
         assert no_ledger["reason"] == "no_ledger"
+        for subject, body in ((subjects.CONSENT_CHECKPOINT, {}),
+                              (subjects.CONSENT_PROOF, {"user_id": "usr_1"}),
+                              (subjects.CONSENT_ERASE, {"user_id": "usr_1"}),
+                              (subjects.CONSENT_RECEIPT, {"user_id": "usr_1", "seq": 1})):
+            assert (await ask(subject, body))["reason"] == "no_ledger", subject
         for subject in (subjects.PASSKEY_REGISTER_OPTIONS, subjects.PASSKEY_CHALLENGE,
                         subjects.PASSKEY_LIST):
             refused = await ask(subject, {"user_id": "usr_1"})

@@ -137,6 +137,7 @@ async def test_real_providers_run_end_to_end_with_nothing_refused(deployed: Depl
         connect(auth.settings("client")) as client,
         connect(auth.settings("planner")) as planner,
         planner.subscribe("lukhas.context.planner") as contexts,
+        client.subscribe(subjects.CONSENT_CHECKPOINT) as checkpoints,
     ):
         replies = {
             "record": await request_json(client, subjects.CONSENT_RECORD, scope),
@@ -162,6 +163,12 @@ async def test_real_providers_run_end_to_end_with_nothing_refused(deployed: Depl
         replies["handoff"] = await request_json(
             client, subjects.CONTEXT_HANDOFF, {"ctx": {"marker": marker}, "target": "planner"}
         )
+        # A client watches the ledger's signed checkpoints (announced without a reply
+        # subject on the checkpoint request subject, which the slices user may publish on).
+        with anyio.fail_after(10):
+            while (announced := await checkpoints.next()).reply is not None:
+                pass
+        assert subjects.CHECKPOINT_HEADER in announced.headers, announced
         # The target's consumer user gets the context live...
         with anyio.fail_after(10):
             delivered = await contexts.next()

@@ -100,6 +100,8 @@ class SliceService:
         self._max_pending = max_pending or runtime.settings.worker_max_pending
         self._endpoints = serve_plan(runtime.settings)
         self._counters = {ep.subject: EndpointCounters() for ep in self._endpoints}
+        #: Messages without a reply subject on read-only endpoints: counted, not handled.
+        self._unawaited = {ep.subject: 0 for ep in self._endpoints if ep.endpoint.read_only}
         self.identity = ServiceIdentity(
             name=SERVICE_NAME,
             id=os.urandom(11).hex(),
@@ -184,6 +186,9 @@ class SliceService:
 
     async def _handle(self, served: Served, env: Envelope) -> None:
         endpoint = served.endpoint
+        if env.reply is None and endpoint.read_only:  # a query nobody awaits (announcements)
+            self._unawaited[endpoint.subject] += 1
+            return
         self._in_flight += 1
         started = time.perf_counter_ns()
         error_code: str | None = None
@@ -263,5 +268,8 @@ class SliceService:
         if sub is None:
             return None
         stats = sub.statistics()
-        return {"pending": stats.pending, "max_pending": stats.max_pending,
+        data = {"pending": stats.pending, "max_pending": stats.max_pending,
                 "dropped": stats.dropped}
+        if subject in self._unawaited:
+            data["unawaited"] = self._unawaited[subject]
+        return data

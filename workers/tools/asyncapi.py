@@ -35,9 +35,7 @@ ASYNCAPI_VERSION = "3.0.0"
 #: Where the committed document lives, relative to the repository root.
 DOCUMENT_PATH = "asyncapi.json"
 #: Signed C2SP checkpoints of the consent ledger (published, and answered on request).
-CHECKPOINT_SUBJECT: str = getattr(
-    subjects, "CONSENT_CHECKPOINT", "lukhas.governance.consent.checkpoint"
-)
+CHECKPOINT_SUBJECT = subjects.CONSENT_CHECKPOINT
 NATS_BINDING_VERSION = "0.1.0"
 
 _SCHEMAS = "#/components/schemas/"
@@ -93,6 +91,9 @@ class EndpointStatsData(msgspec.Struct, frozen=True, kw_only=True):
     pending: int | msgspec.UnsetType = msgspec.UNSET
     max_pending: int | msgspec.UnsetType = msgspec.UNSET
     dropped: int | msgspec.UnsetType = msgspec.UNSET
+    #: Read-only endpoints: messages without a reply subject (announcements, or queries
+    #: nobody awaits), counted and not handled.
+    unawaited: int | msgspec.UnsetType = msgspec.UNSET
 
 
 class MicroEndpointStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -267,6 +268,7 @@ class _Document:
         if same:  # also a request subject (e.g. checkpoints): one channel, two operations
             key = same[0]
             self.channels[key]["messages"]["published"] = message
+            self.channels[key]["description"] += f" Also published on: {description}"
             channel = {"$ref": f"#/channels/{key}"}
             op_key = f"{key}.published"
         else:
@@ -306,6 +308,9 @@ class _Document:
             f"`{endpoint.emit_point.name}`. Bodies over {limit} bytes"
             f"{' (with default settings)' if configurable else ''} are refused with "
             "`payload_too_large`."
+            + (" Read-only: a message without a reply subject is not a request (nobody "
+               "awaits it); the service counts it as `unawaited` and does not handle it."
+               if endpoint.read_only else "")
         )
         doc = (endpoint.handler.__doc__ or "").strip()
         self.request_reply(
@@ -317,6 +322,7 @@ class _Document:
                 "x-lukhas-capability": endpoint.capability,
                 "x-lukhas-emit-point": endpoint.emit_point.name,
                 "x-lukhas-max-bytes": limit,
+                **({"x-lukhas-read-only": True} if endpoint.read_only else {}),
             },
         )
 
@@ -361,10 +367,17 @@ class _Document:
                  "size, base64 root hash) signed as a C2SP signed-note with Ed25519; verify "
                  "with the ledger's verifier key (`lukhas consent vkey`)."},
                 title="Signed checkpoint", content_type="text/plain",
+                headers="CheckpointHeaders",
             ),
             summary="Signed checkpoints of the consent ledger's Merkle tree.",
-            description="Published by the JetStream consent ledger at its checkpoint interval "
-            "and on demand; keep them to check later proofs against (see README, "
+            description="Each checkpoint the JetStream consent ledger signs (at its "
+            "checkpoint interval while appending, on request, on handing the writer lease "
+            "back) is announced on the checkpoint request subject itself, without a reply "
+            "subject and with the `Lukhas-Checkpoint` header. A watcher tells announcements "
+            "(no reply subject, the header, a text note) from requests (a reply subject, a "
+            "JSON body); the endpoint is read-only, so the slice service ignores the "
+            "announcements. Verify every note with the ledger's verifier key (the header is "
+            "no authentication) and keep them to check later proofs against (see README, "
             "\"Verifiable consent ledger\").",
         )
         self.request_reply(
@@ -512,6 +525,18 @@ def _header_schemas() -> dict[str, Any]:
                     "trace id (and a consent entry's `trace_id`).",
                 },
             },
+        },
+        "CheckpointHeaders": {
+            "type": "object",
+            "description": "The header of a checkpoint announcement.",
+            "properties": {
+                subjects.CHECKPOINT_HEADER: {
+                    "type": "string", "pattern": "^[0-9]+$",
+                    "description": "The announced checkpoint's tree size (decimal), as in "
+                    "the note's second line.",
+                },
+            },
+            "required": [subjects.CHECKPOINT_HEADER],
         },
         "ErrorHeaders": {
             "type": "object",

@@ -85,6 +85,7 @@ from candidate.governance.consent_ledger.errors import (
     LedgerStreamWeakened,
     LedgerTampered,
 )
+from lukhas import subjects
 from lukhas.config import Settings
 from lukhas.errors import Unavailable
 from lukhas.governance.consent_ledger import registry
@@ -121,8 +122,10 @@ STATE_BUCKET = "consent_state"
 TREE_BUCKET = "consent_tree"
 KEYS_BUCKET = "consent_keys"
 SUBJECT_PREFIX = "lukhas.ledger.consent"
-#: Signed checkpoints are announced here (plain notes) as they are made.
-CHECKPOINT_FEED = "lukhas.governance.consent.checkpoints"
+#: Signed checkpoints are announced here as they are made: the note (text/plain), no reply
+#: subject, header `Lukhas-Checkpoint: <size>` (the request subject of the same name is
+#: read-only, so the slice service does not take an announcement for a request).
+CHECKPOINT_FEED = subjects.CONSENT_CHECKPOINT
 #: The scope of erasure records (scopes on the wire cannot start with `$`).
 ERASURE_SCOPE = "$erasure"
 #: Record layout of signed leaves.
@@ -908,7 +911,8 @@ class JetStreamConsentLedger:
         self._checkpoint_at = self._clock()
         self._checkpoints += 1
         try:
-            await self._js._nc.publish(self.options.checkpoint_feed, note)
+            await self._js._nc.publish(self.options.checkpoint_feed, note,
+                                       headers={subjects.CHECKPOINT_HEADER: str(size)})
         except NatsError as exc:
             logger.debug("checkpoint announcement not sent: %s", exc)
 

@@ -12,7 +12,11 @@ from typing import Any
 from lukhas import subjects
 from lukhas.endpoint import Endpoint, Reply
 from lukhas.governance.consent_ledger.messages import (
+    CHECKPOINT_REPLY,
+    ERASE_REPLY,
     HISTORY_REPLY,
+    PROOF_REPLY,
+    RECEIPT_REPLY,
     RECORD_REPLY,
     STATUS_REPLY,
     VERIFY_REPLY,
@@ -150,22 +154,25 @@ REVOKE = Endpoint("consent_revoke", subjects.CONSENT_REVOKE, RevokeConsent, revo
                   reply=RECORD_REPLY)
 STATUS = Endpoint("consent_status", subjects.CONSENT_STATUS, ConsentStatusQuery, status,
                   "consent_status", MAX_BODY_BYTES, REGISTRY.waits_on_io,
-                  reply=STATUS_REPLY)
+                  reply=STATUS_REPLY, read_only=True)
 HISTORY = Endpoint("consent_history", subjects.CONSENT_HISTORY, ConsentHistoryQuery, history,
                    "consent_history", MAX_BODY_BYTES, REGISTRY.waits_on_io,
-                   reply=HISTORY_REPLY)
+                   reply=HISTORY_REPLY, read_only=True)
 VERIFY = Endpoint("consent_verify", subjects.CONSENT_VERIFY, VerifyConsentChain, verify,
                   "verify_consent_chain", MAX_BODY_BYTES, REGISTRY.waits_on_io,
-                  reply=VERIFY_REPLY)
+                  reply=VERIFY_REPLY, read_only=True)
 
 CHECKPOINT = Endpoint("consent_checkpoint", subjects.CONSENT_CHECKPOINT, CheckpointQuery,
-                      checkpoint, "consent_checkpoint", MAX_BODY_BYTES, REGISTRY.waits_on_io)
+                      checkpoint, "consent_checkpoint", MAX_BODY_BYTES, REGISTRY.waits_on_io,
+                      reply=CHECKPOINT_REPLY, read_only=True)
 PROOF = Endpoint("consent_proof", subjects.CONSENT_PROOF, ProofQuery, proof,
-                 "consent_proof", MAX_BODY_BYTES, REGISTRY.waits_on_io)
+                 "consent_proof", MAX_BODY_BYTES, REGISTRY.waits_on_io, reply=PROOF_REPLY,
+                 read_only=True)
 ERASE = Endpoint("consent_erase", subjects.CONSENT_ERASE, EraseQuery, erase,
-                 "consent_erase", MAX_BODY_BYTES, REGISTRY.waits_on_io)
+                 "consent_erase", MAX_BODY_BYTES, REGISTRY.waits_on_io, reply=ERASE_REPLY)
 RECEIPT = Endpoint("consent_receipt", subjects.CONSENT_RECEIPT, ReceiptQuery, receipt,
-                   "consent_receipt", MAX_BODY_BYTES, REGISTRY.waits_on_io)
+                   "consent_receipt", MAX_BODY_BYTES, REGISTRY.waits_on_io,
+                   reply=RECEIPT_REPLY, read_only=True)
 
 ENDPOINTS: tuple[Endpoint[Any], ...] = (
     RECORD, REVOKE, STATUS, HISTORY, VERIFY, CHECKPOINT, PROOF, ERASE, RECEIPT,

@@ -14,6 +14,7 @@ from msgspec import UNSET, UnsetType
 
 from lukhas._validation import check_size
 from lukhas.replies import Refusal
+from lukhas.transparency.bundle import ProofBundle
 
 UserId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Scope = Annotated[
@@ -119,6 +120,8 @@ class ConsentEntry(msgspec.Struct, frozen=True):
 # Fields typed `X | UnsetType` may be absent (never null); the JetStream ledger adds them.
 
 ConsentState = Literal["granted", "revoked", "expired", "none"]
+#: The DPV event of a record (`erased` for an erasure record in a history).
+DpvEvent = Literal["given", "renewed", "refused", "withdrawn", "revoked"]
 
 
 class ConsentRecorded(msgspec.Struct, frozen=True, kw_only=True):
@@ -129,23 +132,33 @@ class ConsentRecorded(msgspec.Struct, frozen=True, kw_only=True):
     entry: ConsentEntry
     #: The record's stream sequence.
     seq: int | UnsetType = UNSET
+    #: The record's leaf index in the ledger's Merkle tree (may differ from `seq`: forged
+    #: messages in the stream are refused into the tree).
+    index: int | UnsetType = UNSET
+    #: The DPV event recorded and its term (`dpv:ConsentGiven`, `dpv:ConsentWithdrawn`, ...).
+    event: DpvEvent | UnsetType = UNSET
+    dpv: str | UnsetType = UNSET
     hash: str | UnsetType = UNSET
     #: The data subject's previous record's hash (64 zeros for the first).
     prev_hash: str | None | UnsetType = UNSET
     #: A retry of an earlier request with the same idempotency key: nothing new recorded.
     duplicate: bool | UnsetType = UNSET
-    #: Epoch ms when a grant lapses, under LUKHAS_CONSENT_TTL_S.
+    #: Epoch ms when a grant lapses (the request's `expires_at`, or LUKHAS_CONSENT_TTL_S).
     expires_at: int | UnsetType = UNSET
 
 
 class ConsentStatus(msgspec.Struct, frozen=True, kw_only=True):
-    """The reply of `status`, answered from the scope's latest ledger record."""
+    """The reply of `status`, answered from the scope's latest authenticated ledger record."""
 
     ok: Literal[True]
     provider: str
     user_id: str
     scope: str
     status: ConsentState
+    #: The DPV term of the state (`dpv:ConsentUnknown` without a record).
+    dpv: str | UnsetType = UNSET
+    #: The latest record's DPV event.
+    event: DpvEvent | UnsetType = UNSET
     ts: int | UnsetType = UNSET
     seq: int | UnsetType = UNSET
     hash: str | UnsetType = UNSET
@@ -154,22 +167,37 @@ class ConsentStatus(msgspec.Struct, frozen=True, kw_only=True):
     state_mismatch: bool | UnsetType = UNSET
     #: Why it disagrees: `status_differs`, `state_behind`, `state_missing`, ...
     state_problem: str | UnsetType = UNSET
+    #: Stream seqs on this scope after its latest record that the ledger key did not sign
+    #: (forged by someone with stream access): skipped, reported here.
+    unauthenticated_seqs: list[int] | UnsetType = UNSET
 
 
 class HistoryRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """One record of a `history` reply; a record that does not decode is `{seq, malformed}`."""
+    """One record of a `history` reply. A stream message the ledger key did not sign is
+    `{seq, unauthenticated: true, problem}`; an erasure record has event `erased`, and a
+    record whose data key was erased has `metadata: null, erased: true`."""
 
     seq: int
-    malformed: bool | UnsetType = UNSET
-    trace_id: str | UnsetType = UNSET
+    unauthenticated: Literal[True] | UnsetType = UNSET
+    problem: str | None | UnsetType = UNSET
+    #: The record's leaf index in the Merkle tree.
+    index: int | UnsetType = UNSET
+    trace_id: str | None | UnsetType = UNSET
     ts: int | UnsetType = UNSET
     user_id: str | UnsetType = UNSET
     scope: str | UnsetType = UNSET
-    metadata: dict[str, Any] | UnsetType = UNSET
+    metadata: dict[str, Any] | None | UnsetType = UNSET
     action: str | UnsetType = UNSET
+    event: DpvEvent | Literal["erased"] | UnsetType = UNSET
     expires_at: int | None | UnsetType = UNSET
     prev_hash: str | None | UnsetType = UNSET
     hash: str | None | UnsetType = UNSET
+    controller: str | UnsetType = UNSET
+    lawful_basis: str | UnsetType = UNSET
+    collection_method: str | UnsetType = UNSET
+    notice: str | UnsetType = UNSET
+    jurisdiction: str | UnsetType = UNSET
+    erased: Literal[True] | UnsetType = UNSET
 
 
 class ConsentHistory(msgspec.Struct, frozen=True, kw_only=True):
@@ -193,8 +221,27 @@ class StateMismatch(msgspec.Struct, frozen=True, kw_only=True):
     ledger_status: str | None
 
 
+class RefusedRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A stream message of the user's that the ledger key did not sign: not in the tree."""
+
+    seq: int
+    problem: str
+
+
+class TreeReport(msgspec.Struct, frozen=True, kw_only=True):
+    """The whole stream replayed into a Merkle tree and compared with what was signed."""
+
+    #: Records admitted (authenticated), and the tree's base64 root hash.
+    size: int
+    root: str
+    #: The size of the kept signed checkpoint (None: none kept).
+    checkpoint_size: int | None
+    #: Disagreements with the signed checkpoint or the stored tiles (empty: none).
+    problems: list[str]
+
+
 class ConsentChainReport(msgspec.Struct, frozen=True, kw_only=True):
-    """The reply of `verify`: the recomputed chain and the state compared with it."""
+    """The reply of `verify`: the recomputed chain and tree, and the state compared."""
 
     ok: Literal[True]
     provider: str
@@ -203,23 +250,128 @@ class ConsentChainReport(msgspec.Struct, frozen=True, kw_only=True):
     length: int
     head: str
     state_mismatches: list[StateMismatch]
-    #: The seq of the first broken record.
+    refused: list[RefusedRecord]
+    tree: TreeReport
+    #: The seq of the first broken (or refused) record.
     broken_at: int | UnsetType = UNSET
+    #: `unauthenticated`, a chain problem, `tree_mismatch` or `state_mismatch`.
     problem: str | UnsetType = UNSET
 
 
-class ConsentRefusal(Refusal, frozen=True, kw_only=True):
-    """A consent request declined: `not_granted` (revoking a scope never granted, naming the
-    user and scope), `no_ledger` (the null provider keeps none), `not_supported`,
-    `overloaded`."""
+class ConsentCheckpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """The reply of `checkpoint`: a signed C2SP tlog-checkpoint note and what it says."""
 
-    reason: Literal["not_granted", "no_ledger", "not_supported", "overloaded"]
+    ok: Literal[True]
+    provider: str
+    #: The signed note (text); verify it with `vkey`.
+    checkpoint: str
+    origin: str
+    size: int
+    #: The tree's root hash, base64.
+    root_hash: str
+    #: The ledger's signed-note verifier key.
+    vkey: str
+
+
+class ConsentProof(msgspec.Struct, frozen=True, kw_only=True):
+    """The reply of `proof`: a proof bundle (`lukhas consent verify-proof`) of the user's
+    records against a fresh signed checkpoint."""
+
+    ok: Literal[True]
+    provider: str
+    user_id: str
+    bundle: ProofBundle
+    #: Records proved, the checkpoint's size, and the tiles read to prove them.
+    records: int
+    checkpoint_size: int
+    reads: int
+    #: The user's stream seqs not signed by the ledger key (no proof for them).
+    refused_seqs: list[int] | UnsetType = UNSET
+
+
+class ConsentErased(msgspec.Struct, frozen=True, kw_only=True):
+    """The reply of `erase`: the data keys are destroyed and the erasure recorded."""
+
+    ok: Literal[True]
+    provider: str
+    user_id: str
+    erased: Literal[True]
+    seq: int
+    index: int
+    hash: str
+    duplicate: bool
+
+
+class ConsentReceiptReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The reply of `receipt`: a signed consent receipt for the record at `seq`."""
+
+    ok: Literal[True]
+    provider: str
+    user_id: str
+    seq: int
+    index: int
+    #: The receipt (ISO/IEC TS 27560 shape) as a signed note.
+    receipt: str
+    #: The record's signed leaf.
+    leaf: str
+
+
+class ConsentRefusal(Refusal, frozen=True, kw_only=True):
+    """A consent request declined: `no_ledger` (the null provider keeps none),
+    `not_supported`, `overloaded`."""
+
+    reason: Literal["no_ledger", "not_supported", "overloaded"]
+
+
+class ConsentWriteRefusal(Refusal, frozen=True, kw_only=True):
+    """A `record` or `revoke` declined by the consent model, naming user, scope and event:
+    `not_granted` (revoking a scope never granted), `not_given` (renewing consent that is
+    not given), `already_given` (refusing consent that is given: revoke it instead)."""
+
+    reason: Literal[
+        "not_granted", "not_given", "already_given", "no_ledger", "not_supported",
+        "overloaded",
+    ]
     user_id: str | UnsetType = UNSET
     scope: str | UnsetType = UNSET
+    event: DpvEvent | UnsetType = UNSET
+
+
+class CheckpointRefusal(Refusal, frozen=True, kw_only=True):
+    """`no_such_checkpoint`: no checkpoint of that `size` is kept."""
+
+    reason: Literal[
+        "no_such_checkpoint", "no_ledger", "not_supported", "overloaded",
+    ]
+    size: int | UnsetType = UNSET
+
+
+class ProofRefusal(Refusal, frozen=True, kw_only=True):
+    """`from_size_too_large`: the client's checkpoint is larger than the log (`size`)."""
+
+    reason: Literal[
+        "from_size_too_large", "no_ledger", "not_supported", "overloaded",
+    ]
+    size: int | UnsetType = UNSET
+
+
+class ReceiptRefusal(Refusal, frozen=True, kw_only=True):
+    """`no_such_record` (`seq` is not a record of this user), `unauthenticated` (the
+    record there is not signed by the ledger key)."""
+
+    reason: Literal[
+        "no_such_record", "unauthenticated", "no_ledger", "not_supported", "overloaded",
+    ]
+    user_id: str | UnsetType = UNSET
+    seq: int | UnsetType = UNSET
 
 
 #: What each consent subject may answer, success shapes first (`ErrorReply` is implied).
-RECORD_REPLY: tuple[type, ...] = (ConsentRecorded, ConsentRefusal)
+RECORD_REPLY: tuple[type, ...] = (ConsentRecorded, ConsentWriteRefusal)
 STATUS_REPLY: tuple[type, ...] = (ConsentStatus, ConsentRefusal)
 HISTORY_REPLY: tuple[type, ...] = (ConsentHistory, ConsentRefusal)
 VERIFY_REPLY: tuple[type, ...] = (ConsentChainReport, ConsentRefusal)
+CHECKPOINT_REPLY: tuple[type, ...] = (ConsentCheckpoint, CheckpointRefusal)
+PROOF_REPLY: tuple[type, ...] = (ConsentProof, ProofRefusal)
+ERASE_REPLY: tuple[type, ...] = (ConsentErased, ConsentRefusal)
+RECEIPT_REPLY: tuple[type, ...] = (ConsentReceiptReply, ReceiptRefusal)

@@ -12,8 +12,9 @@ from lukhas.governance.consent_ledger.messages import ConsentEntry
 class NullConsentProvider:
     """Echoes each entry with an acknowledgement and keeps no state.
 
-    It has no ledger, so status, history and chain verification say so plainly
-    (`ok: false`, reason `no_ledger`) instead of inventing an answer.
+    It has no ledger, so status, history, chain verification, checkpoints, proofs, erasure
+    and receipts say so plainly (`ok: false`, reason `no_ledger`) instead of inventing an
+    answer.
     """
 
     name = "null"
@@ -32,6 +33,22 @@ class NullConsentProvider:
         return self._no_ledger()
 
     async def verify_chain(self, user_id: str) -> dict[str, Any]:
+        return self._no_ledger()
+
+    async def checkpoint(self, size: int | None = None) -> dict[str, Any]:
+        return self._no_ledger()
+
+    async def proof(
+        self, user_id: str, *, scope: str | None = None, seq: int | None = None,
+        from_size: int | None = None,
+    ) -> dict[str, Any]:
+        return self._no_ledger()
+
+    async def erase(self, user_id: str, *, idempotency_key: str | None = None
+                    ) -> dict[str, Any]:
+        return self._no_ledger()
+
+    async def receipt(self, user_id: str, seq: int) -> dict[str, Any]:
         return self._no_ledger()
 
     def _no_ledger(self) -> dict[str, Any]:
