@@ -220,6 +220,7 @@ class SharedLimiter:
         name: str,
         rate: float,
         burst: int,
+        scope: str | None = None,
         key_rate: float | None = None,
         key_burst: int | None = None,
         lease_s: float = 0.005,
@@ -230,7 +231,8 @@ class SharedLimiter:
         if rate <= 0 or burst < 1:
             raise ValueError(f"need rate > 0 and burst >= 1, got rate={rate} burst={burst}")
         self._store = store
-        self._name = name
+        # Buckets of one scope (a tenant's deployment) are shared by its workers only.
+        self._name = name if scope is None else f"{name}.{_digest(scope)}"
         self._rate, self._burst = rate, burst
         self._key_rate, self._key_burst = key_rate or rate, key_burst or burst
         self._lease_s = lease_s

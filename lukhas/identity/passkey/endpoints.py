@@ -47,7 +47,7 @@ def challenge_limiter(runtime: Runtime) -> SharedLimiter:
     if limiter is None:
         s = runtime.settings
         limiter = runtime.slice_state[_LIMITER_KEY] = SharedLimiter(
-            lease_store(runtime), name="passkey_challenge",
+            lease_store(runtime), name="passkey_challenge", scope=s.tenant,
             rate=s.passkey_challenge_global_rate, burst=s.passkey_challenge_global_burst,
             key_rate=s.passkey_challenge_rate, key_burst=s.passkey_challenge_burst,
         )

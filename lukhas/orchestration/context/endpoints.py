@@ -56,7 +56,7 @@ def handoff_controls(runtime: Runtime) -> HandoffControls:
         s = runtime.settings
         controls = runtime.slice_state[_STATE_KEY] = HandoffControls(
             limiter=SharedLimiter(
-                lease_store(runtime), name="handoff",
+                lease_store(runtime), name="handoff", scope=s.tenant,
                 rate=s.handoff_rate, burst=s.handoff_burst,
                 key_rate=s.handoff_source_rate, key_burst=s.handoff_source_burst,
             ),

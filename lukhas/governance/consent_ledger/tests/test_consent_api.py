@@ -112,7 +112,7 @@ class _FakeLedger:
 async def test_registered_provider_used_only_with_flag_and_outside_dry_run(
     flag: bool, dry_run: bool, expected: str
 ) -> None:
-    registry.register(_FakeLedger())  # type: ignore[arg-type]  # lacks the later operations
+    registry.register(_FakeLedger())  # lacks the later operations
     try:
         settings = dry_run_settings(dry_run=dry_run, feature_governance_ledger=flag)
         async with open_test_runtime(settings):
