@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -105,10 +106,15 @@ class Names:
 
 
 def nats_settings(nats_url: str, **overrides: Any) -> Settings:
-    """Outside DRY_RUN, on NATS, with a stable pseudonym key; flags via `overrides`."""
+    """Outside DRY_RUN, on NATS, with a stable pseudonym key; flags via `overrides`.
+
+    Each call is its own tenant, so the rate limits the workers share through the session's
+    server (scoped by tenant) are this test's own, as separate deployments' are.
+    """
     return dataclasses.replace(
         Settings(nats_url=nats_url, pseudonym_key=PSEUDONYM_KEY,
-                 ledger_signing_key=LEDGER_SIGNING_KEY, ledger_wrapping_key=LEDGER_WRAPPING_KEY),
+                 ledger_signing_key=LEDGER_SIGNING_KEY, ledger_wrapping_key=LEDGER_WRAPPING_KEY,
+                 tenant=f"test-{secrets.token_hex(4)}"),
         **overrides
     )
 

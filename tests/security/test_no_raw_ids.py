@@ -167,7 +167,7 @@ def check_session(out: dict[str, Any]) -> None:
     assert out["login"]["ok"] is True, out["login"]
     assert out["replay"]["reason"] == "challenge_reused"
     assert out["crossed"]["reason"] == "invalid_assertion"
-    assert out["handoff"]["ok"] is True
+    assert out["handoff"]["ok"] is True, out["handoff"]
     for name in ("bad_scope", "bad_metadata", "too_long", "bad_target"):
         assert out[name]["error"]["code"] == "invalid_request", out[name]
     assert out["bad_credential"]["ok"] is False and out["bad_assertion"]["ok"] is False
