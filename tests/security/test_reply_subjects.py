@@ -1,0 +1,119 @@
+"""Reply subjects under deploy/nats-server.conf: the slice service answers only inboxes.
+
+NATS does not check the reply subject a requester names, and `allow_responses` lets the
+responder publish there, so a client could make a slice worker publish on a subject the
+client itself may not (an SLO alert, another worker's inbox). The first test shows the
+server really lets a naive responder do that; the second that the slice service refuses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+
+import anyio
+import pytest
+
+from bus import connect
+from lukhas import subjects
+from lukhas.runtime import open_runtime
+from tests.security.test_nats_auth import AuthServer, round_trip, start_deploy_server, watched
+from workers.service.slices import SliceService
+
+pytestmark = pytest.mark.nats
+
+FORGED_REPLIES = (
+    "lukhas.observability.alerts.CONSENT.governance.record",
+    "_INBOX_observability.forged",
+    "_INBOX_slices.forged",
+)
+
+
+@pytest.fixture(scope="module")
+def auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthServer]:
+    server = start_deploy_server(tmp_path_factory.mktemp("reply-nats"))
+    try:
+        yield server
+    finally:
+        server.server.stop()
+
+
+@asynccontextmanager
+async def victims(auth: AuthServer) -> AsyncIterator[list[list[bytes]]]:
+    """Who would receive a forged reply: a client on alerts, the two workers' inboxes."""
+    received: list[list[bytes]] = [[], [], []]
+    listeners = [
+        (await watched(auth, "client"), "lukhas.observability.alerts.>"),
+        (await watched(auth, "observability"), "_INBOX_observability.>"),
+        (await watched(auth, "slices"), "_INBOX_slices.>"),
+    ]
+    try:
+        for i, (w, subject) in enumerate(listeners):
+            async def keep(msg: object, i: int = i) -> None:
+                received[i].append(msg.data)  # type: ignore[attr-defined]
+
+            await w.nc.subscribe(subject, cb=keep)
+            await round_trip(w.nc)
+        yield received
+        for w, _ in listeners:
+            await round_trip(w.nc)
+    finally:
+        for w, _ in listeners:
+            await w.nc.close()
+
+
+async def test_the_server_lets_a_naive_responder_answer_any_reply_subject(
+    auth: AuthServer,
+) -> None:
+    naive = await watched(auth, "slices")
+    client = await watched(auth, "client")
+    try:
+        async def answer(msg: object) -> None:
+            await naive.nc.publish(msg.reply, b'{"forged":true}')  # type: ignore[attr-defined]
+
+        await naive.nc.subscribe("lukhas.governance.consent.naive", cb=answer)
+        await round_trip(naive.nc)
+        async with victims(auth) as received:
+            for reply in FORGED_REPLIES:
+                await client.nc.publish("lukhas.governance.consent.naive", b"{}", reply=reply)
+            await round_trip(client.nc)
+            with anyio.fail_after(10):
+                while not all(received):
+                    await round_trip(naive.nc)
+    finally:
+        await naive.nc.close()
+        await client.nc.close()
+    assert received == [[b'{"forged":true}']] * 3
+
+
+async def test_the_slice_service_answers_only_requester_inboxes(auth: AuthServer) -> None:
+    settings = auth.settings("slices", dry_run=True)
+    client = await watched(auth, "client")
+    try:
+        async with (
+            connect(settings) as bus,
+            open_runtime(settings, bus=bus) as runtime,
+            victims(auth) as received,
+        ):
+            service = SliceService(runtime, concurrency=4)
+            async with anyio.create_task_group() as tg:
+                await tg.start(service.run)
+                body = json.dumps({"user_id": "usr_reply", "scope": "s"}).encode()
+                for reply in FORGED_REPLIES:
+                    await client.nc.publish(subjects.CONSENT_RECORD, body, reply=reply)
+                    await client.nc.publish(f"$SRV.PING.{subjects.SERVICE_NAME}", b"",
+                                            reply=reply)
+                # Answered after the forged ones (the same lane, in order).
+                legit = await client.nc.request(subjects.CONSENT_RECORD, body, timeout=10)
+                ping = await client.nc.request(f"$SRV.PING.{subjects.SERVICE_NAME}", b"",
+                                               timeout=10)
+                stats = service.statistics()
+                await service.stop()
+    finally:
+        await client.nc.close()
+    assert json.loads(legit.data)["ok"] is True
+    assert json.loads(ping.data)["id"] == service.identity.id
+    assert received == [[], [], []]
+    assert stats.refused_replies == 2 * len(FORGED_REPLIES)
+    assert client.violations() == []
