@@ -345,25 +345,33 @@ async def test_a_malformed_deadline_header_is_a_clear_error(value: str) -> None:
     assert "Lukhas-Deadline-Ms" in reply["error"]["message"]
 
 
-@pytest.mark.parametrize("reply_to", [
-    "lukhas.observability.alerts.CONSENT.governance.record",
-    "lukhas.observability.state.forged",
-    "_INBOX_observability.x", "_INBOX_slices.x", "_INBOX_", "_INBOX_.x", "_INBOXES.x",
+@pytest.mark.parametrize(("reply_to", "worker_inbox"), [
+    ("lukhas.observability.alerts.CONSENT.governance.record", False),
+    ("lukhas.observability.state.forged", False),
+    ("_INBOX_", False), ("_INBOX_.x", False), ("_INBOXES.x", False),
+    ("_INBOX_observability.x", True), ("_INBOX_slices.x", True),
 ])
 async def test_a_reply_subject_that_is_not_a_requester_inbox_gets_no_answer(
-    open_bus: BusFactory, reply_to: str
+    open_bus: BusFactory, reply_to: str, worker_inbox: bool
 ) -> None:
+    """A slice never answers there; discovery answers a worker's inbox (health checks run
+    as the workers' own users) but nothing else."""
     async with open_bus() as bus, serving(bus) as (_, _matriz, service):
-        async with bus.subscribe(reply_to.rstrip(".") if "." in reply_to else reply_to) as sink:
+        async with bus.subscribe(reply_to) as sink:
             body = msgspec.json.encode({"user_id": "usr_1", "scope": "s"})
             await bus.publish(subjects.CONSENT_RECORD, body, reply=reply_to)
             await bus.publish(f"$SRV.PING.{subjects.SERVICE_NAME}", b"", reply=reply_to)
-            # The same lane, after the forged one: once it is answered, the forged is past.
+            # The same lanes, after the forged ones: once answered, the forged are past.
             legit = await call(bus, subjects.CONSENT_RECORD, {"user_id": "usr_1", "scope": "s"})
             await call(bus, f"$SRV.PING.{subjects.SERVICE_NAME}", b"")
-            assert sink.statistics().pending == 0
+            await bus.flush()
+            arrived = [msgspec.json.decode((await sink.next(5)).data) for _ in range(
+                sink.statistics().pending)]
         stats = service.statistics()
     assert legit["ok"] is True
-    # Discovery answers any inbox (health checks run as the workers' own users).
-    assert stats.refused_replies == (1 if reply_to.startswith("_INBOX_") and
-                                     len(reply_to.split(".")[0]) > 7 and "." in reply_to else 2)
+    if worker_inbox:
+        assert [m["type"] for m in arrived] == ["io.nats.micro.v1.ping_response"]
+        assert stats.refused_replies == 1
+    else:
+        assert arrived == []
+        assert stats.refused_replies == 2
