@@ -31,6 +31,11 @@ _EWMA_ALPHA = 0.05
 #: Intervals longer than this are idle gaps, not service (ns).
 _MAX_INTERVAL_NS = 50_000_000
 
+#: At most one MATRIZ node per endpoint per this many ns stands for its refusals meanwhile:
+#: a node per refusal would make shedding cost what serving does (and load the MATRIZ
+#: stream most exactly when the service is overloaded). `$SRV.STATS` counts every one.
+NODE_EVERY_NS = 100_000_000
+
 #: Inbox prefixes of the service's own NATS users (deploy/nats-server.conf). They never call
 #: a slice, so a request naming one as its reply subject is an attempt to inject a message
 #: into that worker's own requests (e.g. a forged JetStream acknowledgement).
@@ -83,6 +88,19 @@ class Lane:
     #: Whether requests were still waiting when the last one left (so the next gap is service).
     busy: bool = False
     overloaded: int = 0
+    #: Refusals not yet shown in MATRIZ, and when the last node for them went out.
+    unreported: int = 0
+    reported_ns: int = -NODE_EVERY_NS
+
+    def refused(self, now_ns: int) -> int:
+        """Count one refusal; the number of refusals a MATRIZ node should stand for now
+        (0: not yet, the next node will include this one)."""
+        self.overloaded += 1
+        self.unreported += 1
+        if now_ns - self.reported_ns < NODE_EVERY_NS:
+            return 0
+        count, self.unreported, self.reported_ns = self.unreported, 0, now_ns
+        return count
 
     def queue_budget(self, budget_ns: int) -> float:
         return budget_ns * QUEUE_SHARE

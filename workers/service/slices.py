@@ -334,18 +334,23 @@ class SliceService:
     async def _refuse(
         self, served: Served, lane: Lane, env: Envelope, stamp: int, now: int
     ) -> None:
-        """Answer `overloaded` at once: far cheaper than serving, and never silence."""
-        lane.overloaded += 1
+        """Answer `overloaded` at once: far cheaper than serving, and never silence.
+
+        MATRIZ gets one node per endpoint per `NODE_EVERY_NS` for the refusals meanwhile
+        (outcome `refused`, labels `reason:overloaded` and `overloaded:<count>`).
+        """
         self._counters[served.subject].refuse("overloaded")
-        endpoint = served.endpoint
-        point = endpoint.emit_point
-        runtime = self._runtime
-        runtime.emitter.emit(make_node(
-            point.node_type, point.label, outcome="refused", latency_ms=(now - stamp) / 1e6,
-            trace_id=new_trace_id(), producer=f"{runtime.producer}:{point.module}",
-            capability=endpoint.capability, tenant=runtime.settings.tenant,
-            labels=("reason:overloaded",),
-        ))
+        count = lane.refused(now)
+        if count:
+            endpoint = served.endpoint
+            point = endpoint.emit_point
+            runtime = self._runtime
+            runtime.emitter.emit(make_node(
+                point.node_type, point.label, outcome="refused",
+                latency_ms=(now - stamp) / 1e6, trace_id=new_trace_id(),
+                producer=f"{runtime.producer}:{point.module}", capability=endpoint.capability,
+                tenant=runtime.settings.tenant, labels=("reason:overloaded", f"overloaded:{count}"),
+            ))
         await self._respond(
             env,
             {"ok": False, "reason": "overloaded", "retry_after_ms": lane.retry_after_ms()},
