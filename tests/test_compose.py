@@ -36,11 +36,13 @@ def _parses(argv: list[str]) -> argparse.Namespace:
 
 
 def test_compose_runs_two_slice_workers_and_the_observability_worker() -> None:
-    commands = sorted(tuple(svc["command"]) for svc in _lukhas_services().values())
-    assert commands == [
-        ("worker", "gateway"), ("worker", "observability"), ("worker", "slices"),
-        ("worker", "slices"),
-    ]
+    """Slice workers are one service with replicas (`docker compose up --scale slices=N`)."""
+    commands = sorted(
+        (tuple(svc["command"]), svc.get("deploy", {}).get("replicas", 1))
+        for svc in _lukhas_services().values()
+    )
+    assert commands == [(("worker", "gateway"), 1), (("worker", "observability"), 1),
+                        (("worker", "slices"), 2)]
 
 
 def test_every_service_command_is_a_real_lukhas_subcommand() -> None:

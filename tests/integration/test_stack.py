@@ -323,3 +323,44 @@ def test_bad_environment_value_names_the_variable() -> None:
     assert result.returncode == 2
     assert "LUKHAS_HANDOFF_RATE" in result.stderr
 
+
+
+async def test_up_with_two_workers_serves_from_two_processes_and_drains_both(
+    tmp_path: Path,
+) -> None:
+    with running("up", "--workers", "2", "--port", "0", "--data-dir", str(tmp_path)) as up:
+        ready = up.stdout[-1]
+        assert "2 slice workers" in ready
+        url = re.search(r"nats://[\d.]+:\d+", ready).group(0)  # type: ignore[union-attr]
+        nc = await nats.connect(url)
+        try:
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox)
+            await nc.publish("$SRV.PING.lukhas-slices", b"", reply=inbox)
+            pings = [json.loads((await sub.next_msg(timeout=10)).data) for _ in range(2)]
+            await sub.unsubscribe()
+            replies = [
+                await request(nc, subjects.CONSENT_RECORD, {"user_id": f"usr_{i}", "scope": "s"})
+                for i in range(20)
+            ]
+            stats_inbox = nc.new_inbox()
+            stats_sub = await nc.subscribe(stats_inbox)
+            await nc.publish("$SRV.STATS.lukhas-slices", b"", reply=stats_inbox)
+            stats = [json.loads((await stats_sub.next_msg(timeout=10)).data) for _ in range(2)]
+        finally:
+            await nc.close()
+        up.signal(signal.SIGTERM)
+        assert up.wait(30) == 0
+    assert len({p["id"] for p in pings}) == 2  # two processes answer
+    assert all(r["ok"] for r in replies)
+    served = [
+        next(e for e in s["endpoints"] if e["subject"] == subjects.CONSENT_RECORD)["num_requests"]
+        for s in stats
+    ]
+    assert sum(served) == 20
+    drained = [line for line in up.stderr if "drained and exited 0" in line]
+    assert len(drained) == 1  # the child; the parent's own exit status is the other
+    pid = int(re.search(r"process (\d+) drained", drained[0]).group(1))  # type: ignore[union-attr]
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert not any("Traceback" in line for line in up.stderr)

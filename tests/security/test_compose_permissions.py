@@ -169,7 +169,7 @@ def compose_like(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Aut
             mp.delenv(key)
         try:
             for name, svc in lukhas_services().items():
-                if "profiles" in svc or name == "slices-2":
+                if "profiles" in svc:
                     continue
                 # Port 0: other tests on this machine may hold compose's metrics port.
                 env = {**service_env(name, auth, variables), "LUKHAS_METRICS_PORT": "0",
@@ -212,11 +212,11 @@ def test_header_examples_work_as_the_user_they_run_as(
 def test_a_worker_user_calling_a_slice_is_a_clear_refusal(
     compose_like: tuple[AuthServer, dict[str, str]],
 ) -> None:
-    """The old header example (`exec slices-1 lukhas request ...`): refused, said so, non-zero."""
+    """The old header example (`exec slices lukhas request ...`): refused, said so, non-zero."""
     auth, variables = compose_like
     result = run_lukhas(
         ["request", subjects.CONSENT_RECORD, '{"user_id":"u1","scope":"gmail.read"}'],
-        service_env("slices-1", auth, variables),
+        service_env("slices", auth, variables),
     )
     assert result.returncode != 0, result  # the CLI's error status
     assert result.stderr.startswith("lukhas: permission denied"), result.stderr

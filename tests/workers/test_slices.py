@@ -236,3 +236,147 @@ async def test_beyond_concurrency_and_pending_the_overflow_is_counted(
     assert verify["data"]["dropped"] > 0
     assert verify["data"]["pending"] <= 2
     assert service.statistics().dropped == verify["data"]["dropped"]
+
+
+class FakeClock:
+    """The service's clock, moved by hand (ns)."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000_000
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@asynccontextmanager
+async def held_passkey_verify(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[anyio.Event]:
+    """Hold every passkey verify in its handler until the yielded event is set."""
+    from lukhas.identity.passkey.providers.null_webauthn import NullWebAuthnProvider
+
+    release = anyio.Event()
+    original = NullWebAuthnProvider.verify
+
+    async def held(self: NullWebAuthnProvider, assertion: Any) -> Any:
+        await release.wait()
+        return await original(self, assertion)
+
+    monkeypatch.setattr(NullWebAuthnProvider, "verify", held)
+    try:
+        yield release
+    finally:
+        release.set()
+
+
+async def test_a_request_past_its_queue_budget_is_refused_overloaded_not_silence(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The handler is held while a request waits; past its budget it gets `overloaded`."""
+    clock = FakeClock()
+    replies: dict[str, Envelope] = {}
+    async with (
+        held_passkey_verify(monkeypatch) as release,
+        open_test_runtime() as (runtime, matriz),
+    ):
+        bus = runtime.bus
+        service = SliceService(runtime, concurrency=2, clock=clock)
+        async with anyio.create_task_group() as tg:
+            await tg.start(service.run)
+
+            async def client(name: str, deadline_ms: str | None = None) -> None:
+                headers = None if deadline_ms is None else {"Lukhas-Deadline-Ms": deadline_ms}
+                replies[name] = await bus.request(
+                    subjects.PASSKEY_VERIFY, b'{"challenge":"c"}', headers=headers, timeout=10
+                )
+
+            async with anyio.create_task_group() as clients:
+                clients.start_soon(client, "served")  # held in the handler
+                await anyio.wait_all_tasks_blocked()
+                clients.start_soon(client, "late", "20")
+                clients.start_soon(client, "patient", "600000")
+                await anyio.wait_all_tasks_blocked()
+                clock.now += 15_000_000  # 15 ms queued: past half of the 20 ms budget
+                release.set()
+            stats = await call(bus, f"$SRV.STATS.{subjects.SERVICE_NAME}", b"")
+            await service.stop()
+        nodes = await matriz.take(3)
+    late = replies["late"]
+    assert msgspec.json.decode(late.data) == {
+        "ok": False, "reason": "overloaded", "retry_after_ms": 1}
+    assert late.headers["Nats-Service-Error-Code"] == "503"
+    assert late.headers["Nats-Service-Error"] == "overloaded"
+    assert msgspec.json.decode(replies["served"].data)["ok"] is True
+    assert msgspec.json.decode(replies["patient"].data)["ok"] is True
+    refused = [n for n in nodes if n["state"]["outcome"] == "refused"]
+    assert len(refused) == 1
+    assert {"reason:overloaded", "overloaded:1"} <= set(refused[0]["labels"])
+    assert refused[0]["state"]["latency_ms"] == 15.0
+    verify = next(e for e in stats["endpoints"] if e["subject"] == subjects.PASSKEY_VERIFY)
+    assert verify["data"]["overloaded"] == 1
+    assert verify["last_error"] == "overloaded"
+    assert service.statistics().overloaded == 1
+
+
+async def test_a_full_queue_refuses_at_once_while_the_handler_is_still_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with (
+        held_passkey_verify(monkeypatch) as release,
+        open_test_runtime() as (runtime, _),
+    ):
+        bus = runtime.bus
+        service = SliceService(runtime, concurrency=2, max_pending=1, clock=FakeClock())
+        async with anyio.create_task_group() as tg:
+            await tg.start(service.run)
+            async with anyio.create_task_group() as clients:
+                for _ in range(2):  # one held in the handler, one queued
+                    clients.start_soon(call, bus, subjects.PASSKEY_VERIFY, {"challenge": "c"})
+                await anyio.wait_all_tasks_blocked()
+                refused = await call(bus, subjects.PASSKEY_VERIFY, {"challenge": "c"})
+                assert not release.is_set()  # answered while the handler is still held
+                release.set()
+            await service.stop()
+    assert refused["ok"] is False and refused["reason"] == "overloaded"
+    assert refused["retry_after_ms"] >= 1
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "600001"])
+async def test_a_malformed_deadline_header_is_a_clear_error(value: str) -> None:
+    async with open_test_runtime() as (runtime, _):
+        async with serving(runtime.bus) as (_, _matriz, _service):
+            reply = await call(runtime.bus, subjects.CONSENT_RECORD,
+                               {"user_id": "usr_1", "scope": "s"},
+                               **{"Lukhas-Deadline-Ms": value})
+    assert reply["ok"] is False and reply["error"]["code"] == "invalid_request"
+    assert "Lukhas-Deadline-Ms" in reply["error"]["message"]
+
+
+@pytest.mark.parametrize(("reply_to", "worker_inbox"), [
+    ("lukhas.observability.alerts.CONSENT.governance.record", False),
+    ("lukhas.observability.state.forged", False),
+    ("_INBOX_", False), ("_INBOX_.x", False), ("_INBOXES.x", False),
+    ("_INBOX_observability.x", True), ("_INBOX_slices.x", True),
+])
+async def test_a_reply_subject_that_is_not_a_requester_inbox_gets_no_answer(
+    open_bus: BusFactory, reply_to: str, worker_inbox: bool
+) -> None:
+    """A slice never answers there; discovery answers a worker's inbox (health checks run
+    as the workers' own users) but nothing else."""
+    async with open_bus() as bus, serving(bus) as (_, _matriz, service):
+        async with bus.subscribe(reply_to) as sink:
+            body = msgspec.json.encode({"user_id": "usr_1", "scope": "s"})
+            await bus.publish(subjects.CONSENT_RECORD, body, reply=reply_to)
+            await bus.publish(f"$SRV.PING.{subjects.SERVICE_NAME}", b"", reply=reply_to)
+            # The same lanes, after the forged ones: once answered, the forged are past.
+            legit = await call(bus, subjects.CONSENT_RECORD, {"user_id": "usr_1", "scope": "s"})
+            await call(bus, f"$SRV.PING.{subjects.SERVICE_NAME}", b"")
+            await bus.flush()
+            arrived = [msgspec.json.decode((await sink.next(5)).data) for _ in range(
+                sink.statistics().pending)]
+        stats = service.statistics()
+    assert legit["ok"] is True
+    if worker_inbox:
+        assert [m["type"] for m in arrived] == ["io.nats.micro.v1.ping_response"]
+        assert stats.refused_replies == 1
+    else:
+        assert arrived == []
+        assert stats.refused_replies == 2

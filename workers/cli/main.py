@@ -99,9 +99,12 @@ def _read_body(text: str) -> object:
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from dataclasses import replace
 
-    from workers.service.stack import run_up
+    from workers.service.stack import default_workers, run_up
 
     port = DEFAULT_PORT if args.port is None else args.port
+    workers = default_workers() if args.workers is None else args.workers
+    if workers < 1:
+        raise CliError(f"--workers must be at least 1, not {workers}")
     metrics_port = args.metrics_port
     if args.join:
         if settings.offline:
@@ -113,7 +116,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     anyio.run(
         lambda: run_up(
             settings, ready=_print, port=port, data_dir=args.data_dir,
-            metrics_port=metrics_port, observability=not args.join,
+            metrics_port=metrics_port, observability=not args.join, workers=workers,
             gateway_port=args.gateway_port,
         ),
         backend="asyncio",
@@ -254,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--join", action="store_true",
                     help="when a stack already runs on the port (or NATS_URL), add a slice "
                     "worker to its queue group instead of refusing")
+    up.add_argument("--workers", type=int, default=None, metavar="N",
+                    help="slice worker processes in the queue group (default: the number of "
+                    "CPUs; one on the in-memory bus); the observability worker runs once")
     up.set_defaults(func=cmd_up)
 
     worker = commands.add_parser("worker", help="run one worker against NATS_URL (containers)")

@@ -36,6 +36,11 @@ class EndpointCounters:
     num_errors: int = 0
     processing_time_ns: int = 0
     last_error: str = ""
+    #: Requests refused as `overloaded` (counted as requests and errors too, as nats.micro
+    #: counts any reply with error headers) and requests not served because their reply
+    #: subject is not an inbox (not counted as requests: nobody gets an answer).
+    overloaded: int = 0
+    refused_replies: int = 0
     #: Processing times in µs (1 µs to 1 h, 3 significant digits), for the quantiles.
     latency: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 3_600_000_000, 3))
 
@@ -46,6 +51,13 @@ class EndpointCounters:
         if error is not None:
             self.num_errors += 1
             self.last_error = error
+
+    def refuse(self, reason: str) -> None:
+        """A request refused before it was served (its time is not processing time)."""
+        self.num_requests += 1
+        self.num_errors += 1
+        self.last_error = reason
+        self.overloaded += 1
 
 
 @dataclass(slots=True)
@@ -104,7 +116,10 @@ def stats_response(
                 "average_processing_time": (
                     c.processing_time_ns // c.num_requests if c.num_requests else 0
                 ),
-                "data": {**(data or {}), "latency_ms": latency_quantiles(c)},
+                "data": {
+                    **(data or {}), "latency_ms": latency_quantiles(c),
+                    "overloaded": c.overloaded, "refused_replies": c.refused_replies,
+                },
             }
             for name, subject, queue, c, data in endpoints
         ],

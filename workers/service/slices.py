@@ -1,22 +1,29 @@
 """The slice service: every request subject in one queue group, bounded concurrency.
 
-One reader task per subscription hands envelopes to a fixed pool of handler tasks over a
-bounded memory stream, so at most `concurrency` requests are in flight; beyond that the
-subscription's own bounded buffer applies and its overflow is counted (slow consumer).
+One reader task per subscription takes everything nats-py has buffered at once, stamps each
+request with the time it was read, and queues it for its endpoint's servers: one task for an
+endpoint answered inline, a shared pool of `concurrency` tasks for those that wait on I/O.
+Past capacity a request that cannot be answered within its budget is refused at once with
+`{"ok": false, "reason": "overloaded", "retry_after_ms": N}` (see `_overload.py`), so the
+queue never grows beyond what can be served in time; a full queue refuses the same way.
+Only replies to a requester's inbox are sent (`_overload.reply_allowed`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any, NamedTuple
 
 import anyio
 import msgspec
 from anyio.abc import TaskStatus
+from anyio.lowlevel import checkpoint
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 import lukhas
@@ -26,10 +33,19 @@ from lukhas.config import Settings
 from lukhas.endpoint import Endpoint, Reply
 from lukhas.errors import LukhasError
 from lukhas.observability.matriz_decorators import emit_rejected
-from lukhas.observability.tracing import bind_trace, parse_traceparent
+from lukhas.observability.matriz_emit import make_node
+from lukhas.observability.tracing import bind_trace, new_trace_id, parse_traceparent
 from lukhas.runtime import Runtime
 from lukhas.subjects import SERVICE_NAME, SLICE_QUEUE_GROUP
 from workers.service import discovery
+from workers.service._manifests import load_manifests, sla_by_emit_point
+from workers.service._overload import (
+    DEFAULT_BUDGET_MS,
+    SERVICE_INBOXES,
+    Lane,
+    deadline_ns,
+    reply_allowed,
+)
 from workers.service.discovery import EndpointCounters, ServiceIdentity
 
 logger = logging.getLogger(__name__)
@@ -40,6 +56,12 @@ _encoder = msgspec.json.Encoder()
 ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 _HTTP_LIKE_CODES = {"invalid_request": "400", "payload_too_large": "413", "internal": "500"}
+_OVERLOADED_HEADERS = {ERROR_HEADER: "overloaded", ERROR_CODE_HEADER: "503"}
+#: Most requests one reader pass takes before it lets the other tasks run.
+_READ_BATCH = 1024
+#: How long a server runs without suspending before it lets the readers (and nats-py's
+#: socket reader and flusher) run: they must stay ahead for queue times to be seen.
+_SLICE_NS = 1_000_000
 
 
 class Served(NamedTuple):
@@ -71,6 +93,27 @@ class ServiceStatistics(NamedTuple):
     handled: int
     errors: int
     dropped: int
+    #: Requests refused as `overloaded` (past their queue budget, or the queue was full).
+    overloaded: int = 0
+    #: Requests not served because their reply subject is not a requester's inbox.
+    refused_replies: int = 0
+
+
+class _Queued(NamedTuple):
+    served: Served
+    lane: Lane
+    #: When the request was read (the service clock, ns) and its budget (ns).
+    stamp_ns: int
+    budget_ns: int
+    env: Envelope
+
+
+def endpoint_budgets_ms(endpoints: tuple[Served, ...]) -> dict[str, float]:
+    """Each endpoint's budget (ms): its manifest's p95 SLA, else DEFAULT_BUDGET_MS."""
+    slas = sla_by_emit_point(load_manifests())
+    return {
+        ep.subject: slas.get(ep.endpoint.emit_point.name, DEFAULT_BUDGET_MS) for ep in endpoints
+    }
 
 
 def error_reply(exc: Exception) -> tuple[Reply, str]:
@@ -92,7 +135,12 @@ class SliceService:
     """
 
     def __init__(
-        self, runtime: Runtime, *, concurrency: int | None = None, max_pending: int | None = None
+        self,
+        runtime: Runtime,
+        *,
+        concurrency: int | None = None,
+        max_pending: int | None = None,
+        clock: Callable[[], int] = time.perf_counter_ns,
     ) -> None:
         self._runtime = runtime
         self._bus = runtime.bus
@@ -102,6 +150,18 @@ class SliceService:
         self._counters = {ep.subject: EndpointCounters() for ep in self._endpoints}
         #: Messages without a reply subject on read-only endpoints: counted, not handled.
         self._unawaited = {ep.subject: 0 for ep in self._endpoints if ep.endpoint.read_only}
+        self._clock = clock
+        budgets = endpoint_budgets_ms(self._endpoints)
+        self._lanes = {
+            ep.subject: Lane(budget_ns=int(budgets[ep.subject] * 1e6)) for ep in self._endpoints
+        }
+        own_inbox = self._bus.new_inbox().partition(".")[0]
+        # `_INBOX` is nats-py's default prefix, every unauthenticated client's too.
+        self._refused_inboxes = SERVICE_INBOXES | (
+            {own_inbox} if own_inbox != "_INBOX" else set()
+        )
+        self._refused_replies = 0
+        self._reply_logged_at = -math.inf
         self.identity = ServiceIdentity(
             name=SERVICE_NAME,
             id=os.urandom(11).hex(),
@@ -119,9 +179,7 @@ class SliceService:
         return self._endpoints
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        send, receive = anyio.create_memory_object_stream[tuple[Served, Envelope]](
-            self._concurrency
-        )
+        pool_send, pool_receive = anyio.create_memory_object_stream[_Queued](self._max_pending)
         async with AsyncExitStack() as stack:
             requests = [
                 (ep, await stack.enter_async_context(
@@ -138,12 +196,19 @@ class SliceService:
             self._subscriptions = [sub for _, sub in requests] + control
             self._by_subject = {ep.subject: sub for ep, sub in requests}
             async with anyio.create_task_group() as tg:
-                with receive:
+                with pool_receive:
                     for _ in range(self._concurrency):
-                        tg.start_soon(self._work, receive.clone())
-                async with send:
+                        tg.start_soon(self._serve, pool_receive.clone())
+                async with pool_send:
                     for ep, sub in requests:
-                        tg.start_soon(self._read, ep, sub, send.clone())
+                        if ep.pooled:
+                            send = pool_send.clone()
+                        else:
+                            send, receive = anyio.create_memory_object_stream[_Queued](
+                                self._max_pending
+                            )
+                            tg.start_soon(self._serve, receive)
+                        tg.start_soon(self._read, ep, sub, send)
                 for sub in control:
                     tg.start_soon(self._serve_control, sub)
                 await self._bus.flush()
@@ -163,26 +228,136 @@ class SliceService:
 
     def statistics(self) -> ServiceStatistics:
         dropped = sum(sub.statistics().dropped for sub in self._subscriptions)
-        return ServiceStatistics(self._in_flight, self._handled, self._errors, dropped)
+        overloaded = sum(lane.overloaded for lane in self._lanes.values())
+        return ServiceStatistics(
+            self._in_flight, self._handled, self._errors, dropped, overloaded,
+            self._refused_replies,
+        )
 
     async def _read(
-        self,
-        endpoint: Served,
-        sub: Subscription,
-        send: MemoryObjectSendStream[tuple[Served, Envelope]],
+        self, served: Served, sub: Subscription, send: MemoryObjectSendStream[_Queued]
     ) -> None:
-        async with send:
-            if endpoint.pooled:
-                async for env in sub:
-                    await send.send((endpoint, env))
-            else:
-                async for env in sub:
-                    await self._handle(endpoint, env)
+        """Take what is buffered in bulk, stamp it, and queue or refuse each request.
 
-    async def _work(self, receive: MemoryObjectReceiveStream[tuple[Served, Envelope]]) -> None:
+        Requests found already waiting arrived while this reader was away: their stamps are
+        spread over that time, so waiting the service could not see still counts.
+        """
+        lane = self._lanes[served.subject]
+        clock = self._clock
+        iterator = aiter(sub)
+        async with send:
+            looked = clock()
+            while True:
+                waiting = min(sub.statistics().pending, _READ_BATCH)
+                batch = []
+                try:
+                    batch.append(await anext(iterator))
+                    for _ in range(waiting - 1):
+                        batch.append(await anext(iterator))
+                except StopAsyncIteration:
+                    ended = True
+                else:
+                    ended = False
+                now = clock()
+                since = looked if waiting else now
+                step = (now - since) / len(batch) if batch else 0
+                for i, env in enumerate(batch):
+                    await self._admit(served, lane, env, int(since + step * (i + 1)), now, send)
+                if ended:
+                    return
+                looked = now
+                await checkpoint()  # let the servers, and nats-py's reader, run
+
+    async def _admit(
+        self,
+        served: Served,
+        lane: Lane,
+        env: Envelope,
+        stamp: int,
+        now: int,
+        send: MemoryObjectSendStream[_Queued],
+    ) -> None:
+        if env.reply is not None and not reply_allowed(env.reply, self._refused_inboxes):
+            self._refused_replies += 1
+            self._counters[served.subject].refused_replies += 1
+            if time.monotonic() - self._reply_logged_at >= 5.0:  # at most one line per 5 s
+                self._reply_logged_at = time.monotonic()
+                logger.warning(
+                    "refused a request on %s whose reply subject is not an inbox "
+                    "(%d refused so far)", served.subject, self._refused_replies,
+                )
+            return
+        try:
+            budget = deadline_ns(env.headers, lane.budget_ns)
+        except LukhasError as exc:
+            reply, code = error_reply(exc)
+            self._counters[served.subject].record(0, code)
+            await self._respond(env, reply, {
+                ERROR_HEADER: exc.message, ERROR_CODE_HEADER: _HTTP_LIKE_CODES[code],
+            })
+            return
+        if not lane.admits(stamp, budget, now):
+            await self._refuse(served, lane, env, stamp, now)
+            return
+        try:
+            send.send_nowait(_Queued(served, lane, stamp, budget, env))
+        except anyio.WouldBlock:  # the queue is full: as overloaded as it gets
+            await self._refuse(served, lane, env, stamp, now)
+            return
+        lane.queued += 1
+
+    async def _serve(self, receive: MemoryObjectReceiveStream[_Queued]) -> None:
+        clock = self._clock
         async with receive:
-            async for endpoint, env in receive:
-                await self._handle(endpoint, env)
+            awake = clock()
+            while True:
+                try:
+                    item = receive.receive_nowait()
+                except anyio.WouldBlock:
+                    try:
+                        item = await receive.receive()
+                    except anyio.EndOfStream:
+                        return
+                    awake = clock()
+                except anyio.EndOfStream:
+                    return
+                lane = item.lane
+                lane.queued -= 1
+                now = clock()
+                lane.took(now)
+                if lane.expired(item.stamp_ns, item.budget_ns, now):
+                    await self._refuse(item.served, lane, item.env, item.stamp_ns, now)
+                else:
+                    await self._handle(item.served, item.env)
+                if clock() - awake > _SLICE_NS:
+                    await checkpoint()
+                    awake = clock()
+
+    async def _refuse(
+        self, served: Served, lane: Lane, env: Envelope, stamp: int, now: int
+    ) -> None:
+        """Answer `overloaded` at once: far cheaper than serving, and never silence.
+
+        MATRIZ gets one node per endpoint per `NODE_EVERY_NS` for the refusals meanwhile
+        (outcome `refused`, labels `reason:overloaded` and `overloaded:<count>`).
+        """
+        self._counters[served.subject].refuse("overloaded")
+        count = lane.refused(now)
+        if count:
+            endpoint = served.endpoint
+            point = endpoint.emit_point
+            runtime = self._runtime
+            runtime.emitter.emit(make_node(
+                point.node_type, point.label, outcome="refused",
+                latency_ms=(now - stamp) / 1e6, trace_id=new_trace_id(),
+                producer=f"{runtime.producer}:{point.module}", capability=endpoint.capability,
+                tenant=runtime.settings.tenant, labels=("reason:overloaded", f"overloaded:{count}"),
+            ))
+        await self._respond(
+            env,
+            {"ok": False, "reason": "overloaded", "retry_after_ms": lane.retry_after_ms()},
+            _OVERLOADED_HEADERS,
+        )
 
     async def _handle(self, served: Served, env: Envelope) -> None:
         endpoint = served.endpoint
@@ -243,6 +418,11 @@ class SliceService:
     async def _serve_control(self, sub: Subscription) -> None:
         verb = sub.subject.split(".")[1]
         async for env in sub:
+            # Any inbox, the workers' own included: `lukhas health` runs as the worker's user
+            # (compose's healthcheck), and discovery answers hold nothing but public stats.
+            if env.reply is not None and not reply_allowed(env.reply, frozenset()):
+                self._refused_replies += 1
+                continue
             await self._respond(env, self._control_reply(verb))
 
     def _control_reply(self, verb: str) -> dict[str, Any]:
@@ -268,8 +448,13 @@ class SliceService:
         if sub is None:
             return None
         stats = sub.statistics()
-        data = {"pending": stats.pending, "max_pending": stats.max_pending,
-                "dropped": stats.dropped}
+        lane = self._lanes[subject]
+        data: dict[str, Any] = {
+            "pending": stats.pending, "max_pending": stats.max_pending,
+            "dropped": stats.dropped, "queued": lane.queued,
+            "budget_ms": lane.budget_ns / 1e6,
+            "service_interval_us": round(lane.interval_ns / 1e3, 1),
+        }
         if subject in self._unawaited:
             data["unawaited"] = self._unawaited[subject]
         return data

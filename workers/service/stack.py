@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -49,6 +51,92 @@ class _Service(Protocol):
 
 class PortInUse(OSError):
     """A port `lukhas up` needs is taken; the message names it and what to do instead."""
+
+
+class WorkerProcessFailed(ChildProcessError):
+    """A slice worker process of `lukhas up --workers N` failed to start, died, or did not
+    exit 0 after draining."""
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on: `lukhas up`'s default number of slice workers."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class SliceWorkerProcesses:
+    """`count` extra slice workers, each `lukhas worker slices` in a child process, joined to
+    the same queue group on `nats_url`. A `_Service`: `run` returns to `tg.start` once every
+    child printed "ready"; `stop` sends each SIGTERM (they drain, as any worker does) and
+    waits for them to exit.
+
+    Raises (from `run` or `stop`):
+        WorkerProcessFailed: a child exited before it was asked to, or not with status 0.
+    """
+
+    def __init__(self, count: int, nats_url: str) -> None:
+        self._count = count
+        self._env = {**os.environ, "NATS_URL": nats_url}
+        self._procs: list[anyio.abc.Process] = []
+        self._stopping = False
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        command = [sys.executable, "-m", "workers.cli.main", "worker", "slices"]
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(self._count):
+                    # stderr (the child's log) goes where ours goes; stdout is read for "ready".
+                    proc = await anyio.open_process(
+                        command, env=self._env, stdin=subprocess.DEVNULL, stderr=None,
+                    )
+                    self._procs.append(proc)
+                for proc in self._procs:
+                    await tg.start(self._watch, proc)
+                logger.info("slice worker processes ready: pids %s",
+                            ", ".join(str(p.pid) for p in self._procs))
+                task_status.started()
+        finally:
+            with anyio.CancelScope(shield=True):
+                for proc in self._procs:
+                    if proc.returncode is None:
+                        proc.kill()
+                        await proc.wait()
+
+    async def _watch(
+        self, proc: anyio.abc.Process, *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
+        """Wait for the child's "ready" line, then for its exit; an exit not asked for, or
+        not 0, is a failure."""
+        assert proc.stdout is not None
+        ready = False
+        buffered = b""
+        async for chunk in proc.stdout:
+            buffered += chunk
+            if not ready and b"ready" in buffered:
+                ready = True
+                task_status.started()
+            buffered = buffered[-64:]
+        code = await proc.wait()
+        if not ready:
+            raise WorkerProcessFailed(f"slice worker process {proc.pid} exited {code} "
+                                      "before it was ready (its log is above)")
+        if not self._stopping:
+            raise WorkerProcessFailed(f"slice worker process {proc.pid} died (exit {code})")
+        if code != 0:
+            raise WorkerProcessFailed(
+                f"slice worker process {proc.pid} exited {code} after SIGTERM")
+        logger.info("slice worker process %d drained and exited 0", proc.pid)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for proc in self._procs:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self._procs:
+            await proc.wait()
 
 
 def _nats_answers(host: str, port: int) -> bool:
@@ -209,16 +297,25 @@ async def run_up(
     data_dir: str | None = None,
     metrics_port: int | None = None,
     observability: bool = True,
+    workers: int = 1,
     gateway_port: int | None = None,
 ) -> None:
-    """The whole stack in one process: embedded server (if needed), slices, observability.
+    """The whole stack: embedded server (if needed), `workers` slice workers, observability.
 
-    Under LUKHAS_OFFLINE nothing opens a socket: the in-memory bus and no /metrics server.
-    Without `observability` (`lukhas up --join`) only the slice service runs.
+    This process runs one slice worker and the observability worker; `workers - 1` more
+    slice workers run as child processes (`lukhas worker slices`) in the same queue group,
+    each drained on SIGTERM before the server stops. On the in-memory bus (DRY_RUN without
+    NATS_URL, OFFLINE) there is one process only. Under LUKHAS_OFFLINE nothing opens a
+    socket: the in-memory bus and no /metrics server. Without `observability` (`lukhas up
+    --join`) only slice workers run.
 
     Raises:
         PortInUse: the NATS or /metrics port is taken (the message names it).
+        WorkerProcessFailed: a slice worker process failed (the message names it).
+        ValueError: `workers` is below 1.
     """
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, not {workers}")
     # OFFLINE means no socket at all, so no /metrics listener either.
     metrics = None if settings.offline else (
         settings.metrics_port if metrics_port is None else metrics_port
@@ -231,14 +328,23 @@ async def run_up(
     async with embedded_server(settings, port=port, data_dir=data_dir) as settings:
         async with open_worker_runtime(settings, producer="lukhas-up") as runtime:
             where = settings.nats_url or "the in-memory bus"
-            slices = SliceService(runtime)
+            slices: list[_Service] = [SliceService(runtime)]
+            if runtime.bus.backend != "nats":
+                if workers > 1:
+                    logger.warning("the in-memory bus lives in one process: 1 slice worker, "
+                                   "not %d", workers)
+                workers = 1
+            elif workers > 1:
+                assert settings.nats_url is not None
+                slices.append(SliceWorkerProcesses(workers - 1, settings.nats_url))
+            count = f"{workers} slice worker{'s' if workers > 1 else ''}"
             if not observability:
                 logger.warning(
                     "joining the stack at %s: this slice worker shares its queue group, with "
                     "the providers this process's flags wire", where,
                 )
-                await serve([slices], ready,
-                            lambda: f"ready: slice worker joined the stack on {where}")
+                await serve(slices, ready,
+                            lambda: f"ready: {count} joined the stack on {where}")
                 return
             worker = ObservabilityWorker(
                 runtime.bus, settings, metrics_port=metrics, metrics_addr=settings.metrics_addr,
@@ -252,14 +358,14 @@ async def run_up(
 
             def describe() -> str:
                 served = worker.metrics_port
-                return f"ready: slices and observability on {where} " + (
+                return f"ready: {count} and observability on {where} " + (
                     f"(metrics on http://{settings.metrics_addr}:{served}/metrics)"
                     if served is not None else "(no /metrics: LUKHAS_OFFLINE)"
                 ) + ("" if gateway is None else (
                     f"; open {gateway.url} (passkeys) and {gateway.url}dashboard"
                 ))
 
-            await serve([slices, worker, *([gateway] if gateway else [])], ready, describe)
+            await serve([*slices, worker, *([gateway] if gateway else [])], ready, describe)
 
 
 async def run_worker(settings: Settings, name: str, *, ready: Ready) -> None:
