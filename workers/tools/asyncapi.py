@@ -94,6 +94,16 @@ class EndpointStatsData(msgspec.Struct, frozen=True, kw_only=True):
     #: Read-only endpoints: messages without a reply subject (announcements, or queries
     #: nobody awaits), counted and not handled.
     unawaited: int | msgspec.UnsetType = msgspec.UNSET
+    #: Requests refused `overloaded` (past their queue budget, or the queue full).
+    overloaded: int | msgspec.UnsetType = msgspec.UNSET
+    #: Requests dropped because their reply subject was not a requester's inbox.
+    refused_replies: int | msgspec.UnsetType = msgspec.UNSET
+    #: Requests read and waiting for a handler now.
+    queued: int | msgspec.UnsetType = msgspec.UNSET
+    #: The queue budget (the endpoint's SLA), ms.
+    budget_ms: float | msgspec.UnsetType = msgspec.UNSET
+    #: The measured time between two requests served (the service rate's inverse), µs.
+    service_interval_us: float | msgspec.UnsetType = msgspec.UNSET
 
 
 class MicroEndpointStats(msgspec.Struct, frozen=True, kw_only=True):
