@@ -263,8 +263,13 @@ def test_ctrl_c_in_a_terminal_reaches_only_lukhas_which_drains_then_stops_the_se
         assert up.stdout is not None
         ready = up.stdout.readline()
         assert "ready" in ready, up.stderr.read() if up.stderr else ""
-        [server] = _children(up.pid)
+        children = _children(up.pid)
+        [server] = [c for c in children
+                    if b"nats-server" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        workers = [c for c in children if c != server]  # `--workers` default: one per CPU
         assert _session(server) != _session(up.pid)  # the server is outside the group
+        # Outside the group too: lukhas stops each with one SIGTERM, after which it drains.
+        assert all(_session(w) != _session(up.pid) for w in workers)
         os.killpg(up.pid, signal.SIGINT)
         code = up.wait(30)
         _, stderr = up.communicate(timeout=30)
@@ -274,8 +279,9 @@ def test_ctrl_c_in_a_terminal_reaches_only_lukhas_which_drains_then_stops_the_se
             up.wait()
     assert code == 0, stderr
     assert "received SIGINT: draining" in stderr
-    assert not Path(f"/proc/{server}").exists() or "zombie" in Path(
-        f"/proc/{server}/status").read_text()  # lukhas stopped it after draining
+    for pid in [server, *workers]:  # lukhas waited for the workers, then stopped the server
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(
+            f"/proc/{pid}/status").read_text()
     assert "Traceback" not in stderr and "disconnected" not in stderr.lower()
 
 

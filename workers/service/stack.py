@@ -66,6 +66,23 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+#: Run by each child before it becomes `python -m workers.cli.main worker slices`: ask Linux
+#: to send it SIGTERM when its parent dies (PR_SET_PDEATHSIG survives exec), so a `lukhas
+#: up` killed outright (SIGKILL) leaves no slice worker behind; it drains and exits as on
+#: any SIGTERM. Elsewhere, or if the parent is already gone, it simply does not start.
+_EXIT_WITH_PARENT = """
+import ctypes, os, signal, sys
+parent, args = int(sys.argv[1]), sys.argv[2:]
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass
+if os.getppid() != parent:
+    sys.exit(1)
+os.execv(sys.executable, [sys.executable, *args])
+"""
+
+
 class SliceWorkerProcesses:
     """`count` extra slice workers, each `lukhas worker slices` in a child process, joined to
     the same queue group on `nats_url`. A `_Service`: `run` returns to `tg.start` once every
@@ -84,13 +101,17 @@ class SliceWorkerProcesses:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
-        command = [sys.executable, "-m", "workers.cli.main", "worker", "slices"]
+        command = [sys.executable, "-c", _EXIT_WITH_PARENT, str(os.getpid()),
+                   "-m", "workers.cli.main", "worker", "slices"]
         try:
             async with anyio.create_task_group() as tg:
                 for _ in range(self._count):
                     # stderr (the child's log) goes where ours goes; stdout is read for "ready".
+                    # A session of its own, as the embedded server's: a terminal's Ctrl-C
+                    # reaches only this process, which then stops each child with one SIGTERM.
                     proc = await anyio.open_process(
                         command, env=self._env, stdin=subprocess.DEVNULL, stderr=None,
+                        start_new_session=True,
                     )
                     self._procs.append(proc)
                 for proc in self._procs:
