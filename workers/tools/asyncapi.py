@@ -83,6 +83,23 @@ class EndpointLatency(msgspec.Struct, frozen=True):
     p99: float
 
 
+class EndpointCanary(msgspec.Struct, frozen=True, kw_only=True):
+    """The canary of the endpoint's slice in this worker (README, "Canary runs")."""
+
+    #: The share variable, e.g. LUKHAS_CANARY_GOVERNANCE_LEDGER.
+    variable: str | None
+    state: Literal["off", "running", "rolled_back", "full"]
+    configured_percent: float
+    #: The share the canary arm takes now (0 unless running).
+    percent: float
+    #: Arms by data subject (stateful slices) rather than drawn per call.
+    sticky: bool
+    #: Calls each arm served in this worker.
+    served: dict[str, int]
+    #: Once rolled back: `reason`, `message`, `emit_point`, `at` (epoch s), `by` (worker id).
+    rollback: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+
+
 class EndpointStatsData(msgspec.Struct, frozen=True, kw_only=True):
     """The `data` of an endpoint's stats: what nats.micro's averages cannot give."""
 
@@ -94,6 +111,7 @@ class EndpointStatsData(msgspec.Struct, frozen=True, kw_only=True):
     #: Read-only endpoints: messages without a reply subject (announcements, or queries
     #: nobody awaits), counted and not handled.
     unawaited: int | msgspec.UnsetType = msgspec.UNSET
+    canary: EndpointCanary | msgspec.UnsetType = msgspec.UNSET
 
 
 class MicroEndpointStats(msgspec.Struct, frozen=True, kw_only=True):
