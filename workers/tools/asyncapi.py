@@ -29,6 +29,7 @@ from lukhas.observability.matriz_emit import DropReport
 from lukhas.orchestration.context.messages import ContextHandedOff, Target
 from lukhas.replies import ErrorReply
 from workers.service import discovery
+from workers.service._canary import Rollback
 from workers.service.observability import AggregateState, BurnAlert, StatsSnapshot
 
 ASYNCAPI_VERSION = "3.0.0"
@@ -420,6 +421,15 @@ class _Document:
             summary="An observability worker's mergeable aggregate, for its peers.",
             description="Each observability worker publishes its state every check interval.",
             parameters={"worker_id": {"description": "The publishing worker's id."}},
+        )
+        self.publish(
+            "control.canary.rollback", subjects.CANARY_ROLLBACK,
+            self.struct_message(Rollback),
+            summary="Stop a slice's canary: every call goes to the baseline from now on.",
+            description="Published by an observability worker when a canary arm is worse "
+            "than its baseline (error rate, or p95 over the manifest SLA); every slice worker "
+            "subscribes (no queue group) and stops the named slice's canary at once. See "
+            "README, \"Canary runs\".",
         )
 
     def add_discovery(self) -> None:
