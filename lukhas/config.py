@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from lukhas.errors import ConfigError
 from lukhas.observability.pseudonym import key_problem
@@ -94,7 +94,7 @@ def _bounded(
     return value
 
 
-def _canaries(env: Mapping[str, str]) -> dict[str, float]:
+def _canaries(env: Mapping[str, str]) -> dict[str, Any]:
     """The canary shares (percent of calls, 0 = off) and the rollback policy."""
     return {
         **{
@@ -113,7 +113,7 @@ def _canaries(env: Mapping[str, str]) -> dict[str, float]:
     }
 
 
-def _slo_windows(env: Mapping[str, str]) -> dict[str, float]:
+def _slo_windows(env: Mapping[str, str]) -> dict[str, Any]:
     """The SLO alert windows; each short window must be shorter than its long one."""
     windows = {
         f"slo_{name}_s": _number(env, f"LUKHAS_SLO_{name.upper()}_S", default, float,
@@ -418,7 +418,7 @@ class Settings:
             ledger_wrapping_key=wrapping_key,
             log_level=log_level,
             **_slo_windows(env),
-            **_canaries(env),  # type: ignore[arg-type]
+            **_canaries(env),
         )
 
     @property
