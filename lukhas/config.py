@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from lukhas.errors import ConfigError
 from lukhas.observability.pseudonym import key_problem
@@ -75,7 +75,45 @@ def _pseudonym_keys(env: Mapping[str, str], *, dry_run: bool) -> tuple[str, ...]
     return keys
 
 
-def _slo_windows(env: Mapping[str, str]) -> dict[str, float]:
+def _bounded(
+    env: Mapping[str, str], name: str, default: float, *, low: float, high: float,
+    low_open: bool = False,
+) -> float:
+    """A float in [low, high] (or (low, high] with `low_open`)."""
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    what = (f"a number above {low:g} and at most {high:g}" if low_open
+            else f"a number from {low:g} to {high:g}")
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ConfigError(name, raw, what) from None
+    if not (low < value <= high if low_open else low <= value <= high):
+        raise ConfigError(name, raw, what)
+    return value
+
+
+def _canaries(env: Mapping[str, str]) -> dict[str, Any]:
+    """The canary shares (percent of calls, 0 = off) and the rollback policy."""
+    return {
+        **{
+            variable.removeprefix("LUKHAS_").lower(): _bounded(
+                env, variable, 0.0, low=0.0, high=100.0
+            )
+            for variable in CANARY_VARIABLES.values()
+        },
+        "canary_min_samples": _number(env, "LUKHAS_CANARY_MIN_SAMPLES", 50, int, minimum=1),
+        "canary_error_margin": _bounded(env, "LUKHAS_CANARY_ERROR_MARGIN", 0.05,
+                                        low=0.0, high=1.0),
+        "canary_latency_ratio": _number(env, "LUKHAS_CANARY_LATENCY_RATIO", 1.5, float,
+                                        minimum=1.0),
+        "canary_window_s": _bounded(env, "LUKHAS_CANARY_WINDOW_S", 300.0, low=0.0,
+                                    high=86400.0, low_open=True),
+    }
+
+
+def _slo_windows(env: Mapping[str, str]) -> dict[str, Any]:
     """The SLO alert windows; each short window must be shorter than its long one."""
     windows = {
         f"slo_{name}_s": _number(env, f"LUKHAS_SLO_{name.upper()}_S", default, float,
@@ -170,7 +208,23 @@ KNOWN_VARIABLES: tuple[str, ...] = (
     "LUKHAS_SLO_TICKET_LONG_S",
     "LUKHAS_SLO_TICKET_SHORT_S",
     "LUKHAS_SLO_PERIOD_S",
+    # Canary runs: the share (percent) of a slice's calls its real provider serves while the
+    # feature flag is off, and when the observability worker rolls a canary back.
+    "LUKHAS_CANARY_GOVERNANCE_LEDGER",
+    "LUKHAS_CANARY_IDENTITY_PASSKEY",
+    "LUKHAS_CANARY_ORCHESTRATION_HANDOFF",
+    "LUKHAS_CANARY_MIN_SAMPLES",
+    "LUKHAS_CANARY_ERROR_MARGIN",
+    "LUKHAS_CANARY_LATENCY_RATIO",
+    "LUKHAS_CANARY_WINDOW_S",
 )
+
+#: The feature flags that have a canary, and the variable giving its share.
+CANARY_VARIABLES: dict[str, str] = {
+    "FEATURE_GOVERNANCE_LEDGER": "LUKHAS_CANARY_GOVERNANCE_LEDGER",
+    "FEATURE_IDENTITY_PASSKEY": "LUKHAS_CANARY_IDENTITY_PASSKEY",
+    "FEATURE_ORCHESTRATION_HANDOFF": "LUKHAS_CANARY_ORCHESTRATION_HANDOFF",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +293,16 @@ class Settings:
     slo_ticket_long_s: float = 21600.0
     slo_ticket_short_s: float = 1800.0
     slo_period_s: float = 30 * 86400.0
+    #: Canary shares, percent of calls (0 = off): see the README's "Canary runs".
+    canary_governance_ledger: float = 0.0
+    canary_identity_passkey: float = 0.0
+    canary_orchestration_handoff: float = 0.0
+    #: Rollback policy: samples each arm needs, tolerated error-rate excess, tolerated p95
+    #: ratio (canary over baseline) once the canary's p95 is over the SLA, window seconds.
+    canary_min_samples: int = 50
+    canary_error_margin: float = 0.05
+    canary_latency_ratio: float = 1.5
+    canary_window_s: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -354,6 +418,7 @@ class Settings:
             ledger_wrapping_key=wrapping_key,
             log_level=log_level,
             **_slo_windows(env),
+            **_canaries(env),
         )
 
     @property

@@ -44,6 +44,11 @@ OBSERVABILITY_SNAPSHOT = "lukhas.observability.snapshot"
 OBSERVABILITY_NODES = "lukhas.observability.nodes"
 ALERTS_ALL = "lukhas.observability.alerts.>"
 
+#: The observability worker's order to stop a slice's canary (every slice worker hears it):
+#: `{"slice", "flag", "variable", "emit_point", "reason", "message", "sla_p95_ms",
+#: "canary": {arm stats}, "baseline": {arm stats}, "ts", "worker_id"}` (README, "Canary runs").
+CANARY_ROLLBACK = "lukhas.control.canary.rollback"
+
 #: Queue group every slice worker joins, so N workers split the load.
 SLICE_QUEUE_GROUP = "lukhas-slices"
 SERVICE_NAME = "lukhas-slices"

@@ -48,6 +48,8 @@ class _CallNotes:
     subject: str | None = None
     labels: list[str] = field(default_factory=list)
     consent_scopes: list[str] = field(default_factory=list)
+    #: The canary arm each registry chose for this call (see `pin_arm`).
+    arms: dict[str, str] = field(default_factory=dict)
 
 
 _notes: ContextVar[_CallNotes | None] = ContextVar("lukhas_matriz_notes", default=None)
@@ -71,6 +73,24 @@ def annotate(
         notes.labels.append(label)
     if consent_scope is not None:
         notes.consent_scopes.append(consent_scope)
+
+
+def pin_arm(key: str, choose: Callable[[str | None], str]) -> str:
+    """The arm (`canary` or `baseline`) serving the instrumented call in progress for `key`.
+
+    The first ask in a call runs `choose(subject)` (the call's raw user id, or None) and
+    labels the node `arm:<arm>`; later asks in the same call get the same arm, so a handler
+    that looks at its provider twice talks to one. Outside an instrumented call every ask
+    chooses afresh, with no subject.
+    """
+    notes = _notes.get()
+    if notes is None:
+        return choose(None)
+    arm = notes.arms.get(key)
+    if arm is None:
+        arm = notes.arms[key] = choose(notes.subject)
+        notes.labels.append(f"arm:{arm}")
+    return arm
 
 
 def outcome_of(result: object) -> Outcome:

@@ -395,3 +395,34 @@ def test_the_cli_exits_non_zero_on_a_refusal(deployed: Deployed) -> None:
     assert result.returncode != 0, result
     assert "permission denied" in result.stderr and "matriz.>" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
+
+
+async def test_only_the_observability_worker_may_order_a_canary_rollback(
+    deployed: Deployed,
+) -> None:
+    """A forged rollback (stopping a canary is a lever on where traffic goes) is refused to
+    every user but observability; observability's reaches the slice worker."""
+    for user in ("client", "gateway", "slices", "planner"):
+        async with connect(deployed.auth.settings(user)) as bus:
+            await _assert_denied_at_once(bus, "publish", subjects.CANARY_ROLLBACK)
+    order = {
+        "slice": "lukhas.orchestration.context", "flag": "FEATURE_ORCHESTRATION_HANDOFF",
+        "variable": "LUKHAS_CANARY_ORCHESTRATION_HANDOFF",
+        "emit_point": "CONTEXT:orchestration:handoff", "reason": "latency",
+        "message": "permission test", "sla_p95_ms": 250.0,
+        "canary": {"count": 50, "errors": 0, "error_rate": 0.0, "p95_ms": 900.0},
+        "baseline": {"count": 50, "errors": 0, "error_rate": 0.0, "p95_ms": 1.0},
+        "ts": 1, "worker_id": "perm-test",
+    }
+    async with connect(deployed.auth.settings("observability")) as observability, \
+            connect(deployed.auth.settings("client")) as client:
+        await observability.publish(subjects.CANARY_ROLLBACK, json.dumps(order).encode())
+        await observability.flush()
+        with anyio.fail_after(10):  # each try is a $SRV.STATS round trip
+            while True:
+                reply = await request_json(client, "$SRV.STATS.lukhas-slices", {})
+                [handoff] = [ep for ep in reply["endpoints"]
+                             if ep["subject"] == subjects.CONTEXT_HANDOFF]
+                if "rollback" in handoff["data"]["canary"]:
+                    break
+    assert handoff["data"]["canary"]["rollback"]["by"] == "perm-test"

@@ -3,7 +3,9 @@
 Only here, at startup and only outside DRY_RUN, does anything import `candidate` (by module
 path, with importlib; the lane rule binds `lukhas/`, which never does). A slice whose
 feature flag is off keeps its builtin null provider, and in DRY_RUN the registries answer
-with the null providers whatever is registered.
+with the null providers whatever is registered. A slice with a canary share
+(`LUKHAS_CANARY_<SLICE>` > 0) has its real provider wired although its flag is off: the
+registry sends that share of calls to it (see `lukhas/registry.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from lukhas.governance.consent_ledger import registry as consent_registry
 from lukhas.identity.passkey import registry as passkey_registry
 from lukhas.orchestration.context import registry as context_registry
 from lukhas.ratelimit import use_lease_store
+from lukhas.registry import ProviderRegistry
 from lukhas.runtime import Runtime
 from workers.service.leases import BUCKET as LEASE_BUCKET
 from workers.service.leases import open_lease_store
@@ -32,6 +35,19 @@ LEDGER_MODULE = "candidate.governance.consent_ledger.jetstream_ledger"
 WEBAUTHN_MODULE = "candidate.identity.passkey.webauthn_provider"
 
 PasskeyProviderName = Literal["webauthn", "fido2_mock"]
+
+#: Every slice's registry (the slice workers stop their canaries on a rollback).
+SLICE_REGISTRIES: tuple[ProviderRegistry[Any], ...] = (
+    consent_registry.REGISTRY, passkey_registry.REGISTRY, context_registry.REGISTRY,
+)
+
+
+def wanted(registry: ProviderRegistry[Any], settings: Any) -> bool:
+    """Whether `registry`'s real provider should be wired: its flag is on, or a canary share
+    of its calls is configured (outside DRY_RUN, which `wire_providers` checks first)."""
+    return bool(getattr(settings, registry.flag)) or registry.canary_percent(
+        settings, configured=True
+    ) > 0
 
 
 async def wire_providers(
@@ -65,21 +81,40 @@ async def wire_providers(
     settings = runtime.settings
     if settings.dry_run:
         logger.info("DRY_RUN: real providers stay unwired; the null providers answer")
+        if any(r.canary_percent(settings, configured=True) > 0 for r in SLICE_REGISTRIES):
+            logger.info("DRY_RUN: the LUKHAS_CANARY_* shares are ignored (no canary runs)")
         return
     await share_rate_limits(runtime)
+    _log_canaries(settings)
     try:
-        if settings.feature_governance_ledger:
+        if wanted(consent_registry.REGISTRY, settings):
             _require_stable_pseudonyms(runtime, "FEATURE_GOVERNANCE_LEDGER")
             await wire_module(LEDGER_MODULE, runtime, **dict(ledger_options or {}))
-        if settings.feature_identity_passkey:
+        if wanted(passkey_registry.REGISTRY, settings):
             _refuse_test_doubles(passkey_provider)
             _require_stable_pseudonyms(runtime, "FEATURE_IDENTITY_PASSKEY")
             await wire_module(WEBAUTHN_MODULE, runtime, **dict(passkey_options or {}))
-        if settings.feature_orchestration_handoff:
+        if wanted(context_registry.REGISTRY, settings):
             await _wire_handoff(runtime)
     except BaseException:
         unwire_providers()
         raise
+
+
+def _log_canaries(settings: Any) -> None:
+    for registry in SLICE_REGISTRIES:
+        percent = registry.canary_percent(settings, configured=True)
+        if percent <= 0:
+            continue
+        if getattr(settings, registry.flag):
+            logger.info("%s=%g is moot: %s=true sends every call to the real provider",
+                        registry.canary_variable, percent, registry.flag_variable)
+        else:
+            logger.info(
+                "canary %s=%g: that share of calls goes to the real provider (%s)",
+                registry.canary_variable, percent,
+                "sticky by data subject" if registry.sticky else "drawn per call",
+            )
 
 
 async def share_rate_limits(runtime: Runtime) -> bool:
@@ -120,9 +155,8 @@ async def wire_module(name: str, runtime: Runtime, **options: Any) -> None:
 
 def unwire_providers() -> None:
     """Forget every registered real provider (shutdown, tests)."""
-    consent_registry.reset()
-    passkey_registry.reset()
-    context_registry.reset()
+    for registry in SLICE_REGISTRIES:
+        registry.reset()
 
 
 #: Short alias.

@@ -9,6 +9,7 @@ nats.micro only reports an average; each endpoint's `data` here also carries `la
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -98,8 +99,12 @@ def info_response(
 def stats_response(
     identity: ServiceIdentity,
     endpoints: list[tuple[str, str, str, EndpointCounters, dict[str, Any] | None]],
+    *,
+    canary: Mapping[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """`endpoints` are (name, subject, queue group, counters, extra `data`)."""
+    """`endpoints` are (name, subject, queue group, counters, extra `data`); `canary` holds
+    each endpoint's canary state by subject (its `data.canary`)."""
+    canary = canary or {}
     started = identity.started.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
     return {
         **identity.base(STATS_TYPE),
@@ -119,6 +124,7 @@ def stats_response(
                 "data": {
                     **(data or {}), "latency_ms": latency_quantiles(c),
                     "overloaded": c.overloaded, "refused_replies": c.refused_replies,
+                    **({"canary": canary[subject]} if subject in canary else {}),
                 },
             }
             for name, subject, queue, c, data in endpoints

@@ -57,6 +57,7 @@ from workers.service._aggregate import (
     StatsSnapshot,
     decode_state,
 )
+from workers.service._canary import CanaryJudge, CanaryPolicy
 from workers.service._livefeed import LiveFeed
 from workers.service._manifests import load_manifests, sla_by_emit_point
 from workers.service._metrics import MatrizCollector, MetricsServer
@@ -209,6 +210,8 @@ class ObservabilityWorker:
             clock=clock,
         )
         self._clock = clock
+        #: Judges canary arms against their baselines (`_canary.py`); checked with the SLOs.
+        self.canary = CanaryJudge(manifests, CanaryPolicy.from_settings(settings), clock=clock)
         self.worker_id = worker_id or os.urandom(8).hex()
         self._peers: dict[str, tuple[float, AggregateState]] = {}
         self._check_interval_s = check_interval_s
@@ -469,6 +472,7 @@ class ObservabilityWorker:
                 for msg in msgs:
                     if self._seen.add(msg.metadata.sequence.stream):
                         self._aggregate.ingest(msg.data)
+                        self.canary.observe(msg.data)
                         self._consumed += 1
                     else:  # a redelivery of a node counted already: just ack it again
                         logger.debug("skipping redelivered MATRIZ node %s", msg.metadata.sequence)
@@ -518,6 +522,7 @@ class ObservabilityWorker:
     async def _consume_subscription(self, sub: Subscription) -> None:
         async for env in sub:
             self._aggregate.ingest(env.data)
+            self.canary.observe(env.data)
             self._consumed += 1
 
     # -- the rest ----------------------------------------------------------------------------
@@ -577,6 +582,7 @@ class ObservabilityWorker:
                 await self.publish_state()
                 self._expire_peers()
                 await self.check_slos()
+                await self.canary.check(self._bus, self.worker_id)
 
     async def _stop_when_asked(self) -> None:
         await self._stopping.wait()

@@ -36,8 +36,8 @@ from lukhas.observability.matriz_decorators import emit_rejected
 from lukhas.observability.matriz_emit import make_node
 from lukhas.observability.tracing import bind_trace, new_trace_id, parse_traceparent
 from lukhas.runtime import Runtime
-from lukhas.subjects import SERVICE_NAME, SLICE_QUEUE_GROUP
-from workers.service import discovery
+from lukhas.subjects import CANARY_ROLLBACK, SERVICE_NAME, SLICE_QUEUE_GROUP
+from workers.service import _canary, discovery
 from workers.service._manifests import load_manifests, sla_by_emit_point
 from workers.service._overload import (
     DEFAULT_BUDGET_MS,
@@ -46,6 +46,7 @@ from workers.service._overload import (
     deadline_ns,
     reply_allowed,
 )
+from workers.service.bootstrap import SLICE_REGISTRIES
 from workers.service.discovery import EndpointCounters, ServiceIdentity
 
 logger = logging.getLogger(__name__)
@@ -168,6 +169,9 @@ class SliceService:
             version=lukhas.__version__,
             description="LUKHAS slices: consent ledger, passkey verify, context handoff",
         )
+        self._canary_registries = _canary.registries_by_subject(
+            self._endpoints, SLICE_REGISTRIES, load_manifests()
+        )
         self._subscriptions: list[Subscription] = []
         self._by_subject: dict[str, Subscription] = {}
         self._in_flight = 0
@@ -193,7 +197,9 @@ class SliceService:
                 await stack.enter_async_context(self._bus.subscribe(subject))
                 for subject in self._control_subjects()
             ]
-            self._subscriptions = [sub for _, sub in requests] + control
+            # Canary rollbacks reach every worker (no queue group): see `_canary.py`.
+            rollbacks = await stack.enter_async_context(self._bus.subscribe(CANARY_ROLLBACK))
+            self._subscriptions = [sub for _, sub in requests] + control + [rollbacks]
             self._by_subject = {ep.subject: sub for ep, sub in requests}
             async with anyio.create_task_group() as tg:
                 with pool_receive:
@@ -211,6 +217,7 @@ class SliceService:
                         tg.start_soon(self._read, ep, sub, send)
                 for sub in control:
                     tg.start_soon(self._serve_control, sub)
+                tg.start_soon(_canary.follow_rollbacks, rollbacks, SLICE_REGISTRIES)
                 await self._bus.flush()
                 task_status.started()
                 logger.info(
@@ -440,7 +447,16 @@ class SliceService:
                  self._buffer_data(ep.subject))
                 for ep in self._endpoints
             ],
+            canary=self._canary_states(),
         )
+
+    def _canary_states(self) -> dict[str, dict[str, Any]]:
+        """Each endpoint's canary state (`$SRV.STATS` data), by subject."""
+        settings = self._runtime.settings
+        return {
+            subject: registry.canary_state(settings)
+            for subject, registry in self._canary_registries.items()
+        }
 
     def _buffer_data(self, subject: str) -> dict[str, Any] | None:
         """The endpoint's subscription buffer: pending now, bound, and slow-consumer drops."""

@@ -29,6 +29,7 @@ from lukhas.observability.matriz_emit import DropReport
 from lukhas.orchestration.context.messages import ContextHandedOff, Target
 from lukhas.replies import ErrorReply
 from workers.service import discovery
+from workers.service._canary import Rollback
 from workers.service.observability import AggregateState, BurnAlert, StatsSnapshot
 
 ASYNCAPI_VERSION = "3.0.0"
@@ -83,6 +84,23 @@ class EndpointLatency(msgspec.Struct, frozen=True):
     p99: float
 
 
+class EndpointCanary(msgspec.Struct, frozen=True, kw_only=True):
+    """The canary of the endpoint's slice in this worker (README, "Canary runs")."""
+
+    #: The share variable, e.g. LUKHAS_CANARY_GOVERNANCE_LEDGER.
+    variable: str | None
+    state: Literal["off", "running", "rolled_back", "full"]
+    configured_percent: float
+    #: The share the canary arm takes now (0 unless running).
+    percent: float
+    #: Arms by data subject (stateful slices) rather than drawn per call.
+    sticky: bool
+    #: Calls each arm served in this worker.
+    served: dict[str, int]
+    #: Once rolled back: `reason`, `message`, `emit_point`, `at` (epoch s), `by` (worker id).
+    rollback: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+
+
 class EndpointStatsData(msgspec.Struct, frozen=True, kw_only=True):
     """The `data` of an endpoint's stats: what nats.micro's averages cannot give."""
 
@@ -104,6 +122,7 @@ class EndpointStatsData(msgspec.Struct, frozen=True, kw_only=True):
     budget_ms: float | msgspec.UnsetType = msgspec.UNSET
     #: The measured time between two requests served (the service rate's inverse), µs.
     service_interval_us: float | msgspec.UnsetType = msgspec.UNSET
+    canary: EndpointCanary | msgspec.UnsetType = msgspec.UNSET
 
 
 class MicroEndpointStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -412,6 +431,15 @@ class _Document:
             summary="An observability worker's mergeable aggregate, for its peers.",
             description="Each observability worker publishes its state every check interval.",
             parameters={"worker_id": {"description": "The publishing worker's id."}},
+        )
+        self.publish(
+            "control.canary.rollback", subjects.CANARY_ROLLBACK,
+            self.struct_message(Rollback),
+            summary="Stop a slice's canary: every call goes to the baseline from now on.",
+            description="Published by an observability worker when a canary arm is worse "
+            "than its baseline (error rate, or p95 over the manifest SLA); every slice worker "
+            "subscribes (no queue group) and stops the named slice's canary at once. See "
+            "README, \"Canary runs\".",
         )
 
     def add_discovery(self) -> None:

@@ -49,9 +49,10 @@ class ConsentLedger(ConsentProvider, Protocol):
 _null = NullConsentProvider()
 
 #: The slice's registry: the null provider unless FEATURE_GOVERNANCE_LEDGER is on outside
-#: DRY_RUN and a real provider is registered.
+#: DRY_RUN and a real provider is registered. The ledger holds state, so its canary is sticky:
+#: one data subject's records all go to one arm.
 REGISTRY: ProviderRegistry[ConsentProvider] = ProviderRegistry(
-    "feature_governance_ledger", lambda settings: _null
+    "feature_governance_ledger", lambda settings: _null, sticky=True
 )
 register = REGISTRY.register
 reset = REGISTRY.reset

@@ -44,9 +44,10 @@ def _builtin(settings: Settings) -> PasskeyProvider:
 
 
 #: The slice's registry: the null provider unless FEATURE_IDENTITY_PASSKEY is on outside
-#: DRY_RUN and a real provider is registered.
+#: DRY_RUN and a real provider is registered. Credentials and challenges are state, so its
+#: canary is sticky: one user's ceremonies all go to one arm.
 REGISTRY: ProviderRegistry[PasskeyProvider] = ProviderRegistry(
-    "feature_identity_passkey", _builtin
+    "feature_identity_passkey", _builtin, sticky=True
 )
 register = REGISTRY.register
 reset = REGISTRY.reset
