@@ -3,6 +3,7 @@ and every reply the suite sees matches its published schema (the AsyncAPI docume
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,7 +12,11 @@ import msgspec
 import pytest
 
 from lukhas.observability.matriz_emit import MatrizEmitter, MatrizNode
-from lukhas.testing import matriz_schema
+from lukhas.testing import TEST_QUEUE_BUDGET_MS, matriz_schema
+
+# Worker processes the tests start read their settings from the environment: the same
+# generous queue budget as in-process test services (see lukhas.testing).
+os.environ.setdefault("LUKHAS_WORKER_QUEUE_BUDGET_MS", f"{TEST_QUEUE_BUDGET_MS:g}")
 
 #: Raw user ids the tests use all start with this, so any leak is easy to spot.
 RAW_USER_PREFIX = "usr_"

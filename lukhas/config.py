@@ -191,6 +191,7 @@ KNOWN_VARIABLES: tuple[str, ...] = (
     "LUKHAS_TENANT",
     "LUKHAS_WORKER_CONCURRENCY",
     "LUKHAS_WORKER_MAX_PENDING",
+    "LUKHAS_WORKER_QUEUE_BUDGET_MS",
     "LUKHAS_REQUEST_MAX_BYTES",
     "LUKHAS_MATRIZ_BUFFER",
     "LUKHAS_METRICS_PORT",
@@ -274,6 +275,8 @@ class Settings:
     tenant: str = "default"
     worker_concurrency: int = 256
     worker_max_pending: int = 65_536
+    #: Every endpoint's queue budget (ms) instead of its manifest's p95 SLA; None: the SLA.
+    worker_queue_budget_ms: float | None = None
     request_max_bytes: int = 1_048_576
     matriz_buffer: int = 65_536
     metrics_port: int = 9464
@@ -406,6 +409,9 @@ class Settings:
             tenant=_text(env, "LUKHAS_TENANT") or "default",
             worker_concurrency=_number(env, "LUKHAS_WORKER_CONCURRENCY", 256, int, minimum=1),
             worker_max_pending=_number(env, "LUKHAS_WORKER_MAX_PENDING", 65_536, int, minimum=1),
+            worker_queue_budget_ms=_number(
+                env, "LUKHAS_WORKER_QUEUE_BUDGET_MS", None, float, minimum=1
+            ),
             request_max_bytes=_number(env, "LUKHAS_REQUEST_MAX_BYTES", 1_048_576, int, minimum=64),
             matriz_buffer=_number(env, "LUKHAS_MATRIZ_BUFFER", 65_536, int, minimum=1),
             metrics_port=port,

@@ -21,10 +21,17 @@ from lukhas.config import Settings
 from lukhas.runtime import Runtime, open_runtime
 from lukhas.subjects import MATRIZ_ALL
 
+#: The queue budget of test services (ms): functional tests check behaviour, not load, and a
+#: busy machine must not make them shed; overload tests set their own budgets.
+TEST_QUEUE_BUDGET_MS = 10_000.0
+
 
 def dry_run_settings(**overrides: Any) -> Settings:
     """Settings for an offline DRY_RUN process, with `overrides` applied."""
-    base = Settings(dry_run=True, offline=True, pseudonym_key="test-pseudonym-key")
+    base = Settings(
+        dry_run=True, offline=True, pseudonym_key="test-pseudonym-key",
+        worker_queue_budget_ms=TEST_QUEUE_BUDGET_MS,
+    )
     return dataclasses.replace(base, **overrides)
 
 

@@ -17,7 +17,7 @@ from bus import open_nats_bus
 from bus.nats import NatsBus
 from lukhas.config import Settings
 from lukhas.runtime import Runtime
-from lukhas.testing import MatrizRecorder
+from lukhas.testing import TEST_QUEUE_BUDGET_MS, MatrizRecorder
 from lukhas.transparency.note import Signer
 
 PSEUDONYM_KEY = "test-candidate-pseudonym-key-0123456789"
@@ -114,7 +114,8 @@ def nats_settings(nats_url: str, **overrides: Any) -> Settings:
     return dataclasses.replace(
         Settings(nats_url=nats_url, pseudonym_key=PSEUDONYM_KEY,
                  ledger_signing_key=LEDGER_SIGNING_KEY, ledger_wrapping_key=LEDGER_WRAPPING_KEY,
-                 tenant=f"test-{secrets.token_hex(4)}"),
+                 tenant=f"test-{secrets.token_hex(4)}",
+                 worker_queue_budget_ms=TEST_QUEUE_BUDGET_MS),
         **overrides
     )
 

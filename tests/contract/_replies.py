@@ -4,7 +4,8 @@
 observability stats) and checks a reply against the payloads its reply may take, strictly:
 a field the schema does not list is a problem too (the document says every field a reply
 carries; new fields must be declared in the slice's reply Struct). An error reply must come
-with the nats.micro error headers, and only an error reply may.
+with the nats.micro error headers, and only an error reply or an `overloaded` refusal (which
+carries them so standard NATS tooling counts the shed request) may.
 
 The suite-wide hook in the root conftest records what the slice service sends and what the
 public Python API returns, and checks it all at the end of the session.
@@ -94,12 +95,14 @@ class ReplyAudit:
             found.append(f"{subject}: reply {_clip(data)} matches none of its published shapes: "
                          + "; ".join(_explain(e) for e in errors))
         if headers is not None:
-            is_error = isinstance(reply, dict) and reply.get("ok") is False and "error" in reply
+            refused = isinstance(reply, dict) and reply.get("ok") is False
+            is_error = refused and "error" in reply
+            shed = refused and reply.get("reason") == "overloaded"
             has_headers = ERROR_HEADER in headers and ERROR_CODE_HEADER in headers
-            if is_error and not has_headers:
+            if (is_error or shed) and not has_headers:
                 found.append(f"{subject}: error reply without the nats.micro error headers "
                              f"{dict(headers)}: {_clip(data)}")
-            elif has_headers and not is_error:
+            elif has_headers and not (is_error or shed):
                 found.append(f"{subject}: nats.micro error headers on a reply that is not an "
                              f"error {dict(headers)}: {_clip(data)}")
         return found

@@ -109,8 +109,13 @@ class _Queued(NamedTuple):
     env: Envelope
 
 
-def endpoint_budgets_ms(endpoints: tuple[Served, ...]) -> dict[str, float]:
-    """Each endpoint's budget (ms): its manifest's p95 SLA, else DEFAULT_BUDGET_MS."""
+def endpoint_budgets_ms(
+    endpoints: tuple[Served, ...], override_ms: float | None = None
+) -> dict[str, float]:
+    """Each endpoint's budget (ms): `override_ms` (LUKHAS_WORKER_QUEUE_BUDGET_MS) when set,
+    else its manifest's p95 SLA, else DEFAULT_BUDGET_MS."""
+    if override_ms is not None:
+        return {ep.subject: override_ms for ep in endpoints}
     slas = sla_by_emit_point(load_manifests())
     return {
         ep.subject: slas.get(ep.endpoint.emit_point.name, DEFAULT_BUDGET_MS) for ep in endpoints
@@ -152,7 +157,9 @@ class SliceService:
         #: Messages without a reply subject on read-only endpoints: counted, not handled.
         self._unawaited = {ep.subject: 0 for ep in self._endpoints if ep.endpoint.read_only}
         self._clock = clock
-        budgets = endpoint_budgets_ms(self._endpoints)
+        budgets = endpoint_budgets_ms(
+            self._endpoints, runtime.settings.worker_queue_budget_ms
+        )
         self._lanes = {
             ep.subject: Lane(budget_ns=int(budgets[ep.subject] * 1e6)) for ep in self._endpoints
         }
