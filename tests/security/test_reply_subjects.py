@@ -138,3 +138,34 @@ async def test_the_slice_service_answers_only_requester_inboxes(auth: AuthServer
         "io.nats.micro.v1.ping_response"] * 2
     assert stats.refused_replies == len(FORGED_REPLIES) + 1
     assert client.violations() == []
+
+
+async def test_the_observability_stats_responder_answers_only_requester_inboxes(
+    auth: AuthServer,
+) -> None:
+    from workers.service.observability import ObservabilityWorker
+
+    settings = auth.settings("observability", dry_run=True)
+    client = await watched(auth, "client")
+    try:
+        async with connect(settings) as bus, victims(auth) as received:
+            worker = ObservabilityWorker(bus, settings, metrics_port=None)
+            async with anyio.create_task_group() as tg:
+                await tg.start(worker.run)
+                for reply in FORGED_REPLIES:
+                    await client.nc.publish(subjects.OBSERVABILITY_STATS, b"", reply=reply)
+                # Answered after the forged ones (one subscription, in order).
+                legit = await client.nc.request(subjects.OBSERVABILITY_STATS, b"", timeout=10)
+                stats = worker.statistics()
+                await worker.stop()
+    finally:
+        await client.nc.close()
+    snapshot_keys = set(json.loads(legit.data))
+    assert snapshot_keys
+    # The worker's own inbox also carries its JetStream API answers: no stats snapshot there.
+    assert received[0] == [] and received[2] == []
+    assert not [m for m in received[1]
+                if m and snapshot_keys <= set(json.loads(m))], "a forged reply was answered"
+    assert stats.refused_replies == len(FORGED_REPLIES)
+    assert stats.stats_requests == 1
+    assert client.violations() == []

@@ -36,6 +36,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from anyio.abc import TaskStatus
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -61,6 +62,7 @@ from workers.service._canary import CanaryJudge, CanaryPolicy
 from workers.service._livefeed import LiveFeed
 from workers.service._manifests import load_manifests, sla_by_emit_point
 from workers.service._metrics import MatrizCollector, MetricsServer
+from workers.service._overload import SERVICE_INBOXES, reply_allowed
 from workers.service._slo import BurnAlert, SloSettings, slo_by_emit_point
 from workers.service.streams import (
     MATRIZ_MAX_AGE_S,
@@ -95,6 +97,25 @@ _PEER_EXPIRY_INTERVALS = 3
 _MAX_PEERS = 64
 #: Gaps kept in the record of aggregated stream sequences before the oldest are forgotten.
 _MAX_SEEN_RANGES = 1024
+
+
+_ACK = b"+ACK"
+
+
+def _stream_sequence(reply: str | None) -> int | None:
+    """The stream sequence in a JetStream ack subject (v1 `$JS.ACK.<stream>.<consumer>.
+    <delivered>.<sseq>.<cseq>.<ts>.<pending>` or v2 with domain and account hash), or None."""
+    if not reply or not reply.startswith("$JS.ACK."):
+        return None
+    tokens = reply.split(".")
+    try:
+        if len(tokens) == 9:
+            return int(tokens[5])
+        if len(tokens) >= 11:
+            return int(tokens[7])
+    except ValueError:
+        return None
+    return None
 
 
 class _SeenSequences:
@@ -146,6 +167,8 @@ class ObservabilityStatistics(NamedTuple):
     peers: int
     #: Nodes the plain subscription lost to a full buffer (0 on JetStream).
     subscription_dropped: int
+    #: Stats requests not answered because their reply subject is not a requester's inbox.
+    refused_replies: int = 0
 
 
 class ObservabilityWorker:
@@ -239,6 +262,7 @@ class ObservabilityWorker:
         self._next_stream_seq: int | None = None
         self._seen = _SeenSequences()
         self._stats_requests = 0
+        self._refused_replies = 0
 
     # -- public surface ----------------------------------------------------------------------
 
@@ -290,6 +314,7 @@ class ObservabilityWorker:
             alerts=alerts,
             peers=len(self.peer_states()),
             subscription_dropped=0 if nodes_sub is None else nodes_sub.statistics().dropped,
+            refused_replies=self._refused_replies,
         )
 
     async def check_slos(self) -> list[BurnAlert]:
@@ -469,24 +494,49 @@ class ObservabilityWorker:
                     pull = await self._reopen_pull(pull)
                     continue
                 retry_s = _RETRY_MIN_S
-                for msg in msgs:
-                    if self._seen.add(msg.metadata.sequence.stream):
-                        self._aggregate.ingest(msg.data)
-                        self.canary.observe(msg.data)
-                        self._consumed += 1
-                    else:  # a redelivery of a node counted already: just ack it again
-                        logger.debug("skipping redelivered MATRIZ node %s", msg.metadata.sequence)
-                try:
-                    for msg in msgs:  # after aggregation: an unacked node is redelivered
-                        await msg.ack()
-                        self._acked += 1
-                        self._next_stream_seq = msg.metadata.sequence.stream + 1
-                except nats.errors.ConnectionClosedError:
-                    logger.warning("NATS connection closed before acking; the batch will replay")
+                if not await self._take_batch(msgs):
                     return
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5.0):
                 await self._close_pull(pull)
+
+    async def _take_batch(self, msgs: list[Msg]) -> bool:
+        """Aggregate a fetched batch, then ack all of it in one write; False if closed.
+
+        The hot path: each node's stream sequence is read from its ack subject without
+        building nats-py's metadata, its payload is decoded once (by the aggregate), and the
+        acks go out together (`publish_batch`) after aggregation, so an unacked node is
+        redelivered and recognised by its sequence rather than counted twice.
+        """
+        seen, aggregate, canary = self._seen.add, self._aggregate.ingest, self.canary.observe
+
+        def ingest(data: bytes) -> None:
+            aggregate(data)
+            canary(data)
+
+        acks: list[tuple[str, bytes]] = []
+        seq = 0
+        for msg in msgs:
+            seq = _stream_sequence(msg.reply)
+            if seq is None:  # not a JetStream delivery: nothing to ack, count it once
+                ingest(msg.data)
+                self._consumed += 1
+                continue
+            if seen(seq):
+                ingest(msg.data)
+                self._consumed += 1
+            else:  # a redelivery of a node counted already: just ack it again
+                logger.debug("skipping redelivered MATRIZ node %d", seq)
+            acks.append((msg.reply, _ACK))
+        try:
+            await self._bus.publish_batch(acks)
+        except BusError as exc:
+            logger.warning("could not ack a MATRIZ batch (%s); it will replay", exc)
+            return not self._bus.is_closed
+        self._acked += len(acks)
+        if acks:
+            self._next_stream_seq = seq + 1
+        return True
 
     async def _reopen_pull(
         self, pull: JetStreamContext.PullSubscription
@@ -533,8 +583,19 @@ class ObservabilityWorker:
                 logger.debug("malformed drop report on %s skipped", env.subject)
 
     async def _serve_stats(self, sub: Subscription) -> None:
+        """Answer stats requests, only on a requester's inbox (as the slice service does):
+        NATS does not check reply subjects, so anything else could make this worker publish
+        where the requester may not (alerts, another worker's inbox)."""
+        own = self._bus.new_inbox().partition(".")[0]
+        refused = SERVICE_INBOXES | ({own} if own != "_INBOX" else set())
         async for env in sub:
             if env.reply is None:
+                continue
+            if not reply_allowed(env.reply, refused):
+                self._refused_replies += 1
+                if self._refused_replies == 1 or self._refused_replies % 1000 == 0:
+                    logger.warning("refused a stats request whose reply subject is not an "
+                                   "inbox (%d refused so far)", self._refused_replies)
                 continue
             self._stats_requests += 1
             try:

@@ -59,34 +59,88 @@ class InflightGate:
         return GateStatistics(in_flight, self._max, self._refused)
 
 
+class _Flush:
+    """One flush generation: what it covers and how it ended (set once, then read-only)."""
+
+    __slots__ = ("done", "error", "target")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.target = 0
+        self.error: BaseException | None = None
+
+
 class FlushConfirmer:
     """Confirms core publishes by group flush: one bus round trip covers every publish before it.
 
-    Each caller records its publish with `published()` and awaits `confirmed(seq)`. The first
-    waiter with no flush in progress leads a flush; publishes made during that flush wait
-    for the next one, so confirmation never claims more than the server has seen.
+    Each caller records its publish with `published()` and awaits `confirmed(seq)`. At most
+    one flush runs at a time and covers every publish made before it started; a caller whose
+    publish it covers parks on that flush's event. Callers published after it started park on
+    the *next* flush, whose leader (the first of them) starts it as soon as the running one
+    ends, so every caller waits on exactly one event and confirmation never claims more than
+    the server has seen. A failed flush fails every caller it covered; a cancelled leader
+    leaves its callers to try again.
     """
+
+    __slots__ = ("_confirmed", "_flush", "_inflight", "_next", "_published", "flushes")
 
     def __init__(self, flush: Callable[[], object]) -> None:
         self._flush = flush
         self._published = 0
         self._confirmed = 0
-        self._flushing: anyio.Event | None = None
+        self._inflight: _Flush | None = None
+        self._next: _Flush | None = None
+        #: Flushes made, for tests and benches (calls / flushes = the coalescing factor).
+        self.flushes = 0
 
     def published(self) -> int:
         self._published += 1
         return self._published
 
     async def confirmed(self, seq: int) -> None:
+        """Return once a flush started after publish `seq` has completed.
+
+        Raises:
+            BusError: the flush covering `seq` failed (e.g. `RequestTimeout`,
+                `PermissionDenied`).
+        """
         while self._confirmed < seq:
-            if self._flushing is not None:
-                await self._flushing.wait()
+            inflight = self._inflight
+            if inflight is not None and seq <= inflight.target:
+                await inflight.done.wait()
+                if inflight.error is not None:
+                    raise inflight.error
                 continue
-            done = self._flushing = anyio.Event()
-            target = self._published
-            try:
-                await self._flush()  # type: ignore[misc]
-                self._confirmed = max(self._confirmed, target)
-            finally:
-                self._flushing = None
-                done.set()
+            upcoming = self._next
+            if upcoming is not None:
+                await upcoming.done.wait()
+                if upcoming.error is not None:
+                    raise upcoming.error
+                continue
+            gen = _Flush()
+            if inflight is not None:
+                # Lead the next flush once the running one ends.
+                self._next = gen
+                try:
+                    await inflight.done.wait()
+                except BaseException:
+                    self._next = None
+                    gen.done.set()  # its waiters loop and one of them leads instead
+                    raise
+                self._next = None
+            await self._lead(gen)
+
+    async def _lead(self, gen: _Flush) -> None:
+        gen.target = self._published
+        self._inflight = gen
+        self.flushes += 1
+        try:
+            await self._flush()  # type: ignore[misc]
+            if gen.target > self._confirmed:
+                self._confirmed = gen.target
+        except Exception as exc:
+            gen.error = exc
+            raise
+        finally:
+            self._inflight = None
+            gen.done.set()
