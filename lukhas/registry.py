@@ -6,7 +6,7 @@ bootstrap runs only under the flag outside DRY_RUN; the accepted lane never impo
 
 A provider needs only the operations it has: the plan's extension point is a class with a
 single `record` method, and that registers fine. An operation the provider lacks answers
-`{"ok": false, "reason": "not_supported"}` (see `ProviderRegistry.operation`).
+`{"ok": false, "reason": "not_supported"}` (see `ProviderRegistry.call`).
 
 Canary runs (plan §10.1). With the flag off and `LUKHAS_CANARY_<SLICE>` = N > 0 (outside
 DRY_RUN, with the real provider wired), N percent of calls go to the real provider (the
