@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import nats.errors
 
+from bus.nats import jetstream
+from candidate._jetstream import jetstream_of
 from lukhas.errors import ConfigError
 from lukhas.governance.consent_ledger import registry as consent_registry
 from lukhas.identity.passkey import registry as passkey_registry
@@ -126,7 +128,7 @@ async def share_rate_limits(runtime: Runtime) -> bool:
     if runtime.settings.dry_run or runtime.bus.backend != "nats":
         return False
     try:
-        store = await open_lease_store(runtime.bus.jetstream(), runtime.settings)  # type: ignore[attr-defined]
+        store = await open_lease_store(jetstream(runtime.bus), runtime.settings)
     except nats.errors.Error as exc:
         logger.warning(
             "rate limits stay per process: KV bucket %s unavailable (%s: %s)",
@@ -169,23 +171,6 @@ async def _wire_handoff(runtime: Runtime) -> None:
     await ensure_handoff_stream(js, replicas=runtime.settings.ledger_replicas)
     context_registry.register(DurableHandoffPublisher(js))
     logger.info("%s: handoffs go through JetStream stream %s", flag, HANDOFF_STREAM)
-
-
-def jetstream_of(runtime: Runtime, flag: str, what: str) -> Any:
-    """The runtime bus's JetStream context, for a provider that `flag` turned on.
-
-    Raises:
-        ConfigError: the bus is not NATS (OFFLINE, or the memory bus).
-    """
-    jetstream = getattr(runtime.bus, "jetstream", None)
-    if runtime.bus.backend != "nats" or jetstream is None:
-        raise ConfigError(
-            flag,
-            "true",
-            f"false while the bus is {runtime.bus.backend!r}: {what} needs NATS with "
-            "JetStream (unset LUKHAS_OFFLINE and give NATS_URL, or let `lukhas up` start one)",
-        )
-    return jetstream()
 
 
 def _refuse_test_doubles(passkey_provider: str) -> None:
