@@ -2,33 +2,33 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lukhas.manifest import manifest_paths
+import msgspec
+
+from lukhas.manifest import load_manifest, manifest_paths
 
 logger = logging.getLogger(__name__)
 
 
 def load_manifests(root: Path | None = None) -> list[dict[str, Any]]:
-    """Every MODULE_MANIFEST.json under `root` (default: the installed `lukhas` package), as
-    plain JSON: the worker needs only the SLA fields (`lukhas verify` checks the full schema).
+    """Every MODULE_MANIFEST.json under `root` (default: the installed `lukhas` package),
+    validated by the manifest schema (`lukhas.manifest.load_manifest`) and handed on as plain
+    JSON, the form injected manifests take too (the worker reads only the SLA fields).
 
     Raises:
-        ValueError: a manifest is not a JSON object.
+        ValueError: a manifest is not valid JSON or does not match the schema.
     """
     manifests = []
     for path in manifest_paths(root):
         try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON: {exc}") from None
-        if not isinstance(manifest, dict):
-            raise ValueError(f"{path}: a manifest must be a JSON object")
-        manifests.append(manifest)
+            manifest = load_manifest(path)
+        except msgspec.DecodeError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        manifests.append(msgspec.to_builtins(manifest))
     return manifests
 
 
