@@ -15,8 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
@@ -26,7 +24,6 @@ from typing import Protocol
 import anyio
 
 from bus import Bus, NatsServer, connect
-from bus import server as _server
 from lukhas.config import Settings
 from lukhas.runtime import Runtime, open_runtime
 from workers.service.bootstrap import unwire_providers, wire_providers
@@ -217,30 +214,6 @@ def check_metrics_port(addr: str, port: int | None) -> None:
     )
 
 
-class OwnSessionNatsServer(NatsServer):
-    """The embedded nats-server in a session of its own.
-
-    A terminal's Ctrl-C goes to its whole foreground process group; a server in that group
-    would die at once, before the service drained over it. In its own session only `lukhas`
-    gets the SIGINT, drains, and then stops the server itself (SIGTERM from `stop()`).
-    """
-
-    # Mirrors NatsServer._spawn, adding only `start_new_session=True`.
-    # TODO(bus): offer this as a NatsServer option so no subclass reaches into internals.
-    def _spawn(self, binary: str) -> None:
-        self._log = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(
-            self._command(binary),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self._finalizer = weakref.finalize(
-            self, _server._terminate, self._proc, self._log, self.stop_timeout, False
-        )
-
-
 @asynccontextmanager
 async def embedded_server(
     settings: Settings, *, port: int | None, data_dir: str | None, force: bool = False
@@ -260,7 +233,12 @@ async def embedded_server(
     store = Path(data_dir or settings.data_dir) / "nats"
     store.mkdir(parents=True, exist_ok=True)
     # Port 0 asks for any free port, which the launcher picks when given none.
-    async with OwnSessionNatsServer(port=port or None, host=host, store_dir=str(store)) as server:
+    # In a session of its own: a terminal's Ctrl-C goes to its whole foreground process group,
+    # and a server in that group would die before the service drained over it. So only
+    # `lukhas` gets the SIGINT, drains, and then stops the server itself.
+    async with NatsServer(
+        port=port or None, host=host, store_dir=str(store), new_session=True
+    ) as server:
         logger.info("embedded nats-server on %s (JetStream store %s)", server.url, store)
         yield replace(settings, nats_url=server.url)
 
