@@ -118,8 +118,10 @@ async def ensure_kv(
     replicas: int,
     ttl_s: float | None = None,
     history: int = 1,
+    max_bytes: int | None = None,
+    max_value_size: int | None = None,
 ) -> KeyValue:
-    """Open the KV bucket, creating it first if it is missing."""
+    """Open the KV bucket, creating it first if it is missing (with these bounds, if any)."""
     try:
         return await js.key_value(bucket)
     except BucketNotFoundError:
@@ -130,10 +132,13 @@ async def ensure_kv(
         ttl=ttl_s,
         replicas=replicas,
         storage=StorageType.FILE,
+        max_bytes=max_bytes,
+        max_value_size=max_value_size,
     )
     try:
         kv = await js.create_key_value(config)
-        logger.info("created KV bucket %s (replicas %s, ttl %ss)", bucket, replicas, ttl_s)
+        logger.info("created KV bucket %s (replicas %s, ttl %ss, max %s bytes)",
+                    bucket, replicas, ttl_s, max_bytes)
         return kv
     except APIError as exc:
         if exc.err_code != _STREAM_NAME_IN_USE:

@@ -10,16 +10,14 @@ from typing import Literal
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import (
     APIError,
-    BucketNotFoundError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
 )
 from nats.js.kv import KeyValue
 
-from candidate._jetstream import WRONG_LAST_SEQUENCE
+from candidate._jetstream import WRONG_LAST_SEQUENCE, ensure_kv
 from candidate.identity.passkey._ceremony import Refused, b64url
 
 logger = logging.getLogger(__name__)
@@ -34,8 +32,6 @@ _MAX_VERBATIM_KEY = 200
 _CAS_ATTEMPTS = 64
 #: Largest value a challenge or grant record may take (they are about 300 bytes).
 MAX_RECORD_BYTES = 2048
-#: "stream name already in use" (a concurrent creator got there first).
-_STREAM_NAME_IN_USE = 10058
 
 
 async def ensure_bounded_kv(
@@ -45,21 +41,10 @@ async def ensure_bounded_kv(
     `ttl_s`, the bucket holds at most `max_bytes` and each value at most MAX_RECORD_BYTES.
     JetStream's KV streams discard new writes when full, so a flood is refused, never stored.
     A bucket made before these bounds existed gets them (its stream config is updated)."""
-    config = KeyValueConfig(
-        bucket=bucket, history=1, ttl=ttl_s, replicas=replicas, storage=StorageType.FILE,
-        max_bytes=max_bytes, max_value_size=MAX_RECORD_BYTES,
+    kv = await ensure_kv(
+        js, bucket, replicas=replicas, ttl_s=ttl_s, max_bytes=max_bytes,
+        max_value_size=MAX_RECORD_BYTES,
     )
-    try:
-        kv = await js.key_value(bucket)
-    except BucketNotFoundError:
-        try:
-            kv = await js.create_key_value(config)
-            logger.info("created KV bucket %s (ttl %ss, max %s bytes)", bucket, ttl_s, max_bytes)
-            return kv
-        except APIError as exc:
-            if exc.err_code != _STREAM_NAME_IN_USE:
-                raise
-            kv = await js.key_value(bucket)
     info = await js.stream_info(f"KV_{bucket}")
     current = info.config
     if current.max_bytes != max_bytes or current.max_msg_size != MAX_RECORD_BYTES:
