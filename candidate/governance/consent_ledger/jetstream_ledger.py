@@ -57,7 +57,6 @@ from nats.js.api import (
     DeliverPolicy,
     DiscardPolicy,
     Header,
-    PubAck,
     RawStreamMsg,
     RetentionPolicy,
     StorageType,
@@ -80,6 +79,7 @@ from candidate._jetstream import (
     protection_gaps,
 )
 from candidate.governance.consent_ledger import _chain, _dpv, _state, _tiles
+from candidate.governance.consent_ledger._pipeline import Pipeline, StoredMsg, TooManyResults
 from candidate.governance.consent_ledger.errors import (
     LedgerContention,
     LedgerStreamWeakened,
@@ -132,6 +132,9 @@ ERASURE_SCOPE = "$erasure"
 RECORD_VERSION = 2
 
 _READ_BATCH = 512
+#: Data subjects per multi-last read, and the most last-records one read may answer.
+_MULTI_LAST_SUBJECTS = 256
+_MULTI_LAST_RESULTS = 100_000
 _READ_UNAVAILABLE_RETRIES = 50
 _KV_REMOVED = frozenset({"DEL", "PURGE"})
 _LEASE_KEY = "lease"
@@ -163,7 +166,7 @@ class LedgerOptions:
     #: the writer hands the lease back, and on request).
     checkpoint_interval_s: float = 1.0
     #: Records signed and published per round.
-    max_batch: int = 64
+    max_batch: int = 256
     #: How long a lease holds without renewal (a crashed writer blocks others this long).
     lease_s: float = 5.0
     #: How long a writer keeps the lease after its queue drains, for the next request.
@@ -268,7 +271,9 @@ class JetStreamConsentLedger:
         self._queue: list[_Item] = []
         self._wake = anyio.Event()
         self._writer: asyncio.Task[None] | None = None
-        self._pipeline: _Pipeline | None = None
+        self._pipeline: Pipeline | None = None
+        # The stream answers multi-last direct gets (allow_direct; older streams may not).
+        self._direct = False
         self._tree_ok = False
         self._lease_rev: int | None = None
         self._lease_until = 0.0
@@ -322,6 +327,7 @@ class JetStreamConsentLedger:
             discard=DiscardPolicy.NEW,
             deny_delete=True,
             deny_purge=True,
+            allow_direct=True,
         )
 
     async def ensure(self) -> None:
@@ -332,6 +338,7 @@ class JetStreamConsentLedger:
         if gaps:
             logger.error("consent ledger stream %s is weakened: %s", required.name, gaps)
             raise LedgerStreamWeakened(self.options.stream, gaps)
+        self._direct = bool(info.config.allow_direct)
         replicas = self.options.replicas
         self._kv = await ensure_kv(self._js, self.options.state_bucket, replicas=replicas)
         self._tree_kv = await ensure_kv(self._js, self.options.tree_bucket, replicas=replicas)
@@ -1091,18 +1098,75 @@ class JetStreamConsentLedger:
     async def _load_for(self, batch: list[_Item]) -> None:
         """Read, for the batch, what the writer does not know yet: chain tails, the scopes'
         latest records (every key version), data keys."""
-        tails = sorted({i.pseudonym for i in batch if i.kind != "checkpoint"} - set(self._tails))
+        tails = sorted({i.pseudonym for i in batch
+                        if i.kind != "checkpoint" and i.pseudonym not in self._tails})
         scopes = sorted({(p, i.fields["scope"]) for i in batch if i.kind == "write"
-                         for p in i.versions} - set(self._scopes))
-        wanted_keys = sorted({i.pseudonym for i in batch if i.kind == "write" and i.metadata}
-                             - {p for p, k in self._data_keys.items() if k is not None})
-        # One read per data subject: its chain's last record is also its scope's latest when
-        # it is on that scope (or when the subject has no record at all).
-        found = await _gather(
-            *(lambda p=p: self._chain_tail(p) for p in tails),
-            *(lambda p=p: self._data_key(p, create=True) for p in wanted_keys),
+                         for p in i.versions if (p, i.fields["scope"]) not in self._scopes})
+        wanted_keys = sorted({i.pseudonym for i in batch if i.kind == "write" and i.metadata
+                              and self._data_keys.get(i.pseudonym) is None})
+        readers = sorted(set(tails) | {p for p, _ in scopes})
+        lasts, found = await _gather(
+            lambda: self._last_records(readers),
+            lambda: _gather(*(lambda p=p: self._data_key(p, create=True)
+                              for p in wanted_keys)),
         )
-        for p, (tail, last) in zip(tails, found[: len(tails)], strict=True):
+        for p, data_key in zip(wanted_keys, found, strict=True):
+            self._data_keys[p] = data_key
+        slow: set[str] = set()
+        for p in readers:
+            opened = [self._open(m.seq, m.subject, m.data) for m in lasts.get(p, ())]
+            if p not in lasts or any(o.problem is not None for o in opened):
+                slow.add(p)  # a forged last record, or no batched read: read one by one
+                continue
+            last = max(opened, key=lambda o: o.seq, default=None)
+            if p in tails:
+                self._tails[p] = _chain.GENESIS if last is None else str(last.body["hash"])
+            on = {str(o.body["scope"]): (o.seq, o.body) for o in opened if o.body is not None}
+            for key in scopes:
+                if key[0] == p:
+                    self._scopes[key] = on.get(key[1])
+        await self._load_one_by_one([p for p in tails if p in slow],
+                                    [key for key in scopes if key[0] in slow])
+
+    async def _last_records(self, pseudonyms: Sequence[str]) -> dict[str, list[StoredMsg]]:
+        """Every scope's last stream message of each data subject, read in batched
+        multi-last direct gets; {} (read one by one instead) where the stream or server
+        cannot answer them."""
+        if not self._direct or not pseudonyms:
+            return {}
+        out: dict[str, list[StoredMsg]] = {p: [] for p in pseudonyms}
+        chunks = [pseudonyms[i:i + _MULTI_LAST_SUBJECTS]
+                  for i in range(0, len(pseudonyms), _MULTI_LAST_SUBJECTS)]
+        pipeline = self._publisher()
+        futures = [await pipeline.last_per_subject(
+            self.options.stream, [self._chain_subjects(p) for p in chunk],
+            batch=_MULTI_LAST_RESULTS) for chunk in chunks]
+        try:
+            with anyio.fail_after(self.options.timeout_s):
+                results = await _settle(futures)
+        finally:
+            pipeline.forget(futures)
+        start = len(self.options.subject_prefix) + 1
+        for chunk, result in zip(chunks, results, strict=True):
+            if isinstance(result, TooManyResults | NoStreamResponseError):
+                logger.info("consent ledger: batched read refused (%s), reading one by one",
+                            result)
+                for p in chunk:
+                    out.pop(p, None)
+                continue
+            if isinstance(result, BaseException):
+                raise result
+            for msg in result:
+                pseudonym = msg.subject[start:].partition(".")[0]
+                if pseudonym in out:
+                    out[pseudonym].append(msg)
+        return out
+
+    async def _load_one_by_one(self, tails: list[str], scopes: list[tuple[str, str]]) -> None:
+        """The slow path of `_load_for`: a data subject's last record through its chain
+        (skipping forged records), then each scope's own latest where that was not it."""
+        found = await _gather(*(lambda p=p: self._chain_tail(p) for p in tails))
+        for p, (tail, last) in zip(tails, found, strict=True):
             self._tails[p] = tail
             if last is None:
                 for key in scopes:
@@ -1110,8 +1174,6 @@ class JetStreamConsentLedger:
                         self._scopes[key] = None
             elif (p, last[1]["scope"]) in scopes:
                 self._scopes[(p, last[1]["scope"])] = last
-        for p, data_key in zip(wanted_keys, found[len(tails):], strict=True):
-            self._data_keys[p] = data_key
         rest = [key for key in scopes if key not in self._scopes]
         latest = await _gather(*(lambda p=p, s=s: self._scope_latest(p, s) for p, s in rest))
         for key, (last, _) in zip(rest, latest, strict=True):
@@ -1437,9 +1499,9 @@ class JetStreamConsentLedger:
             raise RuntimeError("JetStreamConsentLedger.ensure() was not awaited before use")
         return self._kv
 
-    def _publisher(self) -> _Pipeline:
+    def _publisher(self) -> Pipeline:
         if self._pipeline is None:
-            self._pipeline = _Pipeline(self._js._nc)
+            self._pipeline = Pipeline(self._js._nc)
         return self._pipeline
 
     def _tree(self) -> KeyValue:
@@ -1454,57 +1516,6 @@ class JetStreamConsentLedger:
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
-
-
-class _Pipeline:
-    """Pipelined JetStream publishes: sent in order, each acknowledged on its own future.
-
-    (nats-py's `publish_async` loses the future when the server answers with an error, e.g.
-    a wrong expected last sequence, so the writer keeps its own small version.)
-    """
-
-    def __init__(self, nc: Any) -> None:
-        self._nc = nc
-        self._prefix: str | None = None
-        self._futures: dict[str, asyncio.Future[Any]] = {}
-        self._next = 0
-
-    async def publish(self, subject: str, payload: bytes,
-                      headers: dict[str, str]) -> asyncio.Future[Any]:
-        if self._prefix is None:
-            prefix = self._nc.new_inbox()
-            await self._nc.subscribe(f"{prefix}.*", cb=self._on_reply)
-            self._prefix = prefix
-        self._next += 1
-        token = str(self._next)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._futures[token] = future
-        await self._nc.publish(subject, payload, reply=f"{self._prefix}.{token}",
-                               headers=headers)
-        return future
-
-    async def _on_reply(self, msg: Any) -> None:
-        future = self._futures.pop(msg.subject.rsplit(".", 1)[-1], None)
-        if future is None or future.done():
-            return
-        if msg.headers and msg.headers.get("Status") == "503":
-            future.set_exception(NoStreamResponseError())
-            return
-        try:
-            resp = msgspec.json.decode(msg.data)
-            if "error" in resp:
-                err = resp["error"]
-                future.set_exception(APIError(code=err.get("code"), err_code=err.get("err_code"),
-                                              description=err.get("description")))
-            else:
-                future.set_result(PubAck.from_response(resp))
-        except (msgspec.DecodeError, TypeError, KeyError) as exc:
-            future.set_exception(exc)
-
-    def forget(self, futures: Sequence[asyncio.Future[Any]]) -> None:
-        for token, fut in list(self._futures.items()):
-            if fut in futures:
-                del self._futures[token]
 
 
 class _LeaseBusy(Exception):
