@@ -24,7 +24,8 @@ from lukhas.governance.consent_ledger.api import (
 )
 from lukhas.governance.consent_ledger.messages import ConsentEntry
 from lukhas.observability.pseudonym import Pseudonymizer
-from lukhas.transparency.record import open_leaf
+from lukhas.transparency.note import Signer
+from lukhas.transparency.record import RecordKey, make_leaf, open_leaf, read_leaf
 from tests.candidate._support import (
     LEDGER_SIGNER,
     PSEUDONYM_KEY,
@@ -100,7 +101,7 @@ async def test_the_stream_holds_pseudonyms_never_raw_ids(
         assert info.state.subjects == {subject: 1}
         stored = await js.get_last_msg(names.stream, subject)
         assert uid.encode() not in stored.data
-        body = open_leaf(stored.data, LEDGER_SIGNER.verifier).body
+        body = open_leaf(stored.data, RecordKey.of(LEDGER_SIGNER)).body
         assert body["pseudonym"] == pseudonym
         # Personal data (metadata) is stored only as ciphertext.
         assert b"kept" not in stored.data and "metadata" not in body and "sealed" in body
@@ -159,11 +160,15 @@ async def test_expiry_follows_the_clock(wired: Stack, names: Names) -> None:
 
 def _forge(kind: str, genuine_leaf: bytes, other_pseudonym: str) -> bytes:
     """A record published by an insider with stream access but without the ledger key."""
-    body = open_leaf(genuine_leaf, LEDGER_SIGNER.verifier).body
-    if kind == "edited":  # the genuine signed note with its scope changed
+    record = read_leaf(genuine_leaf, origin=LEDGER_SIGNER.name)  # no key needed to read
+    body = record.body
+    if kind == "edited":  # the genuine tagged record with its scope changed
         return genuine_leaf.replace(b"drive.read", b"every.write")
-    if kind == "replayed":  # a genuine signed record copied verbatim to a new position
+    if kind == "replayed":  # a genuine tagged record copied verbatim to a new position
         return genuine_leaf
+    if kind == "own_key":  # well formed, tagged with a key of the insider's own
+        insider = RecordKey.of(Signer.generate(LEDGER_SIGNER.name))
+        return make_leaf(insider, record.index + 1, {**body, "event": "withdrawn"})
     if kind == "rechained":  # the old format: a JSON record with a recomputed hash
         return _chain.canonical(_chain.seal({**body, "prev_hash": body["hash"]}))
     if kind == "foreign":  # a self-consistent record naming another data subject
@@ -171,7 +176,8 @@ def _forge(kind: str, genuine_leaf: bytes, other_pseudonym: str) -> bytes:
     return b"not a record"
 
 
-@pytest.mark.parametrize("kind", ["edited", "replayed", "rechained", "foreign", "garbage"])
+@pytest.mark.parametrize(
+    "kind", ["edited", "replayed", "own_key", "rechained", "foreign", "garbage"])
 async def test_a_forged_append_is_refused_and_reported(
     wired: Stack, names: Names, kind: str
 ) -> None:

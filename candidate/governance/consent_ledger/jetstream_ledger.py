@@ -1,13 +1,15 @@
-"""The consent ledger on JetStream: signed records in one Merkle tree, checkpoints, proofs.
+"""The consent ledger on JetStream: authenticated records in one Merkle tree, signed
+checkpoints, proofs.
 
 Layout:
 
 * Stream `CONSENT_LEDGER` on `lukhas.ledger.consent.<pseudonym>.<scope token>`: one subject
   per (data subject, scope), named by the keyed pseudonym (never the raw id) and base64url
   of the scope. Deletes, purges, limits and rollups are denied; `ensure()` refuses a stream
-  whose protective config was weakened. Each message is one *leaf*: a C2SP signed note made
-  by `lukhas.transparency.record.make_leaf(signer, index, body)`, so only a holder of
-  `LUKHAS_LEDGER_SIGNING_KEY` can make a record the ledger admits. The body is the record
+  whose protective config was weakened. Each message is one *leaf* made by
+  `lukhas.transparency.record.make_leaf(key, index, body)`: the record's text tagged with an
+  HMAC under a key derived from `LUKHAS_LEDGER_SIGNING_KEY`, so only a holder of that key can
+  make a record the ledger admits. The body is the record
   (pseudonym, scope, DPV event, time, the data subject's `prev_hash` chain link and own
   `hash`; personal data only as `sealed` ciphertext).
 * One RFC 6962 tree over every admitted record, in stream order. Leaf index = tree position;
@@ -23,7 +25,7 @@ Layout:
 One writer at a time: a worker that has records to append takes the KV lease, restores the
 tree from the latest signed checkpoint (checking the tiles against its signed root), replays
 the stream after it (admitting only authenticated records), then appends in batches: each
-batch is signed, published pipelined with `Nats-Expected-Last-Sequence` (so nothing, not even
+batch is tagged, published pipelined with `Nats-Expected-Last-Sequence` (so nothing, not even
 a forger, can slip between the writer's view and the stream), and its completed tiles and
 state values written once. The lease is released (with a checkpoint) when the worker's queue
 drains; other workers wait for it.
@@ -113,7 +115,7 @@ from lukhas.transparency.receipt import (
     receipt_leaf_hash,
     sign_receipt,
 )
-from lukhas.transparency.record import make_leaf, open_leaf
+from lukhas.transparency.record import RecordKey, make_leaf, open_leaf
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +130,7 @@ SUBJECT_PREFIX = "lukhas.ledger.consent"
 CHECKPOINT_FEED = subjects.CONSENT_CHECKPOINT
 #: The scope of erasure records (scopes on the wire cannot start with `$`).
 ERASURE_SCOPE = "$erasure"
-#: Record layout of signed leaves.
+#: Record layout of the leaves' bodies.
 RECORD_VERSION = 2
 
 _READ_BATCH = 512
@@ -238,7 +240,7 @@ class _Prepared:
 
 
 class JetStreamConsentLedger:
-    """`ConsentProvider` on JetStream: signed leaves in a stream, the tree and keys in KV.
+    """`ConsentProvider` on JetStream: tagged leaves in a stream, the tree and keys in KV.
 
     Call `await ensure()` once before use, and `await aclose()` to hand the lease back.
     """
@@ -261,6 +263,7 @@ class JetStreamConsentLedger:
         self.options = options or LedgerOptions()
         self._signer = signer or Signer.generate(keys.DRY_RUN_NAME)
         self._verifier = self._signer.verifier
+        self._record_key = RecordKey.of(self._signer)
         self._wrapping_key = wrapping_key or secrets.token_bytes(32)
         self._clock = clock
         self._kv: KeyValue | None = None
@@ -318,7 +321,7 @@ class JetStreamConsentLedger:
         opts = self.options
         return StreamConfig(
             name=opts.stream,
-            description="LUKHAS consent ledger: signed records, one Merkle tree",
+            description="LUKHAS consent ledger: authenticated records, one Merkle tree",
             subjects=[f"{opts.subject_prefix}.*.*"],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
@@ -397,7 +400,7 @@ class JetStreamConsentLedger:
               index: int | None = None) -> _Opened:
         data = data or b""
         try:
-            leaf = open_leaf(data, self._verifier, index=index)
+            leaf = open_leaf(data, self._record_key, index=index)
         except TransparencyError as exc:
             return _Opened(seq, subject, data, None, None, f"unauthenticated: {exc}")
         body = leaf.body
@@ -1090,7 +1093,7 @@ class JetStreamConsentLedger:
         # a genuine record copied elsewhere in the stream is refused as a replay.
         fields["seq"] = seq
         body = _chain.seal(fields)
-        leaf = make_leaf(self._signer, index, body)
+        leaf = make_leaf(self._record_key, index, body)
         # Later items of the batch see this one (undone if the batch fails: caches cleared).
         self._remember(seq, body)
         return _Prepared(item, leaf, body, index)
