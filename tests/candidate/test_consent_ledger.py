@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import random
 import time
 from typing import Any
 
@@ -365,3 +367,19 @@ def test_chain_verification_is_pure() -> None:
     assert not report.valid and report.broken_at == 2 and report.problem == "prev_hash_mismatch"
     dropped = [good[1]]
     assert _chain.verify(dropped, pseudonym=pseudonym).broken_at == 2
+
+
+def test_canonical_bytes_are_those_of_the_standard_library() -> None:
+    # Chains written before the hash used msgspec must keep verifying: same bytes, always.
+    rng = random.Random(11)
+    alphabet = [chr(i) for i in range(0x80)] + ["é", "\u2028", "\u2029", "😀", "中", "\u0085"]
+
+    def text() -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+
+    for _ in range(5000):
+        fields = {text(): rng.choice([None, True, 12, -5, 10**15, text(), {"a": [1, text()]}])
+                  for _ in range(rng.randint(1, 6))}
+        assert _chain.canonical(fields) == json.dumps(
+            fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode("utf-8")

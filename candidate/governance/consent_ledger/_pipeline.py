@@ -5,6 +5,7 @@ One inbox subscription carries every answer, routed by the reply subject's last 
 * `publish` sends a message to a stream subject and returns a future of its `PubAck` (or of
   the JetStream error, e.g. a wrong expected last sequence: nats-py's `publish_async` loses
   the future in that case, which the writer cannot afford);
+* `publish_atomic` sends messages as one JetStream atomic batch, answered once;
 * `last_per_subject` is one JetStream direct get in *multi-last* form (ADR-31, nats-server
   2.11+, stream `allow_direct`): `{"multi_last": [filters], "batch": n}` answers with the
   last message of every subject matching the filters, in stream order, then a `204 EOB`
@@ -15,6 +16,7 @@ One inbox subscription carries every answer, routed by the reply subject's last 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -65,6 +67,28 @@ class Pipeline:
         reply = await self._register(future)
         await self._nc.publish(subject, payload, reply=reply, headers=headers)
         return future
+
+    async def publish_atomic(
+        self, messages: Sequence[tuple[str, bytes]],
+        headers: Sequence[dict[str, str]] | None = None,
+    ) -> asyncio.Future[PubAck]:
+        """Publish `(subject, payload)` messages as one JetStream atomic batch (ADR-50,
+        nats-server 2.12+, stream `allow_atomic`): the server stores them all, in order and
+        with nothing between them, or none. Only the commit (the last message) is answered:
+        the future ends with its ack (`seq` = the last message's) or the batch's error."""
+        if not messages:
+            raise ValueError("an atomic batch has at least one message")
+        batch_id = uuid.uuid4().hex
+
+        def batch_headers(i: int) -> dict[str, str]:
+            return {**(headers[i] if headers is not None else {}),
+                    "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i + 1)}
+
+        *body, (subject, payload) = messages
+        for i, (s, p) in enumerate(body):
+            await self._nc.publish(s, p, headers=batch_headers(i))
+        commit = batch_headers(len(body)) | {"Nats-Batch-Commit": "1"}
+        return await self.publish(subject, payload, commit)
 
     async def last_per_subject(
         self, stream: str, filters: Sequence[str], *, batch: int

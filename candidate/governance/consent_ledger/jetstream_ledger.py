@@ -75,6 +75,7 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 
 from candidate._jetstream import (
+    allows_atomic,
     ensure_kv,
     ensure_stream,
     jetstream_of,
@@ -138,6 +139,8 @@ _READ_BATCH = 512
 _MULTI_LAST_SUBJECTS = 256
 _MULTI_LAST_RESULTS = 100_000
 _READ_UNAVAILABLE_RETRIES = 50
+#: JetStream's error code for an atomic batch holding an already used `Nats-Msg-Id`.
+_ATOMIC_DUPLICATE_MSG_ID = 10201
 _KV_REMOVED = frozenset({"DEL", "PURGE"})
 _LEASE_KEY = "lease"
 _CHECKPOINT_KEY = "checkpoint"
@@ -221,6 +224,8 @@ class _Item:
     msg_id: str | None = None
     user_id: str = ""
     attempts: int = 0
+    #: Publish on its own, not in an atomic batch (its idempotency key was seen before).
+    one_by_one: bool = False
     done: anyio.Event = field(default_factory=anyio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -277,6 +282,9 @@ class JetStreamConsentLedger:
         self._pipeline: Pipeline | None = None
         # The stream answers multi-last direct gets (allow_direct; older streams may not).
         self._direct = False
+        # ... and atomic batch publishes (allow_atomic, nats-server 2.12+).
+        self._atomic = False
+        self._atomic_kv: dict[str, bool] = {}
         self._tree_ok = False
         self._lease_rev: int | None = None
         self._lease_until = 0.0
@@ -331,6 +339,7 @@ class JetStreamConsentLedger:
             deny_delete=True,
             deny_purge=True,
             allow_direct=True,
+            allow_atomic=True,
         )
 
     async def ensure(self) -> None:
@@ -342,9 +351,16 @@ class JetStreamConsentLedger:
             logger.error("consent ledger stream %s is weakened: %s", required.name, gaps)
             raise LedgerStreamWeakened(self.options.stream, gaps)
         self._direct = bool(info.config.allow_direct)
+        self._atomic = bool(getattr(info.config, "allow_atomic", False))
         replicas = self.options.replicas
-        self._kv = await ensure_kv(self._js, self.options.state_bucket, replicas=replicas)
-        self._tree_kv = await ensure_kv(self._js, self.options.tree_bucket, replicas=replicas)
+        self._kv = await ensure_kv(self._js, self.options.state_bucket, replicas=replicas,
+                                   atomic=True)
+        self._tree_kv = await ensure_kv(self._js, self.options.tree_bucket, replicas=replicas,
+                                        atomic=True)
+        self._atomic_kv = {
+            bucket: await allows_atomic(self._js, f"KV_{bucket}")
+            for bucket in (self.options.state_bucket, self.options.tree_bucket)
+        }
         self._keys_kv = await ensure_kv(self._js, self.options.keys_bucket, replicas=replicas)
 
     async def aclose(self) -> None:
@@ -966,21 +982,9 @@ class JetStreamConsentLedger:
         failed_at: int | None = None
         failure: BaseException | None = None
         if prepared:
-            futures = []
-            for i, p in enumerate(prepared):
-                headers = {
-                    Header.EXPECTED_LAST_SEQUENCE.value: str(self._last_seq + i),
-                    Header.EXPECTED_STREAM.value: self.options.stream,
-                }
-                if p.item.msg_id is not None:
-                    headers[Header.MSG_ID.value] = p.item.msg_id
-                futures.append(await self._publisher().publish(
-                    self._subject(p.body["pseudonym"], p.body["scope"]), p.leaf, headers))
-            try:
-                with anyio.fail_after(self.options.timeout_s):
-                    results = await _settle(futures)
-            finally:
-                self._publisher().forget(futures)
+            atomic = self._atomic and not any(p.item.one_by_one for p in prepared)
+            publish = self._publish_atomic if atomic else self._publish_each
+            results = await publish(prepared)
             for i, (p, result) in enumerate(zip(prepared, results, strict=True)):
                 if failed_at is not None:
                     break
@@ -1004,7 +1008,12 @@ class JetStreamConsentLedger:
             self._tails.clear()
             self._scopes.clear()
             rerun = [p.item for p in prepared[failed_at:] if not p.item.done.is_set()]
-            if failure is not None and not _is_wrong_last_sequence(failure):
+            if _is_duplicate_in_batch(failure):
+                # An idempotency key already used: retried one by one, where the stream's
+                # deduplication names the duplicate.
+                for item in rerun:
+                    item.one_by_one = True
+            elif failure is not None and not _is_wrong_last_sequence(failure):
                 # Unknown outcome (timeout...): the failed item errs; the stream decides the
                 # tree on catch-up, and a retry with the same idempotency key is deduplicated.
                 prepared[failed_at].item.resolve(error=failure)
@@ -1021,6 +1030,47 @@ class JetStreamConsentLedger:
             assert self._checkpoint is not None
             item.resolve(self._checkpoint[1])
 
+    def _headers(self, p: _Prepared, expected_last_seq: int | None) -> dict[str, str]:
+        headers = {Header.EXPECTED_STREAM.value: self.options.stream}
+        if expected_last_seq is not None:
+            headers[Header.EXPECTED_LAST_SEQUENCE.value] = str(expected_last_seq)
+        if p.item.msg_id is not None:
+            headers[Header.MSG_ID.value] = p.item.msg_id
+        return headers
+
+    async def _publish_each(self, prepared: list[_Prepared]) -> list[Any]:
+        """Publish the batch pipelined, each record conditional on the one before it: a
+        `PubAck` or the JetStream error of each, in order."""
+        pipeline = self._publisher()
+        futures = [await pipeline.publish(self._subject(p.body["pseudonym"], p.body["scope"]),
+                                          p.leaf, self._headers(p, self._last_seq + i))
+                   for i, p in enumerate(prepared)]
+        try:
+            with anyio.fail_after(self.options.timeout_s):
+                return await _settle(futures)
+        finally:
+            pipeline.forget(futures)
+
+    async def _publish_atomic(self, prepared: list[_Prepared]) -> list[Any]:
+        """Publish the batch as one JetStream atomic batch (nats-server 2.12+, stream
+        `allow_atomic`): stored all together right after the writer's last seq, or not at
+        all; one acknowledgement for the whole batch. Results as `_publish_each`'s."""
+        pipeline = self._publisher()
+        future = await pipeline.publish_atomic(
+            [(self._subject(p.body["pseudonym"], p.body["scope"]), p.leaf)
+             for p in prepared],
+            [self._headers(p, self._last_seq if i == 0 else None)
+             for i, p in enumerate(prepared)])
+        try:
+            with anyio.fail_after(self.options.timeout_s):
+                (result,) = await _settle([future])
+        finally:
+            pipeline.forget([future])
+        if isinstance(result, BaseException):
+            return [result] * len(prepared)
+        first = result.seq - len(prepared) + 1
+        return [_Stored(first + i) for i in range(len(prepared))]
+
     def _last_seq_of(self, p: _Prepared) -> int:
         return p.body["_seq"]
 
@@ -1032,8 +1082,8 @@ class JetStreamConsentLedger:
             self._scopes[(pseudonym, body["scope"])] = (seq, body)
 
     async def _store_after(self, admitted: list[_Prepared]) -> None:
-        """Write the batch's tiles and the state values of the scopes it changed."""
-        state_kv = self._state()
+        """Write the batch's tiles and the state values of the scopes it changed (each
+        bucket's values in one atomic batch where the bucket allows it)."""
         latest: dict[str, bytes] = {}
         for p in admitted:
             if p.body.get("action") == "erase":
@@ -1041,15 +1091,17 @@ class JetStreamConsentLedger:
             clean = {k: v for k, v in p.body.items() if k != "_seq"}
             latest[_state.key(p.body["pseudonym"], p.body["scope"])] = _state.encode(
                 _state.of_record(p.body["_seq"], clean))
-        tiles = self._tiles.take()
+        tiles = {_tiles.key(t): v for t, v in self._tiles.take().items()}
         pipeline = self._publisher()
-        futures = [
-            await pipeline.publish(f"$KV.{self.options.tree_bucket}.{_tiles.key(t)}", v, {})
-            for t, v in tiles.items()
-        ] + [
-            await pipeline.publish(f"$KV.{self.options.state_bucket}.{k}", v, {})
-            for k, v in latest.items()
-        ]
+        futures = []
+        for bucket, values in ((self.options.tree_bucket, tiles),
+                               (self.options.state_bucket, latest)):
+            messages = [(f"$KV.{bucket}.{k}", v) for k, v in values.items()]
+            if self._atomic_kv.get(bucket) and len(messages) > 1:
+                futures.append(await pipeline.publish_atomic(messages))
+            else:
+                futures.extend([await pipeline.publish(subject, value, {})
+                                for subject, value in messages])
         try:
             with anyio.fail_after(self.options.timeout_s):
                 for result in await _settle(futures):
@@ -1057,7 +1109,6 @@ class JetStreamConsentLedger:
                         raise result
         finally:
             pipeline.forget(futures)
-        del state_kv
 
     def _prepare(self, item: _Item, index: int, seq: int) -> _Prepared | None:
         fields = dict(item.fields)
@@ -1115,6 +1166,10 @@ class JetStreamConsentLedger:
         )
         for p, data_key in zip(wanted_keys, found, strict=True):
             self._data_keys[p] = data_key
+        scopes_of: dict[str, list[str]] = {}
+        for p, scope in scopes:
+            scopes_of.setdefault(p, []).append(scope)
+        wanted_tails = set(tails)
         slow: set[str] = set()
         for p in readers:
             opened = [self._open(m.seq, m.subject, m.data) for m in lasts.get(p, ())]
@@ -1122,14 +1177,14 @@ class JetStreamConsentLedger:
                 slow.add(p)  # a forged last record, or no batched read: read one by one
                 continue
             last = max(opened, key=lambda o: o.seq, default=None)
-            if p in tails:
+            if p in wanted_tails:
                 self._tails[p] = _chain.GENESIS if last is None else str(last.body["hash"])
             on = {str(o.body["scope"]): (o.seq, o.body) for o in opened if o.body is not None}
-            for key in scopes:
-                if key[0] == p:
-                    self._scopes[key] = on.get(key[1])
-        await self._load_one_by_one([p for p in tails if p in slow],
-                                    [key for key in scopes if key[0] in slow])
+            for scope in scopes_of.get(p, ()):
+                self._scopes[(p, scope)] = on.get(scope)
+        if slow:
+            await self._load_one_by_one([p for p in tails if p in slow],
+                                        [key for key in scopes if key[0] in slow])
 
     async def _last_records(self, pseudonyms: Sequence[str]) -> dict[str, list[StoredMsg]]:
         """Every scope's last stream message of each data subject, read in batched
@@ -1535,6 +1590,18 @@ def _lease_of(value: bytes) -> tuple[str, float] | None:
 
 def _is_wrong_last_sequence(exc: BaseException) -> bool:
     return isinstance(exc, APIError) and exc.err_code in (10071, 10164)
+
+
+def _is_duplicate_in_batch(exc: BaseException | None) -> bool:
+    """An atomic batch refused because one of its message ids was seen before."""
+    return isinstance(exc, APIError) and exc.err_code == _ATOMIC_DUPLICATE_MSG_ID
+
+
+class _Stored(NamedTuple):
+    """Where one record of an atomic batch was stored (the batch's ack covers them all)."""
+
+    seq: int
+    duplicate: bool = False
 
 
 async def _settle(futures: list[Any]) -> list[Any]:
