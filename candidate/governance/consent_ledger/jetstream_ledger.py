@@ -765,6 +765,9 @@ class JetStreamConsentLedger:
                         await self._wake.wait()
                     if not self._queue:
                         break
+                # Let the callers the last batch answered queue their next appends first:
+                # one batch of many costs the round trips of one batch of few.
+                await anyio.lowlevel.checkpoint()
                 batch = self._queue[: self.options.max_batch]
                 del self._queue[: len(batch)]
                 try:
@@ -894,7 +897,7 @@ class JetStreamConsentLedger:
         """Admit the stream's records after `_last_seq` (authenticated ones only)."""
         msgs = await self._messages([f"{self.options.subject_prefix}.*.*"],
                                     start_seq=self._last_seq + 1)
-        changed = False
+        admitted: list[dict[str, Any]] = []
         for msg in msgs:
             opened = self._open(msg.seq, msg.subject, msg.data, index=self._range.size)
             self._last_seq = msg.seq
@@ -904,10 +907,14 @@ class JetStreamConsentLedger:
                                msg.seq, opened.problem)
                 continue
             self._admit(msg.data)
-            changed = True
+            if opened.problem is None and opened.body is not None:
+                admitted.append({**opened.body, "_seq": msg.seq})
             self._tails.clear()
             self._scopes.clear()
-        if changed:
+        if admitted:
+            # A writer that stopped between its records and their state values left them
+            # unwritten: the state of what was caught up, from the records themselves.
+            await self._put_all(self.options.state_bucket, self._state_values(admitted))
             await self._store_tiles()
 
     def _admit(self, leaf: bytes) -> None:
@@ -915,9 +922,10 @@ class JetStreamConsentLedger:
             self._tiles.add(node, value)
 
     async def _store_tiles(self) -> None:
-        kv = self._tree()
-        tiles = self._tiles.take()
-        await _gather(*(lambda t=t, v=v: kv.put(_tiles.key(t), v) for t, v in tiles.items()))
+        """Write the tiles the tree changed since the last write (before every checkpoint:
+        a restore needs the tiles of the checkpoint it starts from, nothing after it)."""
+        tiles = {_tiles.key(t): v for t, v in self._tiles.take().items()}
+        await self._put_all(self.options.tree_bucket, tiles)
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -927,6 +935,7 @@ class JetStreamConsentLedger:
             return
         if not force and self._clock() - self._checkpoint_at < self.options.checkpoint_interval_s:
             return
+        await self._store_tiles()
         note = Checkpoint(self._signer.name, size, self._range.root()).sign(self._signer)
         value = msgspec.json.encode({"size": size, "last_seq": self._last_seq,
                                      "note": note.decode()})
@@ -982,12 +991,8 @@ class JetStreamConsentLedger:
         failed_at: int | None = None
         failure: BaseException | None = None
         if prepared:
-            atomic = self._atomic and not any(p.item.one_by_one for p in prepared)
-            publish = self._publish_atomic if atomic else self._publish_each
-            results = await publish(prepared)
-            for i, (p, result) in enumerate(zip(prepared, results, strict=True)):
-                if failed_at is not None:
-                    break
+            for i, (p, result) in enumerate(zip(prepared, await self._append(prepared),
+                                                strict=True)):
                 if isinstance(result, BaseException):
                     failed_at, failure = i, result
                     break
@@ -1000,7 +1005,6 @@ class JetStreamConsentLedger:
                 self._admit(p.leaf)
                 self._appended += 1
                 admitted.append(p)
-        await self._store_after(admitted)
         for p in admitted:
             p.item.resolve(self._reply(p, self._last_seq_of(p)))
         if failed_at is not None:
@@ -1019,6 +1023,8 @@ class JetStreamConsentLedger:
                 prepared[failed_at].item.resolve(error=failure)
                 rerun = [i for i in rerun if not i.done.is_set()]
             await self._catch_up()
+            # Their state values went out with the records: put back what the stream says.
+            await self._repair_state([p.body for p in prepared[failed_at:]])
             for item in rerun:
                 item.attempts += 1
                 if item.attempts >= self.options.max_append_attempts:
@@ -1030,6 +1036,49 @@ class JetStreamConsentLedger:
             assert self._checkpoint is not None
             item.resolve(self._checkpoint[1])
 
+    async def _append(self, prepared: list[_Prepared]) -> list[Any]:
+        """Publish the batch's records and, in the same round trip, the state values they
+        make: one `PubAck`-like result or JetStream error per record, in order.
+
+        Records go as one JetStream atomic batch (nats-server 2.12+, stream `allow_atomic`):
+        stored together right after the writer's last seq, or not at all, with one
+        acknowledgement; else pipelined, each conditional on the one before it. The state
+        values are derived and sent without waiting for the records' acks: when records
+        fail, `_run_batch` puts back the state the stream holds.
+
+        Raises:
+            TimeoutError: no answer within `timeout_s` (outcome unknown).
+            Exception: a state value was refused.
+        """
+        pipeline = self._publisher()
+        subjects_ = [self._subject(p.body["pseudonym"], p.body["scope"]) for p in prepared]
+        atomic = self._atomic and not any(p.item.one_by_one for p in prepared)
+        if atomic:
+            records = [await pipeline.publish_atomic(
+                list(zip(subjects_, (p.leaf for p in prepared), strict=True)),
+                [self._headers(p, self._last_seq if i == 0 else None)
+                 for i, p in enumerate(prepared)])]
+        else:
+            records = [await pipeline.publish(subject, p.leaf, self._headers(p, self._last_seq + i))
+                       for i, (subject, p) in enumerate(zip(subjects_, prepared, strict=True))]
+        states = await self._send(self.options.state_bucket, self._state_values(
+            [p.body for p in prepared]))
+        try:
+            with anyio.fail_after(self.options.timeout_s):
+                results = await _settle(records + states)
+        finally:
+            pipeline.forget(records + states)
+        for result in results[len(records):]:
+            if isinstance(result, BaseException):
+                raise result
+        if not atomic:
+            return results[: len(records)]
+        (ack,) = results[: len(records)]
+        if isinstance(ack, BaseException):
+            return [ack] * len(prepared)
+        first = ack.seq - len(prepared) + 1
+        return [_Stored(first + i) for i in range(len(prepared))]
+
     def _headers(self, p: _Prepared, expected_last_seq: int | None) -> dict[str, str]:
         headers = {Header.EXPECTED_STREAM.value: self.options.stream}
         if expected_last_seq is not None:
@@ -1038,38 +1087,51 @@ class JetStreamConsentLedger:
             headers[Header.MSG_ID.value] = p.item.msg_id
         return headers
 
-    async def _publish_each(self, prepared: list[_Prepared]) -> list[Any]:
-        """Publish the batch pipelined, each record conditional on the one before it: a
-        `PubAck` or the JetStream error of each, in order."""
+    async def _send(self, bucket: str, values: dict[str, bytes]) -> list[asyncio.Future[Any]]:
+        """Put KV values (one atomic batch where the bucket allows it); their futures."""
         pipeline = self._publisher()
-        futures = [await pipeline.publish(self._subject(p.body["pseudonym"], p.body["scope"]),
-                                          p.leaf, self._headers(p, self._last_seq + i))
-                   for i, p in enumerate(prepared)]
+        messages = [(f"$KV.{bucket}.{k}", v) for k, v in values.items()]
+        if self._atomic_kv.get(bucket) and len(messages) > 1:
+            return [await pipeline.publish_atomic(messages)]
+        return [await pipeline.publish(subject, value, {}) for subject, value in messages]
+
+    async def _put_all(self, bucket: str, values: dict[str, bytes]) -> None:
+        pipeline = self._publisher()
+        futures = await self._send(bucket, values)
         try:
             with anyio.fail_after(self.options.timeout_s):
-                return await _settle(futures)
+                for result in await _settle(futures):
+                    if isinstance(result, BaseException):
+                        raise result
         finally:
             pipeline.forget(futures)
 
-    async def _publish_atomic(self, prepared: list[_Prepared]) -> list[Any]:
-        """Publish the batch as one JetStream atomic batch (nats-server 2.12+, stream
-        `allow_atomic`): stored all together right after the writer's last seq, or not at
-        all; one acknowledgement for the whole batch. Results as `_publish_each`'s."""
-        pipeline = self._publisher()
-        future = await pipeline.publish_atomic(
-            [(self._subject(p.body["pseudonym"], p.body["scope"]), p.leaf)
-             for p in prepared],
-            [self._headers(p, self._last_seq if i == 0 else None)
-             for i, p in enumerate(prepared)])
-        try:
-            with anyio.fail_after(self.options.timeout_s):
-                (result,) = await _settle([future])
-        finally:
-            pipeline.forget([future])
-        if isinstance(result, BaseException):
-            return [result] * len(prepared)
-        first = result.seq - len(prepared) + 1
-        return [_Stored(first + i) for i in range(len(prepared))]
+    @staticmethod
+    def _state_values(bodies: Sequence[dict[str, Any]]) -> dict[str, bytes]:
+        """The state value each record makes for its (data subject, scope), latest last."""
+        latest: dict[str, bytes] = {}
+        for body in bodies:
+            if body.get("action") == "erase":
+                continue
+            clean = {k: v for k, v in body.items() if k != "_seq"}
+            latest[_state.key(body["pseudonym"], body["scope"])] = _state.encode(
+                _state.of_record(body["_seq"], clean))
+        return latest
+
+    async def _repair_state(self, bodies: Sequence[dict[str, Any]]) -> None:
+        """Put back the state of these records' scopes as the stream has it (their values
+        were sent with records that did not all land)."""
+        keys = sorted({(b["pseudonym"], b["scope"]) for b in bodies
+                       if b.get("action") != "erase"})
+        latest = await _gather(*(lambda p=p, s=s: self._scope_latest(p, s) for p, s in keys))
+        found = [{**body, "_seq": seq} for (last, _) in latest if last is not None
+                 for seq, body in (last,)]
+        await self._put_all(self.options.state_bucket, self._state_values(found))
+        missing = [_state.key(p, s) for (p, s), (last, _) in zip(keys, latest, strict=True)
+                   if last is None]
+        state = self._state()
+        for key in missing:
+            await state.delete(key)
 
     def _last_seq_of(self, p: _Prepared) -> int:
         return p.body["_seq"]
@@ -1080,35 +1142,6 @@ class JetStreamConsentLedger:
         self._tails[pseudonym] = body["hash"]
         if body.get("action") != "erase":
             self._scopes[(pseudonym, body["scope"])] = (seq, body)
-
-    async def _store_after(self, admitted: list[_Prepared]) -> None:
-        """Write the batch's tiles and the state values of the scopes it changed (each
-        bucket's values in one atomic batch where the bucket allows it)."""
-        latest: dict[str, bytes] = {}
-        for p in admitted:
-            if p.body.get("action") == "erase":
-                continue
-            clean = {k: v for k, v in p.body.items() if k != "_seq"}
-            latest[_state.key(p.body["pseudonym"], p.body["scope"])] = _state.encode(
-                _state.of_record(p.body["_seq"], clean))
-        tiles = {_tiles.key(t): v for t, v in self._tiles.take().items()}
-        pipeline = self._publisher()
-        futures = []
-        for bucket, values in ((self.options.tree_bucket, tiles),
-                               (self.options.state_bucket, latest)):
-            messages = [(f"$KV.{bucket}.{k}", v) for k, v in values.items()]
-            if self._atomic_kv.get(bucket) and len(messages) > 1:
-                futures.append(await pipeline.publish_atomic(messages))
-            else:
-                futures.extend([await pipeline.publish(subject, value, {})
-                                for subject, value in messages])
-        try:
-            with anyio.fail_after(self.options.timeout_s):
-                for result in await _settle(futures):
-                    if isinstance(result, BaseException):
-                        raise result
-        finally:
-            pipeline.forget(futures)
 
     def _prepare(self, item: _Item, index: int, seq: int) -> _Prepared | None:
         fields = dict(item.fields)
