@@ -988,7 +988,7 @@ class JetStreamConsentLedger:
                 prepared.append(made)
                 index += 1
         admitted: list[_Prepared] = []
-        failed_at: int | None = None
+        failed_at: int | None = None  # where the rerun starts
         failure: BaseException | None = None
         if prepared:
             for i, (p, result) in enumerate(zip(prepared, await self._append(prepared),
@@ -996,7 +996,7 @@ class JetStreamConsentLedger:
                 if isinstance(result, BaseException):
                     failed_at, failure = i, result
                     break
-                if result.duplicate:
+                if result.duplicate:  # answered with the original; not stored again
                     self._duplicates += 1
                     await self._resolve_duplicate(p, result.seq)
                     failed_at = i + 1
@@ -1024,7 +1024,7 @@ class JetStreamConsentLedger:
                 rerun = [i for i in rerun if not i.done.is_set()]
             await self._catch_up()
             # Their state values went out with the records: put back what the stream says.
-            await self._repair_state([p.body for p in prepared[failed_at:]])
+            await self._repair_state([p.body for p in prepared[len(admitted):]])
             for item in rerun:
                 item.attempts += 1
                 if item.attempts >= self.options.max_append_attempts:
