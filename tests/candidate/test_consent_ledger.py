@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import random
 import time
@@ -299,6 +301,43 @@ async def test_a_forgery_slipped_in_under_the_lease_is_refused_and_the_batch_ret
         verdict = await ledger.verify_chain(uid)
         assert verdict["valid"] is False and verdict["refused"][0]["seq"] == forged[0]
         assert verdict["length"] == 1 and verdict["tree"]["size"] == 1
+
+
+async def test_a_stream_made_before_batched_reads_and_atomic_batches_still_serves(
+    nats_url: str, names: Names
+) -> None:
+    """A ledger stream (and state bucket) created by an earlier version, without
+    `allow_direct` / `allow_atomic`: the writer reads one subject at a time and publishes
+    record by record, with the same answers."""
+    pseudonymize = Pseudonymizer(PSEUDONYM_KEY)
+    options = LedgerOptions(**names.ledger_options())
+    async with nats_bus(nats_url, names) as bus:
+        js = bus.jetstream()  # type: ignore[attr-defined]
+        ledger = JetStreamConsentLedger(bus, pseudonymize, options, signer=LEDGER_SIGNER,
+                                        wrapping_key=WRAPPING)
+        old = dataclasses.replace(ledger.stream_config(), allow_direct=False,
+                                  allow_atomic=False)
+        await js.add_stream(old)
+        await js.create_key_value(bucket=names.state_bucket)
+        await ledger.ensure()
+        assert not ledger._direct and not ledger._atomic
+        assert not ledger._atomic_kv[names.state_bucket]
+        uid = user()
+        first = await ledger.record(_entry(uid, "a"), idempotency_key="k")
+        again = await ledger.record(_entry(uid, "b"), idempotency_key="k")
+        assert again["duplicate"] is True and again["seq"] == first["seq"]
+        many = await asyncio.gather(*(ledger.record(_entry(user(), "c"), idempotency_key=None)
+                                      for _ in range(20)))
+        assert len({r["seq"] for r in many}) == 20
+        revoked = await ledger.revoke(
+            ConsentEntry(trace_id="d", ts=time.time_ns() // 1_000_000, user_id=uid,
+                         scope="gmail.read", metadata={}, action="revoke"),
+            idempotency_key=None)
+        assert revoked["ok"] and revoked["prev_hash"] == first["hash"]
+        status = await ledger.status(uid, "gmail.read")
+        assert status["status"] == "revoked" and "state_mismatch" not in status
+        assert (await ledger.verify_chain(uid))["valid"] is True
+        await ledger.aclose()
 
 
 async def test_a_retried_request_records_once(wired: Stack) -> None:
