@@ -47,3 +47,7 @@ class MalformedProof(TransparencyError):
 
 class MalformedRecord(TransparencyError):
     """A leaf is not a ledger record note, or its record is not for this log and index."""
+
+
+class UnauthenticatedRecord(TransparencyError):
+    """A leaf's record tag is missing or is not the ledger's: forged, altered or foreign."""

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from lukhas.transparency.errors import (
@@ -153,6 +155,12 @@ class Signer:
 
     def sign(self, message: bytes) -> bytes:
         return self._key.sign(message)
+
+    def derive_secret(self, purpose: bytes) -> bytes:
+        """A 32-byte secret for `purpose`, derived from the seed (HKDF-SHA256, RFC 5869):
+        other keys of the same holder without more configuration; the seed stays here."""
+        return HKDF(algorithm=SHA256(), length=32, salt=None, info=purpose).derive(
+            self._key.private_bytes_raw())
 
     def __repr__(self) -> str:
         return f"Signer({self.verifier})"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import json
+import random
 import time
 from typing import Any
 
@@ -24,7 +28,8 @@ from lukhas.governance.consent_ledger.api import (
 )
 from lukhas.governance.consent_ledger.messages import ConsentEntry
 from lukhas.observability.pseudonym import Pseudonymizer
-from lukhas.transparency.record import open_leaf
+from lukhas.transparency.note import Signer
+from lukhas.transparency.record import RecordKey, make_leaf, open_leaf, read_leaf
 from tests.candidate._support import (
     LEDGER_SIGNER,
     PSEUDONYM_KEY,
@@ -100,7 +105,7 @@ async def test_the_stream_holds_pseudonyms_never_raw_ids(
         assert info.state.subjects == {subject: 1}
         stored = await js.get_last_msg(names.stream, subject)
         assert uid.encode() not in stored.data
-        body = open_leaf(stored.data, LEDGER_SIGNER.verifier).body
+        body = open_leaf(stored.data, RecordKey.of(LEDGER_SIGNER)).body
         assert body["pseudonym"] == pseudonym
         # Personal data (metadata) is stored only as ciphertext.
         assert b"kept" not in stored.data and "metadata" not in body and "sealed" in body
@@ -159,11 +164,15 @@ async def test_expiry_follows_the_clock(wired: Stack, names: Names) -> None:
 
 def _forge(kind: str, genuine_leaf: bytes, other_pseudonym: str) -> bytes:
     """A record published by an insider with stream access but without the ledger key."""
-    body = open_leaf(genuine_leaf, LEDGER_SIGNER.verifier).body
-    if kind == "edited":  # the genuine signed note with its scope changed
+    record = read_leaf(genuine_leaf, origin=LEDGER_SIGNER.name)  # no key needed to read
+    body = record.body
+    if kind == "edited":  # the genuine tagged record with its scope changed
         return genuine_leaf.replace(b"drive.read", b"every.write")
-    if kind == "replayed":  # a genuine signed record copied verbatim to a new position
+    if kind == "replayed":  # a genuine tagged record copied verbatim to a new position
         return genuine_leaf
+    if kind == "own_key":  # well formed, tagged with a key of the insider's own
+        insider = RecordKey.of(Signer.generate(LEDGER_SIGNER.name))
+        return make_leaf(insider, record.index + 1, {**body, "event": "withdrawn"})
     if kind == "rechained":  # the old format: a JSON record with a recomputed hash
         return _chain.canonical(_chain.seal({**body, "prev_hash": body["hash"]}))
     if kind == "foreign":  # a self-consistent record naming another data subject
@@ -171,7 +180,8 @@ def _forge(kind: str, genuine_leaf: bytes, other_pseudonym: str) -> bytes:
     return b"not a record"
 
 
-@pytest.mark.parametrize("kind", ["edited", "replayed", "rechained", "foreign", "garbage"])
+@pytest.mark.parametrize(
+    "kind", ["edited", "replayed", "own_key", "rechained", "foreign", "garbage"])
 async def test_a_forged_append_is_refused_and_reported(
     wired: Stack, names: Names, kind: str
 ) -> None:
@@ -293,6 +303,43 @@ async def test_a_forgery_slipped_in_under_the_lease_is_refused_and_the_batch_ret
         assert verdict["length"] == 1 and verdict["tree"]["size"] == 1
 
 
+async def test_a_stream_made_before_batched_reads_and_atomic_batches_still_serves(
+    nats_url: str, names: Names
+) -> None:
+    """A ledger stream (and state bucket) created by an earlier version, without
+    `allow_direct` / `allow_atomic`: the writer reads one subject at a time and publishes
+    record by record, with the same answers."""
+    pseudonymize = Pseudonymizer(PSEUDONYM_KEY)
+    options = LedgerOptions(**names.ledger_options())
+    async with nats_bus(nats_url, names) as bus:
+        js = bus.jetstream()  # type: ignore[attr-defined]
+        ledger = JetStreamConsentLedger(bus, pseudonymize, options, signer=LEDGER_SIGNER,
+                                        wrapping_key=WRAPPING)
+        old = dataclasses.replace(ledger.stream_config(), allow_direct=False,
+                                  allow_atomic=False)
+        await js.add_stream(old)
+        await js.create_key_value(bucket=names.state_bucket)
+        await ledger.ensure()
+        assert not ledger._direct and not ledger._atomic
+        assert not ledger._atomic_kv[names.state_bucket]
+        uid = user()
+        first = await ledger.record(_entry(uid, "a"), idempotency_key="k")
+        again = await ledger.record(_entry(uid, "b"), idempotency_key="k")
+        assert again["duplicate"] is True and again["seq"] == first["seq"]
+        many = await asyncio.gather(*(ledger.record(_entry(user(), "c"), idempotency_key=None)
+                                      for _ in range(20)))
+        assert len({r["seq"] for r in many}) == 20
+        revoked = await ledger.revoke(
+            ConsentEntry(trace_id="d", ts=time.time_ns() // 1_000_000, user_id=uid,
+                         scope="gmail.read", metadata={}, action="revoke"),
+            idempotency_key=None)
+        assert revoked["ok"] and revoked["prev_hash"] == first["hash"]
+        status = await ledger.status(uid, "gmail.read")
+        assert status["status"] == "revoked" and "state_mismatch" not in status
+        assert (await ledger.verify_chain(uid))["valid"] is True
+        await ledger.aclose()
+
+
 async def test_a_retried_request_records_once(wired: Stack) -> None:
     uid = user()
     async with wired(ledger=True):
@@ -359,3 +406,19 @@ def test_chain_verification_is_pure() -> None:
     assert not report.valid and report.broken_at == 2 and report.problem == "prev_hash_mismatch"
     dropped = [good[1]]
     assert _chain.verify(dropped, pseudonym=pseudonym).broken_at == 2
+
+
+def test_canonical_bytes_are_those_of_the_standard_library() -> None:
+    # Chains written before the hash used msgspec must keep verifying: same bytes, always.
+    rng = random.Random(11)
+    alphabet = [chr(i) for i in range(0x80)] + ["é", "\u2028", "\u2029", "😀", "中", "\u0085"]
+
+    def text() -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+
+    for _ in range(5000):
+        fields = {text(): rng.choice([None, True, 12, -5, 10**15, text(), {"a": [1, text()]}])
+                  for _ in range(rng.randint(1, 6))}
+        assert _chain.canonical(fields) == json.dumps(
+            fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode("utf-8")

@@ -11,12 +11,13 @@ from lukhas.transparency.bundle import build_bundle
 from lukhas.transparency.checkpoint import Checkpoint
 from lukhas.transparency.merkle import MemoryNodeStore
 from lukhas.transparency.note import Signer
-from lukhas.transparency.record import make_leaf
+from lukhas.transparency.record import RecordKey, make_leaf
 
 
 class Log:
     def __init__(self, signer: Signer) -> None:
         self.signer = signer
+        self.key = RecordKey.of(signer)
         self.store = MemoryNodeStore()
         self.leaves: list[bytes] = []
 
@@ -25,7 +26,7 @@ class Log:
         return self.store.append(leaf)
 
     def append(self, body: dict[str, Any]) -> int:
-        return self.append_leaf(make_leaf(self.signer, len(self.leaves), body))
+        return self.append_leaf(make_leaf(self.key, len(self.leaves), body))
 
     def checkpoint(self, size: int | None = None) -> bytes:
         size = len(self.leaves) if size is None else size

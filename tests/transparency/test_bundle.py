@@ -8,9 +8,9 @@ import msgspec
 import pytest
 
 from lukhas.transparency.bundle import build_bundle, tlog_proofs, verify_bundle
-from lukhas.transparency.errors import InvalidSignature, MalformedRecord, UnverifiedNote
+from lukhas.transparency.errors import MalformedRecord, UnauthenticatedRecord
 from lukhas.transparency.note import Signer, sign_note
-from lukhas.transparency.record import leaf_text, make_leaf, open_leaf
+from lukhas.transparency.record import RecordKey, leaf_text, make_leaf, open_leaf, read_leaf
 from lukhas.transparency.tlog_proof import parse_tlog_proof
 
 from ._log import Log
@@ -48,17 +48,26 @@ def test_every_record_of_several_users_verifies(signer: Signer) -> None:
     assert log.store.reads - before <= 2 * 2 * (3000).bit_length()  # O(log n) reads per proof
 
 
-def test_forged_append_is_reported(signer: Signer) -> None:
-    # An insider appends a record signed with their own key (or unsigned) and the tree includes it.
+def test_a_forged_record_has_no_place_in_the_signed_tree(signer: Signer) -> None:
+    # An insider appends records to the stream; the writer, lacking their tag, never admits
+    # them, so a bundle presenting one has no inclusion proof for it in the signed tree.
     log = make_log(signer, 10)
-    intruder = Signer.generate(ORIGIN)  # same name, different key
-    log.append_leaf(make_leaf(intruder, 10, {"event": "withdrawn", "subject": "p0"}))
-    log.append_leaf(leaf_text(ORIGIN, 11, {"event": "withdrawn", "subject": "p1"}).encode())
-    report = verify_bundle(log.bundle([0, 10, 11]), str(signer.verifier))
-    assert not report.ok
-    ok = {r.index: r.ok for r in report.records}
-    assert ok == {0: True, 10: False, 11: False}
-    assert "not authenticated" in (report.records[1].problem or "")
+    intruder = RecordKey.of(Signer.generate(ORIGIN))  # same name, different key
+    forged = [make_leaf(intruder, 10, {"event": "withdrawn", "subject": "p0"}),
+              leaf_text(ORIGIN, 10, {"event": "withdrawn", "subject": "p1"}).encode()]
+    good = msgspec.json.decode(log.bundle([0, 9]))
+    for leaf in forged:
+        with pytest.raises(UnauthenticatedRecord):
+            open_leaf(leaf, log.key, index=10)  # what the writer checks
+        for claimed in (9, 10):  # posing as the genuine record 9, or as a new one
+            record = {"index": claimed, "leaf": leaf.decode(),
+                      "inclusion": good["records"][1]["inclusion"]}
+            report = verify_bundle(msgspec.json.encode(dict(good, records=[
+                good["records"][0], record])), str(signer.verifier))
+            assert not report.ok
+            ok = {r.index: r.ok for r in report.records}
+            assert ok == {0: True, claimed: False}
+            assert "not in the signed tree" in (report.records[1].problem or "")
 
 
 def test_replayed_genuine_record_is_reported(signer: Signer) -> None:
@@ -66,14 +75,14 @@ def test_replayed_genuine_record_is_reported(signer: Signer) -> None:
     log.append_leaf(log.leaves[2])  # a copy of a genuine signed record, at index 6
     report = verify_bundle(log.bundle([6]), str(signer.verifier))
     assert not report.ok
-    assert "signed for index 2" in (report.records[0].problem or "")
+    assert "made for index 2" in (report.records[0].problem or "")
 
 
 @pytest.mark.parametrize("attack", ["rewrite", "reorder", "drop", "recreate", "truncate"])
 def test_history_attacks_caught_with_an_earlier_checkpoint(signer: Signer, attack: str) -> None:
     honest = make_log(signer, 40)
     held = honest.checkpoint(30)  # what a verifier kept earlier
-    bodies = [open_leaf(leaf, signer.verifier).body for leaf in honest.leaves]
+    bodies = [read_leaf(leaf, origin=ORIGIN).body for leaf in honest.leaves]
     if attack == "rewrite":
         bodies[5] = {**bodies[5], "event": "refused"}
     elif attack == "reorder":
@@ -176,17 +185,26 @@ def test_tlog_proof_files(signer: Signer) -> None:
                              str(signer.verifier)).ok
 
 
-def test_record_notes(signer: Signer) -> None:
-    leaf = make_leaf(signer, 3, {"b": 1, "a": "é"})
-    head = b"lukhas/consent-record/v1\n" + ORIGIN.encode() + b'\n3\n{"a":"\xc3\xa9","b":1}\n'
-    assert leaf.startswith(head)
-    assert open_leaf(leaf, signer.verifier, index=3).body == {"a": "é", "b": 1}
+def test_record_leaves(signer: Signer) -> None:
+    key = RecordKey.of(signer)
+    leaf = make_leaf(key, 3, {"b": 1, "a": "é"})
+    head = b"lukhas/consent-record/v2\n" + ORIGIN.encode() + b'\n3\n{"a":"\xc3\xa9","b":1}\n'
+    assert leaf.startswith(head + "\n\u2014 ".encode() + ORIGIN.encode() + b" ")
+    assert open_leaf(leaf, key, index=3).body == {"a": "é", "b": 1}
+    assert read_leaf(leaf, origin=ORIGIN, index=3).body == {"a": "é", "b": 1}
+    assert RecordKey.of(signer).tag(b"x") == key.tag(b"x")  # derived, so every worker agrees
     with pytest.raises(MalformedRecord):
-        open_leaf(leaf, signer.verifier, index=4)
-    with pytest.raises(InvalidSignature):
-        open_leaf(leaf.replace(b'"b":1', b'"b":2'), signer.verifier)
-    with pytest.raises(UnverifiedNote):
-        open_leaf(leaf, Signer.generate(ORIGIN).verifier)
+        open_leaf(leaf, key, index=4)
+    with pytest.raises(MalformedRecord):
+        read_leaf(leaf, origin="other.example.com/ledger")
+    with pytest.raises(UnauthenticatedRecord):
+        open_leaf(leaf.replace(b'"b":1', b'"b":2'), key)
+    with pytest.raises(UnauthenticatedRecord):
+        open_leaf(leaf, RecordKey.of(Signer.generate(ORIGIN)))
+    with pytest.raises(UnauthenticatedRecord):
+        open_leaf(head, key)  # no tag at all
     not_a_record = sign_note("hello\n", signer)
     with pytest.raises(MalformedRecord):
-        open_leaf(not_a_record, signer.verifier)
+        read_leaf(not_a_record, origin=ORIGIN)
+    with pytest.raises(MalformedRecord):
+        read_leaf(b"\xff\xfe", origin=ORIGIN)

@@ -6,7 +6,7 @@ import pytest
 
 from lukhas.config import Settings
 from lukhas.errors import ConfigError
-from lukhas.transparency.errors import InvalidSignature, MalformedRecord
+from lukhas.transparency.errors import InvalidSignature, MalformedRecord, UnverifiedNote
 from lukhas.transparency.keys import ledger_signer
 from lukhas.transparency.note import Signer
 from lukhas.transparency.receipt import (
@@ -16,7 +16,7 @@ from lukhas.transparency.receipt import (
     receipt_leaf_hash,
     sign_receipt,
 )
-from lukhas.transparency.record import make_leaf
+from lukhas.transparency.record import RecordKey, make_leaf
 from lukhas.transparency.sealed import (
     SealError,
     new_data_key,
@@ -122,7 +122,7 @@ def test_vkey_without_a_key_is_a_config_error() -> None:
 
 def test_receipt_round_trip_and_tampering() -> None:
     signer = Signer.generate(ORIGIN)
-    leaf = make_leaf(signer, 0, {"event": "given"})
+    leaf = make_leaf(RecordKey.of(signer), 0, {"event": "given"})
     receipt = ConsentReceipt(
         receipt_id="r-1", issued_at="2025-01-01T00:00:00Z", pii_principal="pseudonym",
         controller="Example Ltd", purposes=(ReceiptPurpose("gmail.read"),),
@@ -135,8 +135,9 @@ def test_receipt_round_trip_and_tampering() -> None:
     with pytest.raises(InvalidSignature):
         open_receipt(note.replace(b"gmail.read", b"gmail.send"), signer.verifier)
     with pytest.raises(MalformedRecord):
-        open_receipt(note, signer.verifier, leaf=make_leaf(signer, 1, {"event": "given"}))
-    with pytest.raises(MalformedRecord):  # a record note is not a receipt
+        open_receipt(note, signer.verifier,
+                     leaf=make_leaf(RecordKey.of(signer), 1, {"event": "given"}))
+    with pytest.raises(UnverifiedNote):  # a record (tagged, not signed) is not a receipt
         open_receipt(leaf, signer.verifier)
 
 

@@ -141,6 +141,11 @@ def build_table(results: dict[str, Any]) -> Table:
     led = results["ledger"]
     add("ledger appends/s, JetStream acks", _num(led["appends_per_s"]),
         f"js.publish {_num(led['raw_js_publish_per_s'])}", _ratio(led["ratio_vs_raw"]))
+    add("ledger appends/s vs async-acked publishes", _num(led["appends_per_s"]),
+        f"publish_async {_num(led['raw_js_publish_async_per_s'])}",
+        _ratio(led["ratio_vs_raw_async"]), "ledger.append.vs_async")
+    add("  through record_consent (MATRIZ on)", _num(led["api_appends_per_s"]),
+        "", _ratio(led["api_ratio_vs_raw_async"]))
     dep = results.get("deployed")
     if dep is not None:
         _deployed_rows(dep, add)

@@ -73,6 +73,7 @@ TARGETS = {
     "deployed_cpu_vs_echo": 2.5,
     "two_workers_vs_one": 1.3,
     "overload_goodput_vs_capacity": 0.7,
+    "ledger_vs_publish_async": 0.5,
 }
 
 #: The request each slice is driven with (DRY_RUN: the null providers answer).
@@ -382,6 +383,9 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         floor = TARGETS["overload_goodput_vs_capacity"]
         add("deployed.overload.goodput", f"≥ {floor}× capacity", over["goodput_vs_capacity"],
             over["goodput_vs_capacity"] >= floor)
+    r = results["ledger"]["ratio_vs_raw_async"]
+    floor = TARGETS["ledger_vs_publish_async"]
+    add("ledger.append.vs_async", f"≥ {floor}×", r, r is not None and r >= floor)
     lim = results["handoff_limiter"]
     add("handoff.limiter.accuracy", f"±{TARGETS['limiter_error_pct']:g}%", lim["error_pct"],
         bool(lim["within_2pct"]))

@@ -1,13 +1,15 @@
-"""The consent ledger on JetStream: signed records in one Merkle tree, checkpoints, proofs.
+"""The consent ledger on JetStream: authenticated records in one Merkle tree, signed
+checkpoints, proofs.
 
 Layout:
 
 * Stream `CONSENT_LEDGER` on `lukhas.ledger.consent.<pseudonym>.<scope token>`: one subject
   per (data subject, scope), named by the keyed pseudonym (never the raw id) and base64url
   of the scope. Deletes, purges, limits and rollups are denied; `ensure()` refuses a stream
-  whose protective config was weakened. Each message is one *leaf*: a C2SP signed note made
-  by `lukhas.transparency.record.make_leaf(signer, index, body)`, so only a holder of
-  `LUKHAS_LEDGER_SIGNING_KEY` can make a record the ledger admits. The body is the record
+  whose protective config was weakened. Each message is one *leaf* made by
+  `lukhas.transparency.record.make_leaf(key, index, body)`: the record's text tagged with an
+  HMAC under a key derived from `LUKHAS_LEDGER_SIGNING_KEY`, so only a holder of that key can
+  make a record the ledger admits. The body is the record
   (pseudonym, scope, DPV event, time, the data subject's `prev_hash` chain link and own
   `hash`; personal data only as `sealed` ciphertext).
 * One RFC 6962 tree over every admitted record, in stream order. Leaf index = tree position;
@@ -23,7 +25,7 @@ Layout:
 One writer at a time: a worker that has records to append takes the KV lease, restores the
 tree from the latest signed checkpoint (checking the tiles against its signed root), replays
 the stream after it (admitting only authenticated records), then appends in batches: each
-batch is signed, published pipelined with `Nats-Expected-Last-Sequence` (so nothing, not even
+batch is tagged, published pipelined with `Nats-Expected-Last-Sequence` (so nothing, not even
 a forger, can slip between the writer's view and the stream), and its completed tiles and
 state values written once. The lease is released (with a checkpoint) when the worker's queue
 drains; other workers wait for it.
@@ -57,7 +59,6 @@ from nats.js.api import (
     DeliverPolicy,
     DiscardPolicy,
     Header,
-    PubAck,
     RawStreamMsg,
     RetentionPolicy,
     StorageType,
@@ -74,12 +75,14 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 
 from candidate._jetstream import (
+    allows_atomic,
     ensure_kv,
     ensure_stream,
     jetstream_of,
     protection_gaps,
 )
 from candidate.governance.consent_ledger import _chain, _dpv, _state, _tiles
+from candidate.governance.consent_ledger._pipeline import Pipeline, StoredMsg, TooManyResults
 from candidate.governance.consent_ledger.errors import (
     LedgerContention,
     LedgerStreamWeakened,
@@ -113,7 +116,7 @@ from lukhas.transparency.receipt import (
     receipt_leaf_hash,
     sign_receipt,
 )
-from lukhas.transparency.record import make_leaf, open_leaf
+from lukhas.transparency.record import RecordKey, make_leaf, open_leaf
 
 logger = logging.getLogger(__name__)
 
@@ -128,11 +131,16 @@ SUBJECT_PREFIX = "lukhas.ledger.consent"
 CHECKPOINT_FEED = subjects.CONSENT_CHECKPOINT
 #: The scope of erasure records (scopes on the wire cannot start with `$`).
 ERASURE_SCOPE = "$erasure"
-#: Record layout of signed leaves.
+#: Record layout of the leaves' bodies.
 RECORD_VERSION = 2
 
 _READ_BATCH = 512
+#: Data subjects per multi-last read, and the most last-records one read may answer.
+_MULTI_LAST_SUBJECTS = 256
+_MULTI_LAST_RESULTS = 100_000
 _READ_UNAVAILABLE_RETRIES = 50
+#: JetStream's error code for an atomic batch holding an already used `Nats-Msg-Id`.
+_ATOMIC_DUPLICATE_MSG_ID = 10201
 _KV_REMOVED = frozenset({"DEL", "PURGE"})
 _LEASE_KEY = "lease"
 _CHECKPOINT_KEY = "checkpoint"
@@ -163,7 +171,7 @@ class LedgerOptions:
     #: the writer hands the lease back, and on request).
     checkpoint_interval_s: float = 1.0
     #: Records signed and published per round.
-    max_batch: int = 64
+    max_batch: int = 256
     #: How long a lease holds without renewal (a crashed writer blocks others this long).
     lease_s: float = 5.0
     #: How long a writer keeps the lease after its queue drains, for the next request.
@@ -216,6 +224,8 @@ class _Item:
     msg_id: str | None = None
     user_id: str = ""
     attempts: int = 0
+    #: Publish on its own, not in an atomic batch (its idempotency key was seen before).
+    one_by_one: bool = False
     done: anyio.Event = field(default_factory=anyio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -235,7 +245,7 @@ class _Prepared:
 
 
 class JetStreamConsentLedger:
-    """`ConsentProvider` on JetStream: signed leaves in a stream, the tree and keys in KV.
+    """`ConsentProvider` on JetStream: tagged leaves in a stream, the tree and keys in KV.
 
     Call `await ensure()` once before use, and `await aclose()` to hand the lease back.
     """
@@ -258,6 +268,7 @@ class JetStreamConsentLedger:
         self.options = options or LedgerOptions()
         self._signer = signer or Signer.generate(keys.DRY_RUN_NAME)
         self._verifier = self._signer.verifier
+        self._record_key = RecordKey.of(self._signer)
         self._wrapping_key = wrapping_key or secrets.token_bytes(32)
         self._clock = clock
         self._kv: KeyValue | None = None
@@ -268,7 +279,12 @@ class JetStreamConsentLedger:
         self._queue: list[_Item] = []
         self._wake = anyio.Event()
         self._writer: asyncio.Task[None] | None = None
-        self._pipeline: _Pipeline | None = None
+        self._pipeline: Pipeline | None = None
+        # The stream answers multi-last direct gets (allow_direct; older streams may not).
+        self._direct = False
+        # ... and atomic batch publishes (allow_atomic, nats-server 2.12+).
+        self._atomic = False
+        self._atomic_kv: dict[str, bool] = {}
         self._tree_ok = False
         self._lease_rev: int | None = None
         self._lease_until = 0.0
@@ -313,7 +329,7 @@ class JetStreamConsentLedger:
         opts = self.options
         return StreamConfig(
             name=opts.stream,
-            description="LUKHAS consent ledger: signed records, one Merkle tree",
+            description="LUKHAS consent ledger: authenticated records, one Merkle tree",
             subjects=[f"{opts.subject_prefix}.*.*"],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
@@ -322,6 +338,8 @@ class JetStreamConsentLedger:
             discard=DiscardPolicy.NEW,
             deny_delete=True,
             deny_purge=True,
+            allow_direct=True,
+            allow_atomic=True,
         )
 
     async def ensure(self) -> None:
@@ -332,9 +350,17 @@ class JetStreamConsentLedger:
         if gaps:
             logger.error("consent ledger stream %s is weakened: %s", required.name, gaps)
             raise LedgerStreamWeakened(self.options.stream, gaps)
+        self._direct = bool(info.config.allow_direct)
+        self._atomic = bool(getattr(info.config, "allow_atomic", False))
         replicas = self.options.replicas
-        self._kv = await ensure_kv(self._js, self.options.state_bucket, replicas=replicas)
-        self._tree_kv = await ensure_kv(self._js, self.options.tree_bucket, replicas=replicas)
+        self._kv = await ensure_kv(self._js, self.options.state_bucket, replicas=replicas,
+                                   atomic=True)
+        self._tree_kv = await ensure_kv(self._js, self.options.tree_bucket, replicas=replicas,
+                                        atomic=True)
+        self._atomic_kv = {
+            bucket: await allows_atomic(self._js, f"KV_{bucket}")
+            for bucket in (self.options.state_bucket, self.options.tree_bucket)
+        }
         self._keys_kv = await ensure_kv(self._js, self.options.keys_bucket, replicas=replicas)
 
     async def aclose(self) -> None:
@@ -390,7 +416,7 @@ class JetStreamConsentLedger:
               index: int | None = None) -> _Opened:
         data = data or b""
         try:
-            leaf = open_leaf(data, self._verifier, index=index)
+            leaf = open_leaf(data, self._record_key, index=index)
         except TransparencyError as exc:
             return _Opened(seq, subject, data, None, None, f"unauthenticated: {exc}")
         body = leaf.body
@@ -739,6 +765,9 @@ class JetStreamConsentLedger:
                         await self._wake.wait()
                     if not self._queue:
                         break
+                # Let the callers the last batch answered queue their next appends first:
+                # one batch of many costs the round trips of one batch of few.
+                await anyio.lowlevel.checkpoint()
                 batch = self._queue[: self.options.max_batch]
                 del self._queue[: len(batch)]
                 try:
@@ -868,7 +897,7 @@ class JetStreamConsentLedger:
         """Admit the stream's records after `_last_seq` (authenticated ones only)."""
         msgs = await self._messages([f"{self.options.subject_prefix}.*.*"],
                                     start_seq=self._last_seq + 1)
-        changed = False
+        admitted: list[dict[str, Any]] = []
         for msg in msgs:
             opened = self._open(msg.seq, msg.subject, msg.data, index=self._range.size)
             self._last_seq = msg.seq
@@ -878,10 +907,14 @@ class JetStreamConsentLedger:
                                msg.seq, opened.problem)
                 continue
             self._admit(msg.data)
-            changed = True
+            if opened.problem is None and opened.body is not None:
+                admitted.append({**opened.body, "_seq": msg.seq})
             self._tails.clear()
             self._scopes.clear()
-        if changed:
+        if admitted:
+            # A writer that stopped between its records and their state values left them
+            # unwritten: the state of what was caught up, from the records themselves.
+            await self._put_all(self.options.state_bucket, self._state_values(admitted))
             await self._store_tiles()
 
     def _admit(self, leaf: bytes) -> None:
@@ -889,9 +922,10 @@ class JetStreamConsentLedger:
             self._tiles.add(node, value)
 
     async def _store_tiles(self) -> None:
-        kv = self._tree()
-        tiles = self._tiles.take()
-        await _gather(*(lambda t=t, v=v: kv.put(_tiles.key(t), v) for t, v in tiles.items()))
+        """Write the tiles the tree changed since the last write (before every checkpoint:
+        a restore needs the tiles of the checkpoint it starts from, nothing after it)."""
+        tiles = {_tiles.key(t): v for t, v in self._tiles.take().items()}
+        await self._put_all(self.options.tree_bucket, tiles)
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -901,6 +935,7 @@ class JetStreamConsentLedger:
             return
         if not force and self._clock() - self._checkpoint_at < self.options.checkpoint_interval_s:
             return
+        await self._store_tiles()
         note = Checkpoint(self._signer.name, size, self._range.root()).sign(self._signer)
         value = msgspec.json.encode({"size": size, "last_seq": self._last_seq,
                                      "note": note.decode()})
@@ -953,31 +988,15 @@ class JetStreamConsentLedger:
                 prepared.append(made)
                 index += 1
         admitted: list[_Prepared] = []
-        failed_at: int | None = None
+        failed_at: int | None = None  # where the rerun starts
         failure: BaseException | None = None
         if prepared:
-            futures = []
-            for i, p in enumerate(prepared):
-                headers = {
-                    Header.EXPECTED_LAST_SEQUENCE.value: str(self._last_seq + i),
-                    Header.EXPECTED_STREAM.value: self.options.stream,
-                }
-                if p.item.msg_id is not None:
-                    headers[Header.MSG_ID.value] = p.item.msg_id
-                futures.append(await self._publisher().publish(
-                    self._subject(p.body["pseudonym"], p.body["scope"]), p.leaf, headers))
-            try:
-                with anyio.fail_after(self.options.timeout_s):
-                    results = await _settle(futures)
-            finally:
-                self._publisher().forget(futures)
-            for i, (p, result) in enumerate(zip(prepared, results, strict=True)):
-                if failed_at is not None:
-                    break
+            for i, (p, result) in enumerate(zip(prepared, await self._append(prepared),
+                                                strict=True)):
                 if isinstance(result, BaseException):
                     failed_at, failure = i, result
                     break
-                if result.duplicate:
+                if result.duplicate:  # answered with the original; not stored again
                     self._duplicates += 1
                     await self._resolve_duplicate(p, result.seq)
                     failed_at = i + 1
@@ -986,7 +1005,6 @@ class JetStreamConsentLedger:
                 self._admit(p.leaf)
                 self._appended += 1
                 admitted.append(p)
-        await self._store_after(admitted)
         for p in admitted:
             p.item.resolve(self._reply(p, self._last_seq_of(p)))
         if failed_at is not None:
@@ -994,12 +1012,19 @@ class JetStreamConsentLedger:
             self._tails.clear()
             self._scopes.clear()
             rerun = [p.item for p in prepared[failed_at:] if not p.item.done.is_set()]
-            if failure is not None and not _is_wrong_last_sequence(failure):
+            if _is_duplicate_in_batch(failure):
+                # An idempotency key already used: retried one by one, where the stream's
+                # deduplication names the duplicate.
+                for item in rerun:
+                    item.one_by_one = True
+            elif failure is not None and not _is_wrong_last_sequence(failure):
                 # Unknown outcome (timeout...): the failed item errs; the stream decides the
                 # tree on catch-up, and a retry with the same idempotency key is deduplicated.
                 prepared[failed_at].item.resolve(error=failure)
                 rerun = [i for i in rerun if not i.done.is_set()]
             await self._catch_up()
+            # Their state values went out with the records: put back what the stream says.
+            await self._repair_state([p.body for p in prepared[len(admitted):]])
             for item in rerun:
                 item.attempts += 1
                 if item.attempts >= self.options.max_append_attempts:
@@ -1011,6 +1036,103 @@ class JetStreamConsentLedger:
             assert self._checkpoint is not None
             item.resolve(self._checkpoint[1])
 
+    async def _append(self, prepared: list[_Prepared]) -> list[Any]:
+        """Publish the batch's records and, in the same round trip, the state values they
+        make: one `PubAck`-like result or JetStream error per record, in order.
+
+        Records go as one JetStream atomic batch (nats-server 2.12+, stream `allow_atomic`):
+        stored together right after the writer's last seq, or not at all, with one
+        acknowledgement; else pipelined, each conditional on the one before it. The state
+        values are derived and sent without waiting for the records' acks: when records
+        fail, `_run_batch` puts back the state the stream holds.
+
+        Raises:
+            TimeoutError: no answer within `timeout_s` (outcome unknown).
+            Exception: a state value was refused.
+        """
+        pipeline = self._publisher()
+        subjects_ = [self._subject(p.body["pseudonym"], p.body["scope"]) for p in prepared]
+        atomic = self._atomic and not any(p.item.one_by_one for p in prepared)
+        if atomic:
+            records = [await pipeline.publish_atomic(
+                list(zip(subjects_, (p.leaf for p in prepared), strict=True)),
+                [self._headers(p, self._last_seq if i == 0 else None)
+                 for i, p in enumerate(prepared)])]
+        else:
+            records = [await pipeline.publish(subject, p.leaf, self._headers(p, self._last_seq + i))
+                       for i, (subject, p) in enumerate(zip(subjects_, prepared, strict=True))]
+        states = await self._send(self.options.state_bucket, self._state_values(
+            [p.body for p in prepared]))
+        try:
+            with anyio.fail_after(self.options.timeout_s):
+                results = await _settle(records + states)
+        finally:
+            pipeline.forget(records + states)
+        for result in results[len(records):]:
+            if isinstance(result, BaseException):
+                raise result
+        if not atomic:
+            return results[: len(records)]
+        (ack,) = results[: len(records)]
+        if isinstance(ack, BaseException):
+            return [ack] * len(prepared)
+        first = ack.seq - len(prepared) + 1
+        return [_Stored(first + i) for i in range(len(prepared))]
+
+    def _headers(self, p: _Prepared, expected_last_seq: int | None) -> dict[str, str]:
+        headers = {Header.EXPECTED_STREAM.value: self.options.stream}
+        if expected_last_seq is not None:
+            headers[Header.EXPECTED_LAST_SEQUENCE.value] = str(expected_last_seq)
+        if p.item.msg_id is not None:
+            headers[Header.MSG_ID.value] = p.item.msg_id
+        return headers
+
+    async def _send(self, bucket: str, values: dict[str, bytes]) -> list[asyncio.Future[Any]]:
+        """Put KV values (one atomic batch where the bucket allows it); their futures."""
+        pipeline = self._publisher()
+        messages = [(f"$KV.{bucket}.{k}", v) for k, v in values.items()]
+        if self._atomic_kv.get(bucket) and len(messages) > 1:
+            return [await pipeline.publish_atomic(messages)]
+        return [await pipeline.publish(subject, value, {}) for subject, value in messages]
+
+    async def _put_all(self, bucket: str, values: dict[str, bytes]) -> None:
+        pipeline = self._publisher()
+        futures = await self._send(bucket, values)
+        try:
+            with anyio.fail_after(self.options.timeout_s):
+                for result in await _settle(futures):
+                    if isinstance(result, BaseException):
+                        raise result
+        finally:
+            pipeline.forget(futures)
+
+    @staticmethod
+    def _state_values(bodies: Sequence[dict[str, Any]]) -> dict[str, bytes]:
+        """The state value each record makes for its (data subject, scope), latest last."""
+        latest: dict[str, bytes] = {}
+        for body in bodies:
+            if body.get("action") == "erase":
+                continue
+            clean = {k: v for k, v in body.items() if k != "_seq"}
+            latest[_state.key(body["pseudonym"], body["scope"])] = _state.encode(
+                _state.of_record(body["_seq"], clean))
+        return latest
+
+    async def _repair_state(self, bodies: Sequence[dict[str, Any]]) -> None:
+        """Put back the state of these records' scopes as the stream has it (their values
+        were sent with records that did not all land)."""
+        keys = sorted({(b["pseudonym"], b["scope"]) for b in bodies
+                       if b.get("action") != "erase"})
+        latest = await _gather(*(lambda p=p, s=s: self._scope_latest(p, s) for p, s in keys))
+        found = [{**body, "_seq": seq} for (last, _) in latest if last is not None
+                 for seq, body in (last,)]
+        await self._put_all(self.options.state_bucket, self._state_values(found))
+        missing = [_state.key(p, s) for (p, s), (last, _) in zip(keys, latest, strict=True)
+                   if last is None]
+        state = self._state()
+        for key in missing:
+            await state.delete(key)
+
     def _last_seq_of(self, p: _Prepared) -> int:
         return p.body["_seq"]
 
@@ -1020,34 +1142,6 @@ class JetStreamConsentLedger:
         self._tails[pseudonym] = body["hash"]
         if body.get("action") != "erase":
             self._scopes[(pseudonym, body["scope"])] = (seq, body)
-
-    async def _store_after(self, admitted: list[_Prepared]) -> None:
-        """Write the batch's tiles and the state values of the scopes it changed."""
-        state_kv = self._state()
-        latest: dict[str, bytes] = {}
-        for p in admitted:
-            if p.body.get("action") == "erase":
-                continue
-            clean = {k: v for k, v in p.body.items() if k != "_seq"}
-            latest[_state.key(p.body["pseudonym"], p.body["scope"])] = _state.encode(
-                _state.of_record(p.body["_seq"], clean))
-        tiles = self._tiles.take()
-        pipeline = self._publisher()
-        futures = [
-            await pipeline.publish(f"$KV.{self.options.tree_bucket}.{_tiles.key(t)}", v, {})
-            for t, v in tiles.items()
-        ] + [
-            await pipeline.publish(f"$KV.{self.options.state_bucket}.{k}", v, {})
-            for k, v in latest.items()
-        ]
-        try:
-            with anyio.fail_after(self.options.timeout_s):
-                for result in await _settle(futures):
-                    if isinstance(result, BaseException):
-                        raise result
-        finally:
-            pipeline.forget(futures)
-        del state_kv
 
     def _prepare(self, item: _Item, index: int, seq: int) -> _Prepared | None:
         fields = dict(item.fields)
@@ -1083,7 +1177,7 @@ class JetStreamConsentLedger:
         # a genuine record copied elsewhere in the stream is refused as a replay.
         fields["seq"] = seq
         body = _chain.seal(fields)
-        leaf = make_leaf(self._signer, index, body)
+        leaf = make_leaf(self._record_key, index, body)
         # Later items of the batch see this one (undone if the batch fails: caches cleared).
         self._remember(seq, body)
         return _Prepared(item, leaf, body, index)
@@ -1091,18 +1185,79 @@ class JetStreamConsentLedger:
     async def _load_for(self, batch: list[_Item]) -> None:
         """Read, for the batch, what the writer does not know yet: chain tails, the scopes'
         latest records (every key version), data keys."""
-        tails = sorted({i.pseudonym for i in batch if i.kind != "checkpoint"} - set(self._tails))
+        tails = sorted({i.pseudonym for i in batch
+                        if i.kind != "checkpoint" and i.pseudonym not in self._tails})
         scopes = sorted({(p, i.fields["scope"]) for i in batch if i.kind == "write"
-                         for p in i.versions} - set(self._scopes))
-        wanted_keys = sorted({i.pseudonym for i in batch if i.kind == "write" and i.metadata}
-                             - {p for p, k in self._data_keys.items() if k is not None})
-        # One read per data subject: its chain's last record is also its scope's latest when
-        # it is on that scope (or when the subject has no record at all).
-        found = await _gather(
-            *(lambda p=p: self._chain_tail(p) for p in tails),
-            *(lambda p=p: self._data_key(p, create=True) for p in wanted_keys),
+                         for p in i.versions if (p, i.fields["scope"]) not in self._scopes})
+        wanted_keys = sorted({i.pseudonym for i in batch if i.kind == "write" and i.metadata
+                              and self._data_keys.get(i.pseudonym) is None})
+        readers = sorted(set(tails) | {p for p, _ in scopes})
+        lasts, found = await _gather(
+            lambda: self._last_records(readers),
+            lambda: _gather(*(lambda p=p: self._data_key(p, create=True)
+                              for p in wanted_keys)),
         )
-        for p, (tail, last) in zip(tails, found[: len(tails)], strict=True):
+        for p, data_key in zip(wanted_keys, found, strict=True):
+            self._data_keys[p] = data_key
+        scopes_of: dict[str, list[str]] = {}
+        for p, scope in scopes:
+            scopes_of.setdefault(p, []).append(scope)
+        wanted_tails = set(tails)
+        slow: set[str] = set()
+        for p in readers:
+            opened = [self._open(m.seq, m.subject, m.data) for m in lasts.get(p, ())]
+            if p not in lasts or any(o.problem is not None for o in opened):
+                slow.add(p)  # a forged last record, or no batched read: read one by one
+                continue
+            last = max(opened, key=lambda o: o.seq, default=None)
+            if p in wanted_tails:
+                self._tails[p] = _chain.GENESIS if last is None else str(last.body["hash"])
+            on = {str(o.body["scope"]): (o.seq, o.body) for o in opened if o.body is not None}
+            for scope in scopes_of.get(p, ()):
+                self._scopes[(p, scope)] = on.get(scope)
+        if slow:
+            await self._load_one_by_one([p for p in tails if p in slow],
+                                        [key for key in scopes if key[0] in slow])
+
+    async def _last_records(self, pseudonyms: Sequence[str]) -> dict[str, list[StoredMsg]]:
+        """Every scope's last stream message of each data subject, read in batched
+        multi-last direct gets; {} (read one by one instead) where the stream or server
+        cannot answer them."""
+        if not self._direct or not pseudonyms:
+            return {}
+        out: dict[str, list[StoredMsg]] = {p: [] for p in pseudonyms}
+        chunks = [pseudonyms[i:i + _MULTI_LAST_SUBJECTS]
+                  for i in range(0, len(pseudonyms), _MULTI_LAST_SUBJECTS)]
+        pipeline = self._publisher()
+        futures = [await pipeline.last_per_subject(
+            self.options.stream, [self._chain_subjects(p) for p in chunk],
+            batch=_MULTI_LAST_RESULTS) for chunk in chunks]
+        try:
+            with anyio.fail_after(self.options.timeout_s):
+                results = await _settle(futures)
+        finally:
+            pipeline.forget(futures)
+        start = len(self.options.subject_prefix) + 1
+        for chunk, result in zip(chunks, results, strict=True):
+            if isinstance(result, TooManyResults | NoStreamResponseError):
+                logger.info("consent ledger: batched read refused (%s), reading one by one",
+                            result)
+                for p in chunk:
+                    out.pop(p, None)
+                continue
+            if isinstance(result, BaseException):
+                raise result
+            for msg in result:
+                pseudonym = msg.subject[start:].partition(".")[0]
+                if pseudonym in out:
+                    out[pseudonym].append(msg)
+        return out
+
+    async def _load_one_by_one(self, tails: list[str], scopes: list[tuple[str, str]]) -> None:
+        """The slow path of `_load_for`: a data subject's last record through its chain
+        (skipping forged records), then each scope's own latest where that was not it."""
+        found = await _gather(*(lambda p=p: self._chain_tail(p) for p in tails))
+        for p, (tail, last) in zip(tails, found, strict=True):
             self._tails[p] = tail
             if last is None:
                 for key in scopes:
@@ -1110,8 +1265,6 @@ class JetStreamConsentLedger:
                         self._scopes[key] = None
             elif (p, last[1]["scope"]) in scopes:
                 self._scopes[(p, last[1]["scope"])] = last
-        for p, data_key in zip(wanted_keys, found[len(tails):], strict=True):
-            self._data_keys[p] = data_key
         rest = [key for key in scopes if key not in self._scopes]
         latest = await _gather(*(lambda p=p, s=s: self._scope_latest(p, s) for p, s in rest))
         for key, (last, _) in zip(rest, latest, strict=True):
@@ -1437,9 +1590,9 @@ class JetStreamConsentLedger:
             raise RuntimeError("JetStreamConsentLedger.ensure() was not awaited before use")
         return self._kv
 
-    def _publisher(self) -> _Pipeline:
+    def _publisher(self) -> Pipeline:
         if self._pipeline is None:
-            self._pipeline = _Pipeline(self._js._nc)
+            self._pipeline = Pipeline(self._js._nc)
         return self._pipeline
 
     def _tree(self) -> KeyValue:
@@ -1456,57 +1609,6 @@ class JetStreamConsentLedger:
         return int(self._clock() * 1000)
 
 
-class _Pipeline:
-    """Pipelined JetStream publishes: sent in order, each acknowledged on its own future.
-
-    (nats-py's `publish_async` loses the future when the server answers with an error, e.g.
-    a wrong expected last sequence, so the writer keeps its own small version.)
-    """
-
-    def __init__(self, nc: Any) -> None:
-        self._nc = nc
-        self._prefix: str | None = None
-        self._futures: dict[str, asyncio.Future[Any]] = {}
-        self._next = 0
-
-    async def publish(self, subject: str, payload: bytes,
-                      headers: dict[str, str]) -> asyncio.Future[Any]:
-        if self._prefix is None:
-            prefix = self._nc.new_inbox()
-            await self._nc.subscribe(f"{prefix}.*", cb=self._on_reply)
-            self._prefix = prefix
-        self._next += 1
-        token = str(self._next)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._futures[token] = future
-        await self._nc.publish(subject, payload, reply=f"{self._prefix}.{token}",
-                               headers=headers)
-        return future
-
-    async def _on_reply(self, msg: Any) -> None:
-        future = self._futures.pop(msg.subject.rsplit(".", 1)[-1], None)
-        if future is None or future.done():
-            return
-        if msg.headers and msg.headers.get("Status") == "503":
-            future.set_exception(NoStreamResponseError())
-            return
-        try:
-            resp = msgspec.json.decode(msg.data)
-            if "error" in resp:
-                err = resp["error"]
-                future.set_exception(APIError(code=err.get("code"), err_code=err.get("err_code"),
-                                              description=err.get("description")))
-            else:
-                future.set_result(PubAck.from_response(resp))
-        except (msgspec.DecodeError, TypeError, KeyError) as exc:
-            future.set_exception(exc)
-
-    def forget(self, futures: Sequence[asyncio.Future[Any]]) -> None:
-        for token, fut in list(self._futures.items()):
-            if fut in futures:
-                del self._futures[token]
-
-
 class _LeaseBusy(Exception):
     """Another worker holds the ledger lease."""
 
@@ -1521,6 +1623,18 @@ def _lease_of(value: bytes) -> tuple[str, float] | None:
 
 def _is_wrong_last_sequence(exc: BaseException) -> bool:
     return isinstance(exc, APIError) and exc.err_code in (10071, 10164)
+
+
+def _is_duplicate_in_batch(exc: BaseException | None) -> bool:
+    """An atomic batch refused because one of its message ids was seen before."""
+    return isinstance(exc, APIError) and exc.err_code == _ATOMIC_DUPLICATE_MSG_ID
+
+
+class _Stored(NamedTuple):
+    """Where one record of an atomic batch was stored (the batch's ack covers them all)."""
+
+    seq: int
+    duplicate: bool = False
 
 
 async def _settle(futures: list[Any]) -> list[Any]:

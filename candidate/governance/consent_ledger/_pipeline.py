@@ -1,0 +1,169 @@
+"""The ledger writer's JetStream client: pipelined publishes and batched last-record reads.
+
+One inbox subscription carries every answer, routed by the reply subject's last token:
+
+* `publish` sends a message to a stream subject and returns a future of its `PubAck` (or of
+  the JetStream error, e.g. a wrong expected last sequence: nats-py's `publish_async` loses
+  the future in that case, which the writer cannot afford);
+* `publish_atomic` sends messages as one JetStream atomic batch, answered once;
+* `last_per_subject` is one JetStream direct get in *multi-last* form (ADR-31, nats-server
+  2.11+, stream `allow_direct`): `{"multi_last": [filters], "batch": n}` answers with the
+  last message of every subject matching the filters, in stream order, then a `204 EOB`
+  status (or `404` when nothing matches). One request reads the last records of a whole
+  batch of data subjects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import msgspec
+from nats.js.api import PubAck
+from nats.js.errors import APIError, NoStreamResponseError
+
+#: Statuses that end a multi-last read: 204 end of batch, 404 nothing matched.
+_END = frozenset({"204", "404"})
+
+
+class StoredMsg(NamedTuple):
+    """A stream message read back: its sequence, subject and data."""
+
+    seq: int
+    subject: str
+    data: bytes
+
+
+class TooManyResults(Exception):
+    """The server would not answer a multi-last read whole (status 408/413...)."""
+
+
+class _Collect:
+    """The messages of one multi-last read, until its end status."""
+
+    __slots__ = ("future", "msgs")
+
+    def __init__(self, future: asyncio.Future[list[StoredMsg]]) -> None:
+        self.future = future
+        self.msgs: list[StoredMsg] = []
+
+
+class Pipeline:
+    """Pipelined JetStream requests over one connection, answered on one subscription."""
+
+    def __init__(self, nc: Any) -> None:
+        self._nc = nc
+        self._prefix: str | None = None
+        self._waiting: dict[str, asyncio.Future[Any] | _Collect] = {}
+        self._next = 0
+
+    async def publish(
+        self, subject: str, payload: bytes, headers: dict[str, str]
+    ) -> asyncio.Future[PubAck]:
+        """Publish to a stream subject; the future ends with its ack or JetStream error."""
+        future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
+        reply = await self._register(future)
+        await self._nc.publish(subject, payload, reply=reply, headers=headers)
+        return future
+
+    async def publish_atomic(
+        self, messages: Sequence[tuple[str, bytes]],
+        headers: Sequence[dict[str, str]] | None = None,
+    ) -> asyncio.Future[PubAck]:
+        """Publish `(subject, payload)` messages as one JetStream atomic batch (ADR-50,
+        nats-server 2.12+, stream `allow_atomic`): the server stores them all, in order and
+        with nothing between them, or none. Only the commit (the last message) is answered:
+        the future ends with its ack (`seq` = the last message's) or the batch's error."""
+        if not messages:
+            raise ValueError("an atomic batch has at least one message")
+        batch_id = uuid.uuid4().hex
+
+        def batch_headers(i: int) -> dict[str, str]:
+            return {**(headers[i] if headers is not None else {}),
+                    "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i + 1)}
+
+        *body, (subject, payload) = messages
+        for i, (s, p) in enumerate(body):
+            await self._nc.publish(s, p, headers=batch_headers(i))
+        commit = batch_headers(len(body)) | {"Nats-Batch-Commit": "1"}
+        return await self.publish(subject, payload, commit)
+
+    async def last_per_subject(
+        self, stream: str, filters: Sequence[str], *, batch: int
+    ) -> asyncio.Future[list[StoredMsg]]:
+        """The last message of every subject of `stream` matching `filters` (stream order).
+
+        The future fails with `TooManyResults` when the server refuses to answer whole, and
+        with `NoStreamResponseError` when no server answers (no stream, or no direct get).
+        """
+        future: asyncio.Future[list[StoredMsg]] = asyncio.get_running_loop().create_future()
+        reply = await self._register(_Collect(future))
+        request = msgspec.json.encode({"multi_last": list(filters), "batch": batch})
+        await self._nc.publish(f"$JS.API.DIRECT.GET.{stream}", request, reply=reply)
+        return future
+
+    def forget(self, futures: Sequence[asyncio.Future[Any]]) -> None:
+        """Stop waiting for these (after a timeout): late answers are dropped."""
+        gone = set(futures)
+        for token, waiting in list(self._waiting.items()):
+            future = waiting.future if isinstance(waiting, _Collect) else waiting
+            if future in gone:
+                del self._waiting[token]
+
+    async def _register(self, waiting: asyncio.Future[Any] | _Collect) -> str:
+        if self._prefix is None:
+            prefix = self._nc.new_inbox()
+            await self._nc.subscribe(f"{prefix}.*", cb=self._on_reply)
+            self._prefix = prefix
+        self._next += 1
+        token = str(self._next)
+        self._waiting[token] = waiting
+        return f"{self._prefix}.{token}"
+
+    async def _on_reply(self, msg: Any) -> None:
+        token = msg.subject.rsplit(".", 1)[-1]
+        waiting = self._waiting.get(token)
+        if waiting is None:
+            return
+        if isinstance(waiting, _Collect):
+            self._collect(token, waiting, msg)
+            return
+        del self._waiting[token]
+        if not waiting.done():
+            _settle_ack(waiting, msg)
+
+    def _collect(self, token: str, into: _Collect, msg: Any) -> None:
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status is None:
+            into.msgs.append(StoredMsg(int(headers["Nats-Sequence"]), headers["Nats-Subject"],
+                                       msg.data))
+            return
+        del self._waiting[token]
+        if into.future.done():
+            return
+        if status in _END:
+            into.future.set_result(into.msgs)
+        elif status == "503":
+            into.future.set_exception(NoStreamResponseError())
+        else:
+            into.future.set_exception(TooManyResults(
+                f"multi-last read answered {status} {headers.get('Description', '')}".strip()))
+
+
+def _settle_ack(future: asyncio.Future[PubAck], msg: Any) -> None:
+    if msg.headers and msg.headers.get("Status") == "503":
+        future.set_exception(NoStreamResponseError())
+        return
+    try:
+        resp = msgspec.json.decode(msg.data)
+        if "error" in resp:
+            err = resp["error"]
+            future.set_exception(APIError(code=err.get("code"), err_code=err.get("err_code"),
+                                          description=err.get("description")))
+        else:
+            future.set_result(PubAck.from_response(resp))
+    except (msgspec.DecodeError, TypeError, KeyError) as exc:
+        future.set_exception(exc)
