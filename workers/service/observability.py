@@ -36,11 +36,12 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from anyio.abc import TaskStatus
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from bus import Bus, BusError, Subscription
+from bus import Bus, BusClosed, BusError, Subscription
+from bus.nats.pull import AckPolicy as PullAckPolicy
+from bus.nats.pull import PullBatch, PullConsumer
 from lukhas.config import Settings
 from lukhas.subjects import (
     MATRIZ_ALL,
@@ -99,23 +100,12 @@ _MAX_PEERS = 64
 _MAX_SEEN_RANGES = 1024
 
 
-_ACK = b"+ACK"
-
-
-def _stream_sequence(reply: str | None) -> int | None:
-    """The stream sequence in a JetStream ack subject (v1 `$JS.ACK.<stream>.<consumer>.
-    <delivered>.<sseq>.<cseq>.<ts>.<pending>` or v2 with domain and account hash), or None."""
-    if not reply or not reply.startswith("$JS.ACK."):
-        return None
-    tokens = reply.split(".")
-    try:
-        if len(tokens) == 9:
-            return int(tokens[5])
-        if len(tokens) >= 11:
-            return int(tokens[7])
-    except ValueError:
-        return None
-    return None
+def _ack_policy(policy: AckPolicy | None) -> PullAckPolicy:
+    if policy == AckPolicy.ALL:
+        return "all"
+    if policy == AckPolicy.NONE:
+        return "none"
+    return "explicit"
 
 
 class _SeenSequences:
@@ -254,6 +244,8 @@ class ObservabilityWorker:
         self._nodes_sub: Subscription | None = None
         # Created up front so a stop that comes before the check task starts still ends it.
         self._check_scope = anyio.CancelScope()
+        #: The wait for nodes in progress, cancelled by a stop (nothing is taken yet then).
+        self._wait_scope: anyio.CancelScope | None = None
         self._started = False
         self._stopping = anyio.Event()
         self._done = anyio.Event()
@@ -438,8 +430,8 @@ class ObservabilityWorker:
 
     # -- node sources ------------------------------------------------------------------------
 
-    async def _open_pull(self) -> JetStreamContext.PullSubscription | None:
-        """The durable pull subscription, or None when the bus has no JetStream."""
+    async def _open_pull(self) -> PullConsumer | None:
+        """The durable consumer's bulk reader, or None when the bus has no JetStream."""
         if self._bus.backend != "nats":
             return None
         js: JetStreamContext = self._bus.jetstream()  # type: ignore[attr-defined]
@@ -454,94 +446,97 @@ class ObservabilityWorker:
                 exc, MATRIZ_ALL,
             )
             return None
-        return await self._pull_subscribe(js)
+        return await self._pull_consumer(js)
 
-    async def _pull_subscribe(
+    async def _pull_consumer(
         self, js: JetStreamContext, *, start_seq: int | None = None
-    ) -> JetStreamContext.PullSubscription:
-        """Bind to the durable consumer, creating it (from `start_seq`, or the stream's
-        first node) if it does not exist."""
-        policy = DeliverPolicy.ALL if start_seq is None else DeliverPolicy.BY_START_SEQUENCE
-        config = ConsumerConfig(
-            durable_name=self._durable,
-            deliver_policy=policy,
-            opt_start_seq=start_seq,
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=self._ack_wait_s,
-            max_ack_pending=max(1000, 4 * self._fetch_batch),
-            description="LUKHAS observability worker",
+    ) -> PullConsumer:
+        """Bind to the durable consumer, creating it (from `start_seq`, or the stream's first
+        node) if it does not exist, and open its bulk reader (not yet entered)."""
+        try:
+            info = await js.consumer_info(MATRIZ_STREAM, self._durable)
+        except nats.js.errors.NotFoundError:
+            policy = DeliverPolicy.ALL if start_seq is None else DeliverPolicy.BY_START_SEQUENCE
+            info = await js.add_consumer(MATRIZ_STREAM, ConsumerConfig(
+                durable_name=self._durable,
+                deliver_policy=policy,
+                opt_start_seq=start_seq,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=self._ack_wait_s,
+                max_ack_pending=max(1000, 4 * self._fetch_batch),
+                description="LUKHAS observability worker",
+            ))
+        ack_policy = _ack_policy(info.config.ack_policy)
+        if ack_policy == "none":
+            logger.warning("the MATRIZ consumer %r acks nothing: nodes delivered to a worker "
+                           "that stops before counting them are lost", self._durable)
+        pull = PullConsumer(
+            self._bus,  # type: ignore[arg-type]
+            MATRIZ_STREAM, self._durable, ack_policy=ack_policy,
+            batch=self._fetch_batch, expires_s=self._fetch_timeout_s,
         )
-        return await js.pull_subscribe(
-            MATRIZ_ALL, durable=self._durable, stream=MATRIZ_STREAM, config=config
-        )
+        return await pull.__aenter__()
 
-    async def _consume_jetstream(self, pull: JetStreamContext.PullSubscription) -> None:
+    async def _consume_jetstream(self, pull: PullConsumer) -> None:
         retry_s = _RETRY_MIN_S
         try:
             while not self._stopping.is_set():
                 try:
-                    msgs = await pull.fetch(self._fetch_batch, timeout=self._fetch_timeout_s)
-                except TimeoutError:  # nats-py raises its own subclass, or the builtin
-                    continue  # nothing new within the timeout: look at the stop flag, pull again
-                except nats.errors.ConnectionClosedError:
+                    batch: PullBatch | None = None
+                    with anyio.CancelScope() as self._wait_scope:
+                        batch = await pull.next_batch(self._fetch_timeout_s)
+                    self._wait_scope = None
+                    if batch is None:  # stop() while waiting for nodes: nothing was taken
+                        break
+                except BusClosed:
                     logger.warning("NATS connection closed: the MATRIZ consumer stops")
                     return
-                except (nats.js.errors.APIError, nats.errors.NoRespondersError) as exc:
-                    # E.g. the stream or consumer was deleted under us: recreate both.
-                    logger.warning("MATRIZ fetch failed (%s); retrying in %.1fs", exc, retry_s)
+                except BusError as exc:
+                    # ConsumerGone (deleted stream or consumer), PullRefused, a failed request:
+                    # reopen, recreating both where needed.
+                    logger.warning("MATRIZ pull failed (%s); retrying in %.1fs", exc, retry_s)
                     await anyio.sleep(retry_s)
                     retry_s = min(retry_s * 2, _RETRY_MAX_S)
                     pull = await self._reopen_pull(pull)
                     continue
                 retry_s = _RETRY_MIN_S
-                if not await self._take_batch(msgs):
+                if batch.messages and not await self._take_batch(pull, batch):
                     return
+            # Stopping: what the server sent before it heard of the stop is counted and acked.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5.0):
+                await self._take_batch(pull, await pull.drain())
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5.0):
-                await self._close_pull(pull)
+                await pull.close()
 
-    async def _take_batch(self, msgs: list[Msg]) -> bool:
-        """Aggregate a fetched batch, then ack all of it in one write; False if closed.
+    async def _take_batch(self, pull: PullConsumer, batch: PullBatch) -> bool:
+        """Aggregate a batch, then ack all of it in one go; False if the bus closed.
 
-        The hot path: each node's stream sequence is read from its ack subject without
-        building nats-py's metadata, its payload is decoded once (by the aggregate), and the
-        acks go out together (`publish_batch`) after aggregation, so an unacked node is
-        redelivered and recognised by its sequence rather than counted twice.
+        The hot path, per node: a membership test of its stream sequence, one decode by the
+        aggregate, one cheap test by the canary judge. Acks go out after aggregation, so an
+        unacked node is redelivered and recognised by its sequence rather than counted twice.
         """
         seen, aggregate, canary = self._seen.add, self._aggregate.ingest, self.canary.observe
-
-        def ingest(data: bytes) -> None:
-            aggregate(data)
-            canary(data)
-
-        acks: list[tuple[str, bytes]] = []
-        seq = 0
-        for msg in msgs:
-            seq = _stream_sequence(msg.reply)
-            if seq is None:  # not a JetStream delivery: nothing to ack, count it once
-                ingest(msg.data)
-                self._consumed += 1
-                continue
+        consumed = 0
+        for seq, data in batch.messages:
             if seen(seq):
-                ingest(msg.data)
-                self._consumed += 1
+                aggregate(data)
+                canary(data)
+                consumed += 1
             else:  # a redelivery of a node counted already: just ack it again
                 logger.debug("skipping redelivered MATRIZ node %d", seq)
-            acks.append((msg.reply, _ACK))
+        self._consumed += consumed
+        if batch.messages:
+            self._next_stream_seq = max(self._next_stream_seq or 0, batch.messages[-1][0] + 1)
         try:
-            await self._bus.publish_batch(acks)
+            await pull.ack(batch)
         except BusError as exc:
             logger.warning("could not ack a MATRIZ batch (%s); it will replay", exc)
             return not self._bus.is_closed
-        self._acked += len(acks)
-        if acks:
-            self._next_stream_seq = seq + 1
+        self._acked += len(batch.messages)
         return True
 
-    async def _reopen_pull(
-        self, pull: JetStreamContext.PullSubscription
-    ) -> JetStreamContext.PullSubscription:
-        await self._close_pull(pull)
+    async def _reopen_pull(self, pull: PullConsumer) -> PullConsumer:
         js: JetStreamContext = self._bus.jetstream()  # type: ignore[attr-defined]
         try:
             info = await ensure_matriz_stream(
@@ -553,21 +548,12 @@ class ObservabilityWorker:
             if start is not None and info.state.last_seq + 1 < start:
                 start = None
                 self._seen.clear()  # sequences restarted: the old ones mean other nodes
-            return await self._pull_subscribe(js, start_seq=start)
-        except (nats.js.errors.APIError, nats.errors.Error) as exc:
+            fresh = await self._pull_consumer(js, start_seq=start)
+        except (nats.js.errors.APIError, nats.errors.Error, BusError) as exc:
             logger.warning("could not recreate the MATRIZ consumer: %s", exc)
-            return pull  # the next fetch fails again and retries after a longer pause
-
-    async def _close_pull(self, pull: JetStreamContext.PullSubscription) -> None:
-        """Unsubscribe the pull inbox and flush, so the acks sent so far reach the server."""
-        client = self._bus.client  # type: ignore[attr-defined]
-        if client.is_closed:
-            return
-        try:
-            await pull.unsubscribe()
-            await client.flush(timeout=5)
-        except (nats.errors.Error, ValueError) as exc:
-            logger.debug("closing the MATRIZ pull subscription: %s", exc)
+            return pull  # the next pull fails again and retries after a longer pause
+        await pull.close()
+        return fresh
 
     async def _consume_subscription(self, sub: Subscription) -> None:
         async for env in sub:
@@ -648,6 +634,8 @@ class ObservabilityWorker:
     async def _stop_when_asked(self) -> None:
         await self._stopping.wait()
         self._check_scope.cancel()
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
         # Drained subscriptions hand out what they buffered, then their loops end; the
         # JetStream loop sees the flag after the pull in progress and acks that batch.
         for sub in [*self._subs, *self._feed_subs]:
