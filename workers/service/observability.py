@@ -4,8 +4,10 @@ Sources. On a NATS bus with JetStream the worker reads the `MATRIZ` stream (crea
 missing) through the durable pull consumer `observability`, acking each batch only after it
 is aggregated: a restart resumes where the last one stopped, losing nothing and counting
 nothing twice in normal operation (a crash between aggregating and acking replays that
-batch). On the memory bus, or a server without JetStream, it is a plain subscription to
-`matriz.>`, which sees only what is published while it runs.
+batch). It reads with `bus.nats.pull.PullConsumer` (pull requests of its own, deliveries
+taken in bulk, acks written together), not nats-py's per-message `fetch`. On the memory
+bus, or a server without JetStream, it is a plain subscription to `matriz.>`, which sees
+only what is published while it runs.
 
 Outputs. A stats snapshot on request (`lukhas.observability.stats`), Prometheus text on
 `/metrics`, and SLO burn-rate alerts on `lukhas.observability.alerts.<emit point tokens>`:
@@ -181,6 +183,10 @@ class ObservabilityWorker:
         fetch_batch, fetch_timeout_s: JetStream pull size, and how long one pull waits; a
             graceful stop waits for the pull in progress, so this bounds `stop()`.
         ack_wait_s: how long JetStream waits for an ack before redelivering.
+        ack_policy: the ack policy of the durable consumer if it is created here: `explicit`
+            (one ack per node, written together; several workers may share the consumer) or
+            `all` (one ack per batch; for a single worker only, as one worker's ack would
+            cover nodes handed to another). An existing consumer keeps its own policy.
         max_pending: buffer bound of the plain `matriz.>` subscription.
 
     Raises:
@@ -205,6 +211,7 @@ class ObservabilityWorker:
         fetch_batch: int = 256,
         fetch_timeout_s: float = 1.0,
         ack_wait_s: float = 30.0,
+        ack_policy: PullAckPolicy = "explicit",
         max_pending: int = 65_536,
     ) -> None:
         if metrics_port is not None and not 0 <= metrics_port <= 65535:
@@ -234,6 +241,9 @@ class ObservabilityWorker:
         self._fetch_batch = fetch_batch
         self._fetch_timeout_s = fetch_timeout_s
         self._ack_wait_s = ack_wait_s
+        if ack_policy not in ("explicit", "all"):
+            raise ValueError(f"ack_policy must be 'explicit' or 'all', not {ack_policy!r}")
+        self._ack_policy = AckPolicy.ALL if ack_policy == "all" else AckPolicy.EXPLICIT
         self._max_pending = max_pending
         self._encoder = msgspec.json.Encoder()
 
@@ -461,12 +471,18 @@ class ObservabilityWorker:
                 durable_name=self._durable,
                 deliver_policy=policy,
                 opt_start_seq=start_seq,
-                ack_policy=AckPolicy.EXPLICIT,
+                ack_policy=self._ack_policy,
                 ack_wait=self._ack_wait_s,
                 max_ack_pending=max(1000, 4 * self._fetch_batch),
                 description="LUKHAS observability worker",
             ))
         ack_policy = _ack_policy(info.config.ack_policy)
+        if info.config.ack_policy != self._ack_policy:
+            # The server cannot change a consumer's ack policy; deleting it here would lose
+            # its position, so the operator decides (delete it, and a worker recreates it).
+            logger.info("the MATRIZ consumer %r exists with ack policy %r (a new one would get "
+                        "%r); keeping it", self._durable, ack_policy,
+                        _ack_policy(self._ack_policy))
         if ack_policy == "none":
             logger.warning("the MATRIZ consumer %r acks nothing: nodes delivered to a worker "
                            "that stops before counting them are lost", self._durable)
