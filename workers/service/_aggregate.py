@@ -18,7 +18,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Annotated, Literal, get_args
 
 import msgspec
@@ -47,6 +47,7 @@ _HIGHEST_US = 3_600_000_000
 _SIGNIFICANT_DIGITS = 3
 
 _LABEL = re.compile(r"label:([A-Za-z0-9_-]+(?:[:.][A-Za-z0-9_-]+)*)")
+_TYPE = re.compile(r"[A-Z][A-Z0-9_]{0,31}")
 
 
 class EmitPointStats(msgspec.Struct, frozen=True):
@@ -131,9 +132,13 @@ class _TimestampsView(msgspec.Struct):
 
 
 class _NodeView(msgspec.Struct):
-    """The part of a MATRIZ node the aggregation needs; other fields are not checked here."""
+    """The part of a MATRIZ node the aggregation needs; other fields are not checked here.
 
-    type: Annotated[str, msgspec.Meta(pattern=r"^[A-Z][A-Z0-9_]*$", max_length=32)]
+    `type` and the first label are checked once per distinct pair (`Aggregator._resolve`),
+    not by the decoder on every node.
+    """
+
+    type: str
     labels: Annotated[list[str], msgspec.Meta(min_length=1)]
     state: _StateView
     timestamps: _TimestampsView
@@ -256,6 +261,9 @@ class Aggregator:
         self._points = {
             name: self._new_point(name, slas.get(name)) for name in {*slas, *self._slos}
         }
+        #: (type, first label) → its point: the emit point of a node without a regex match.
+        #: Only valid pairs that name a tracked point enter, so it is bounded with the points.
+        self._by_label: dict[tuple[str, str], _Point] = {}
         self._dropped_by_producer: dict[str, int] = {}
         self._invalid_nodes = 0
         self._invalid_reports = 0
@@ -277,33 +285,63 @@ class Aggregator:
 
     def ingest(self, data: bytes) -> str | None:
         """Decode and count one node; return its emit point, or None if it was invalid."""
+        with self._lock:
+            point = self._ingest(data, self._clock())
+        return None if point is None else point.name
+
+    def ingest_batch(self, batch: Iterable[bytes]) -> int:
+        """Decode and count several nodes under one lock and one clock reading (the worker's
+        hot path); return how many were valid."""
+        ingest, valid = self._ingest, 0
+        with self._lock:
+            now = self._clock()
+            for data in batch:
+                valid += ingest(data, now) is not None
+        return valid
+
+    def _ingest(self, data: bytes, now: float) -> _Point | None:
+        """Count one node (call with the lock held); its point, or None if it was invalid."""
         try:
             node = _node_decoder.decode(data)
         except msgspec.DecodeError as exc:
             logger.debug("invalid MATRIZ node skipped: %s", exc)
-            self._count_invalid()
+            self._invalid_nodes += 1
             return None
-        match = _LABEL.fullmatch(node.labels[0])
-        if match is None:
-            logger.debug("invalid MATRIZ node skipped: first label %r", node.labels[0][:80])
-            self._count_invalid()
-            return None
-        emit_point = f"{node.type}:{match.group(1)}"
-        latency_us = round(min(node.state.latency_ms * 1000.0, _HIGHEST_US))
-        now = self._clock()
-        # A producer's clock ahead of ours must not put events in a future window.
-        ts = min(node.timestamps.created_ts / 1000.0, now)
-        with self._lock:
-            point = self._points.get(emit_point)
+        key = (node.type, node.labels[0])
+        point = self._by_label.get(key)
+        if point is None:
+            point = self._resolve(key)
             if point is None:
-                if len(self._points) >= self._max_points:
-                    self._invalid_nodes += 1
-                    logger.warning("emit point %s not tracked: over %d points", emit_point,
-                                   self._max_points)
-                    return None
-                point = self._points[emit_point] = self._new_point(emit_point, None)
-            point.record(node.state.outcome, latency_us, ts, now)
-        return emit_point
+                self._invalid_nodes += 1
+                return None
+        state = node.state
+        # A producer's clock ahead of ours must not put events in a future window.
+        ts = node.timestamps.created_ts / 1000.0
+        point.record(
+            state.outcome, round(min(state.latency_ms * 1000.0, _HIGHEST_US)),
+            ts if ts < now else now, now,
+        )
+        return point
+
+    def _resolve(self, key: tuple[str, str]) -> _Point | None:
+        """The point of a (type, first label) not seen before, or None if it is invalid or
+        over the bound (call with the lock held). Valid ones are remembered."""
+        node_type, label = key
+        match = _LABEL.fullmatch(label)
+        if match is None or _TYPE.fullmatch(node_type) is None:
+            logger.debug("invalid MATRIZ node skipped: type %r, first label %r",
+                         node_type[:40], label[:80])
+            return None
+        emit_point = f"{node_type}:{match.group(1)}"
+        point = self._points.get(emit_point)
+        if point is None:
+            if len(self._points) >= self._max_points:
+                logger.warning("emit point %s not tracked: over %d points", emit_point,
+                               self._max_points)
+                return None
+            point = self._points[emit_point] = self._new_point(emit_point, None)
+        self._by_label[key] = point
+        return point
 
     def ingest_drop_report(self, data: bytes) -> bool:
         """Keep the latest dropped-node count an emitter reported; False if malformed."""
@@ -473,10 +511,6 @@ class Aggregator:
                            state.worker_id[:40])
             return False
         return True
-
-    def _count_invalid(self) -> None:
-        with self._lock:
-            self._invalid_nodes += 1
 
     def _point_stats(self, point: _Point, now: float) -> EmitPointStats:
         if point.latency is None or point.latency.get_total_count() == 0:

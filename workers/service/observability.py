@@ -528,20 +528,21 @@ class ObservabilityWorker:
     async def _take_batch(self, pull: PullConsumer, batch: PullBatch) -> bool:
         """Aggregate a batch, then ack all of it in one go; False if the bus closed.
 
-        The hot path, per node: a membership test of its stream sequence, one decode by the
-        aggregate, one cheap test by the canary judge. Acks go out after aggregation, so an
-        unacked node is redelivered and recognised by its sequence rather than counted twice.
+        The hot path, per node: a membership test of its stream sequence, one cheap test by
+        the canary judge, one decode by the aggregate (the batch under one lock). Acks go out
+        after aggregation, so an unacked node is redelivered and recognised by its sequence
+        rather than counted twice.
         """
-        seen, aggregate, canary = self._seen.add, self._aggregate.ingest, self.canary.observe
-        consumed = 0
+        seen, canary = self._seen.add, self.canary.observe
+        fresh = []
         for seq, data in batch.messages:
             if seen(seq):
-                aggregate(data)
+                fresh.append(data)
                 canary(data)
-                consumed += 1
             else:  # a redelivery of a node counted already: just ack it again
                 logger.debug("skipping redelivered MATRIZ node %d", seq)
-        self._consumed += consumed
+        self._aggregate.ingest_batch(fresh)
+        self._consumed += len(fresh)
         if batch.messages:
             self._next_stream_seq = max(self._next_stream_seq or 0, batch.messages[-1][0] + 1)
         try:
