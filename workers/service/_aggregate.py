@@ -46,6 +46,9 @@ Source = Literal["jetstream", "subscription"]
 _HIGHEST_US = 3_600_000_000
 _SIGNIFICANT_DIGITS = 3
 
+#: Most distinct reasons counted per emit point (a bound against made-up labels).
+MAX_REASONS = 64
+
 _LABEL = re.compile(r"label:([A-Za-z0-9_-]+(?:[:.][A-Za-z0-9_-]+)*)")
 _TYPE = re.compile(r"[A-Z][A-Z0-9_]{0,31}")
 
@@ -108,6 +111,8 @@ class PointState(msgspec.Struct, frozen=True):
     #: (bucket number, events, bad events) of the alert windows and of the SLO period.
     windows: list[tuple[int, int, int]] = []
     period: list[tuple[int, int, int]] = []
+    #: Refusals and errors by reason (see `Aggregator.reasons`).
+    reasons: dict[str, int] = {}
 
 
 class AggregateState(msgspec.Struct, frozen=True):
@@ -159,7 +164,7 @@ def _ms(value_us: float) -> float:
 class _Point:
     __slots__ = (
         "name", "sla_p95_ms", "slo", "slo_latency_us", "count", "outcomes", "bad", "sum_us",
-        "latency", "windows", "period", "firing", "alerts",
+        "latency", "windows", "period", "firing", "alerts", "reasons",
     )
 
     def __init__(
@@ -179,6 +184,14 @@ class _Point:
         self.period = Buckets(config.period_bucket_s, config.period_s)
         self.firing: dict[str, bool] = {}
         self.alerts = 0
+        self.reasons: dict[str, int] = {}
+
+    def count_reason(self, reason: str, n: int = 1) -> None:
+        reasons = self.reasons
+        if reason in reasons:
+            reasons[reason] += n
+        elif len(reasons) < MAX_REASONS:
+            reasons[reason] = n
 
     def record(self, outcome: str, latency_us: int, ts: float, now: float) -> None:
         if self.latency is None:
@@ -202,6 +215,7 @@ class _Point:
             histogram=None if self.latency is None else self.latency.encode().decode("ascii"),
             windows=self.windows.export(),
             period=self.period.export(),
+            reasons=dict(self.reasons),
         )
 
     def merged(self, parts: Sequence[PointState], config: SloSettings) -> _Point:
@@ -215,7 +229,10 @@ class _Point:
         out.windows.merge(self.windows.export())
         out.period.merge(self.period.export())
         out.firing, out.alerts = self.firing, self.alerts
+        out.reasons = dict(self.reasons)
         for part in parts:
+            for reason, n in part.reasons.items():
+                out.count_reason(reason, n)
             out.count += part.count
             out.bad += part.bad
             out.sum_us += part.sum_us
@@ -315,6 +332,11 @@ class Aggregator:
                 self._invalid_nodes += 1
                 return None
         state = node.state
+        labels = node.labels
+        if state.outcome != "ok" or len(labels) > 2:
+            reason = _reason(labels, state.outcome)
+            if reason is not None:
+                point.count_reason(reason)
         # A producer's clock ahead of ours must not put events in a future window.
         ts = node.timestamps.created_ts / 1000.0
         point.record(
@@ -360,6 +382,23 @@ class Aggregator:
                 return False
             self._dropped_by_producer[report.producer] = report.dropped
             return True
+
+    def reasons(self, peers: Sequence[AggregateState] = ()) -> dict[str, dict[str, int]]:
+        """Emit point → reason → calls, over this worker's and `peers`' nodes: `<reason>`
+        for refusals, `error:<code>` (or the outcome, e.g. `error`) for errors."""
+        with self._lock:
+            out = {name: dict(p.reasons) for name, p in self._points.items() if p.reasons}
+        for peer in peers:
+            for name, part in peer.points.items():
+                if not part.reasons or (name not in out and len(out) >= self._max_points):
+                    continue
+                mine = out.setdefault(name, {})
+                for reason, n in part.reasons.items():
+                    if reason in mine:
+                        mine[reason] += n
+                    elif len(mine) < MAX_REASONS:
+                        mine[reason] = n
+        return out
 
     def export_state(self, worker_id: str) -> AggregateState:
         """This worker's part, for its peers to merge."""
@@ -543,6 +582,17 @@ class Aggregator:
             burn=burn,
             latency_sum_ms=_ms(point.sum_us),
         )
+
+
+def _reason(labels: Sequence[str], outcome: str) -> str | None:
+    """A node's reason: its first `reason:<r>` label as `<r>` or `error:<code>` label as is
+    (after the emit point and outcome labels), else its outcome unless that is `ok`."""
+    for label in labels[2:]:
+        if label.startswith("reason:"):
+            return label[7:]
+        if label.startswith("error:"):
+            return label
+    return None if outcome == "ok" else outcome
 
 
 def decode_state(data: bytes) -> AggregateState:

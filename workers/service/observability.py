@@ -250,7 +250,11 @@ class ObservabilityWorker:
         self._source: Source = "subscription"
         self._metrics: MetricsServer | None = None
         self._subs: list[Subscription] = []
-        self._feed_subs: list[Subscription] = []
+        #: The live feed for dashboards (`_livefeed.py`), fed with the nodes counted here.
+        self._feed = LiveFeed(
+            bus, snapshot=self.snapshot, reasons=self._merged_reasons, is_leader=self.is_leader,
+            worker_id=self.worker_id, dropped=self._subscription_dropped,
+        )
         self._nodes_sub: Subscription | None = None
         # Created up front so a stop that comes before the check task starts still ends it.
         self._check_scope = anyio.CancelScope()
@@ -385,7 +389,6 @@ class ObservabilityWorker:
                 peers = await stack.enter_async_context(
                     self._bus.subscribe(OBSERVABILITY_STATE_ALL)
                 )
-                feed, feed_sub = await self._open_live_feed(stack)
                 pull = await self._open_pull()
                 if pull is None:
                     nodes: Subscription | None = await stack.enter_async_context(
@@ -407,7 +410,6 @@ class ObservabilityWorker:
                     tg.start_soon(self._until_done, self._serve_stats, stats)
                     tg.start_soon(self._until_done, self._consume_peers, peers)
                     tg.start_soon(self._check_periodically)
-                    tg.start_soon(self._until_done, feed.run, feed_sub)
                     tg.start_soon(self._stop_when_asked)
                     logger.info(
                         "observability worker %s ready: source=%s, %d SLOs, metrics=%s",
@@ -418,16 +420,6 @@ class ObservabilityWorker:
                     task_status.started()
         finally:
             self._done.set()
-
-    async def _open_live_feed(self, stack: AsyncExitStack) -> tuple[LiveFeed, Subscription]:
-        """The live feed for dashboards (`_livefeed.py`), its subscription drained on stop."""
-        feed = LiveFeed(
-            self._bus, snapshot=self.snapshot, is_leader=self.is_leader,
-            worker_id=self.worker_id, interval_s=self._check_interval_s,
-        )
-        sub = await stack.enter_async_context(feed.subscribe())
-        self._feed_subs = [sub]
-        return feed, sub
 
     async def stop(self) -> None:
         """Stop gracefully: finish and ack what was taken, drain subscriptions, stop /metrics.
@@ -542,6 +534,7 @@ class ObservabilityWorker:
             else:  # a redelivery of a node counted already: just ack it again
                 logger.debug("skipping redelivered MATRIZ node %d", seq)
         self._aggregate.ingest_batch(fresh)
+        self._feed.observe(fresh)
         self._consumed += len(fresh)
         if batch.messages:
             self._next_stream_seq = max(self._next_stream_seq or 0, batch.messages[-1][0] + 1)
@@ -551,6 +544,7 @@ class ObservabilityWorker:
             logger.warning("could not ack a MATRIZ batch (%s); it will replay", exc)
             return not self._bus.is_closed
         self._acked += len(batch.messages)
+        await self._feed.flush()
         return True
 
     async def _reopen_pull(self, pull: PullConsumer) -> PullConsumer:
@@ -573,10 +567,21 @@ class ObservabilityWorker:
         return fresh
 
     async def _consume_subscription(self, sub: Subscription) -> None:
+        feed = self._feed
         async for env in sub:
             self._aggregate.ingest(env.data)
             self.canary.observe(env.data)
+            feed.observe((env.data,))
             self._consumed += 1
+            if sub.statistics().pending == 0:  # a lone node at once, a burst together
+                await feed.flush()
+        await feed.flush()
+
+    def _merged_reasons(self) -> dict[str, dict[str, int]]:
+        return self._aggregate.reasons(self.peer_states())
+
+    def _subscription_dropped(self) -> int:
+        return 0 if self._nodes_sub is None else self._nodes_sub.statistics().dropped
 
     # -- the rest ----------------------------------------------------------------------------
 
@@ -647,6 +652,7 @@ class ObservabilityWorker:
                 self._expire_peers()
                 await self.check_slos()
                 await self.canary.check(self._bus, self.worker_id)
+                await self._feed.publish_snapshot()
 
     async def _stop_when_asked(self) -> None:
         await self._stopping.wait()
@@ -655,7 +661,7 @@ class ObservabilityWorker:
             self._wait_scope.cancel()
         # Drained subscriptions hand out what they buffered, then their loops end; the
         # JetStream loop sees the flag after the pull in progress and acks that batch.
-        for sub in [*self._subs, *self._feed_subs]:
+        for sub in self._subs:
             try:
                 await sub.drain()
             except BusError as exc:
