@@ -536,8 +536,9 @@ class ObservabilityWorker:
         self._aggregate.ingest_batch(fresh)
         self._feed.observe(fresh)
         self._consumed += len(fresh)
-        if batch.messages:
-            self._next_stream_seq = max(self._next_stream_seq or 0, batch.messages[-1][0] + 1)
+        if batch.messages:  # redeliveries may come after newer nodes: the highest counts
+            highest = max(seq for seq, _ in batch.messages)
+            self._next_stream_seq = max(self._next_stream_seq or 0, highest + 1)
         try:
             await pull.ack(batch)
         except BusError as exc:
