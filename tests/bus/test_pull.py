@@ -281,3 +281,11 @@ async def test_a_server_restart_loses_nothing(tmp_path: Path) -> None:
     finally:
         await anyio.to_thread.run_sync(server.stop)
     assert {seq for seq, _ in got} == set(range(1, 251))
+
+
+async def test_sizes_and_durations_are_checked(nats_url: str) -> None:
+    async with open_nats_bus(nats_url) as bus:
+        for options in ({"batch": 0}, {"expires_s": 0}, {"max_batch": 0},
+                        {"linger_s": -1}, {"linger_s": 2.0, "expires_s": 1.0}):
+            with pytest.raises(ValueError):
+                PullConsumer(bus, "S", "C", **options)  # type: ignore[arg-type]

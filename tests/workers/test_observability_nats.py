@@ -298,7 +298,9 @@ async def test_stop_returns_at_once_while_waiting_for_nodes(nats_url: str) -> No
             with anyio.fail_after(5):
                 await worker.stop()
         # Nothing was left waiting on the server for the stopped worker's inbox: a node
-        # published now waits for the next worker instead of its ack wait.
-        await publish_nodes(client, 1)
+        # published now (and stored: the stream acks it) waits for the next worker instead
+        # of going to a dead inbox and waiting out the ack wait.
+        n = node()
+        await js.publish(n.subject, msgspec.json.encode(n))
         info = await js.consumer_info(MATRIZ_STREAM, DURABLE_NAME)
     assert (info.num_pending, info.num_ack_pending) == (1, 0)

@@ -180,8 +180,10 @@ class ObservabilityWorker:
         worker_id: this worker's name among its peers (default: random).
         durable: name of the durable JetStream consumer.
         stream_max_age_s, stream_max_bytes: limits of the MATRIZ stream if it is created here.
-        fetch_batch, fetch_timeout_s: JetStream pull size, and how long one pull waits; a
-            graceful stop waits for the pull in progress, so this bounds `stop()`.
+        fetch_batch, fetch_timeout_s: JetStream pull size, and how long one pull request
+            waits on the server for nodes.
+        fetch_linger_s: after a wake-up for only a few nodes, how long to wait for more
+            before counting them (fewer wake-ups, acks and sends per node at low rates).
         ack_wait_s: how long JetStream waits for an ack before redelivering.
         ack_policy: the ack policy of the durable consumer if it is created here: `explicit`
             (one ack per node, written together; several workers may share the consumer) or
@@ -210,6 +212,7 @@ class ObservabilityWorker:
         stream_max_bytes: int = MATRIZ_MAX_BYTES,
         fetch_batch: int = 256,
         fetch_timeout_s: float = 1.0,
+        fetch_linger_s: float = 0.005,
         ack_wait_s: float = 30.0,
         ack_policy: PullAckPolicy = "explicit",
         max_pending: int = 65_536,
@@ -240,6 +243,9 @@ class ObservabilityWorker:
         self._stream_max_bytes = stream_max_bytes
         self._fetch_batch = fetch_batch
         self._fetch_timeout_s = fetch_timeout_s
+        if not 0 <= fetch_linger_s < fetch_timeout_s:
+            raise ValueError("fetch_linger_s must be >= 0 and shorter than fetch_timeout_s")
+        self._fetch_linger_s = fetch_linger_s
         self._ack_wait_s = ack_wait_s
         if ack_policy not in ("explicit", "all"):
             raise ValueError(f"ack_policy must be 'explicit' or 'all', not {ack_policy!r}")
@@ -482,6 +488,7 @@ class ObservabilityWorker:
             self._bus,  # type: ignore[arg-type]
             MATRIZ_STREAM, self._durable, ack_policy=ack_policy,
             batch=self._fetch_batch, expires_s=self._fetch_timeout_s,
+            linger_s=self._fetch_linger_s,
         )
         return await pull.__aenter__()
 
