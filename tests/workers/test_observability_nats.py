@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -11,6 +12,7 @@ import msgspec
 import nats.js.errors
 import pytest
 from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from bus import NatsServer, open_nats_bus
 from bus.nats import NatsBus
@@ -232,3 +234,73 @@ async def test_deleted_consumer_resumes_after_the_last_ack(nats_url: str) -> Non
             snap = await wait_stats(client, lambda s: True)
             await worker.stop()
     assert (count(snap), snap.invalid_nodes) == (15, 1)  # nothing replayed from the start
+
+
+async def test_a_consumer_created_with_ack_all_is_read_with_one_ack_per_batch(
+    nats_url: str,
+) -> None:
+    async with fresh_matriz(nats_url) as (client, js), open_nats_bus(nats_url) as worker_bus:
+        worker = worker_on(worker_bus, ack_policy="all", fetch_batch=32)
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run)
+            sent_before = worker_bus.client.stats["out_msgs"]
+            await publish_nodes(client, 200)
+            with anyio.fail_after(15):
+                while worker.statistics().acked < 200:  # polls the consumer, not the worker
+                    await wait_consumer_settled(js)
+            # Acks and pull requests (and a state publish or two) from the worker's connection.
+            sent = worker_bus.client.stats["out_msgs"] - sent_before
+            snap = await wait_stats(client, lambda s: True)
+            info = await js.consumer_info(MATRIZ_STREAM, DURABLE_NAME)
+            await worker.stop()
+    assert info.config.ack_policy == AckPolicy.ALL
+    assert count(snap) == 200 and worker.statistics().acked == 200
+    assert (info.num_pending, info.num_ack_pending) == (0, 0)
+    assert sent < 100, sent  # far below one ack per node
+
+
+async def test_an_existing_consumer_keeps_its_ack_policy(
+    nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with fresh_matriz(nats_url) as (client, js), open_nats_bus(nats_url) as worker_bus:
+        await ensure_matriz_stream(js)
+        await js.add_consumer(MATRIZ_STREAM, ConsumerConfig(
+            durable_name=DURABLE_NAME, ack_policy=AckPolicy.ALL, ack_wait=30,
+        ))
+        await publish_nodes(client, 40)
+        worker = worker_on(worker_bus)  # would create an `explicit` consumer
+        with caplog.at_level(logging.INFO, logger="workers.service.observability"):
+            async with anyio.create_task_group() as tg:
+                await tg.start(worker.run)
+                await wait_stats(client, lambda s: count(s) == 40)
+                info = await wait_consumer_settled(js)
+                await worker.stop()
+    assert info.config.ack_policy == AckPolicy.ALL
+    assert worker.statistics().acked == 40
+    assert any("exists with ack policy 'all'" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_unknown_ack_policy_is_refused(nats_url: str) -> None:
+    async with open_nats_bus(nats_url) as bus:
+        with pytest.raises(ValueError, match="ack_policy"):
+            worker_on(bus, ack_policy="none")
+
+
+async def test_stop_returns_at_once_while_waiting_for_nodes(nats_url: str) -> None:
+    async with fresh_matriz(nats_url) as (client, js), open_nats_bus(nats_url) as worker_bus:
+        # A pull that would wait 30 s for nodes: stop() must not wait for it.
+        worker = worker_on(worker_bus, fetch_timeout_s=30.0)
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run)
+            await publish_nodes(client, 5)
+            await wait_stats(client, lambda s: count(s) == 5)
+            await wait_consumer_settled(js)
+            with anyio.fail_after(5):
+                await worker.stop()
+        # Nothing was left waiting on the server for the stopped worker's inbox: a node
+        # published now (and stored: the stream acks it) waits for the next worker instead
+        # of going to a dead inbox and waiting out the ack wait.
+        n = node()
+        await js.publish(n.subject, msgspec.json.encode(n))
+        info = await js.consumer_info(MATRIZ_STREAM, DURABLE_NAME)
+    assert (info.num_pending, info.num_ack_pending) == (1, 0)

@@ -18,7 +18,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Annotated, Literal, get_args
 
 import msgspec
@@ -46,7 +46,11 @@ Source = Literal["jetstream", "subscription"]
 _HIGHEST_US = 3_600_000_000
 _SIGNIFICANT_DIGITS = 3
 
+#: Most distinct reasons counted per emit point (a bound against made-up labels).
+MAX_REASONS = 64
+
 _LABEL = re.compile(r"label:([A-Za-z0-9_-]+(?:[:.][A-Za-z0-9_-]+)*)")
+_TYPE = re.compile(r"[A-Z][A-Z0-9_]{0,31}")
 
 
 class EmitPointStats(msgspec.Struct, frozen=True):
@@ -107,6 +111,8 @@ class PointState(msgspec.Struct, frozen=True):
     #: (bucket number, events, bad events) of the alert windows and of the SLO period.
     windows: list[tuple[int, int, int]] = []
     period: list[tuple[int, int, int]] = []
+    #: Refusals and errors by reason (see `Aggregator.reasons`).
+    reasons: dict[str, int] = {}
 
 
 class AggregateState(msgspec.Struct, frozen=True):
@@ -131,9 +137,13 @@ class _TimestampsView(msgspec.Struct):
 
 
 class _NodeView(msgspec.Struct):
-    """The part of a MATRIZ node the aggregation needs; other fields are not checked here."""
+    """The part of a MATRIZ node the aggregation needs; other fields are not checked here.
 
-    type: Annotated[str, msgspec.Meta(pattern=r"^[A-Z][A-Z0-9_]*$", max_length=32)]
+    `type` and the first label are checked once per distinct pair (`Aggregator._resolve`),
+    not by the decoder on every node.
+    """
+
+    type: str
     labels: Annotated[list[str], msgspec.Meta(min_length=1)]
     state: _StateView
     timestamps: _TimestampsView
@@ -154,7 +164,7 @@ def _ms(value_us: float) -> float:
 class _Point:
     __slots__ = (
         "name", "sla_p95_ms", "slo", "slo_latency_us", "count", "outcomes", "bad", "sum_us",
-        "latency", "windows", "period", "firing", "alerts",
+        "latency", "windows", "period", "firing", "alerts", "reasons",
     )
 
     def __init__(
@@ -174,6 +184,14 @@ class _Point:
         self.period = Buckets(config.period_bucket_s, config.period_s)
         self.firing: dict[str, bool] = {}
         self.alerts = 0
+        self.reasons: dict[str, int] = {}
+
+    def count_reason(self, reason: str, n: int = 1) -> None:
+        reasons = self.reasons
+        if reason in reasons:
+            reasons[reason] += n
+        elif len(reasons) < MAX_REASONS:
+            reasons[reason] = n
 
     def record(self, outcome: str, latency_us: int, ts: float, now: float) -> None:
         if self.latency is None:
@@ -197,6 +215,7 @@ class _Point:
             histogram=None if self.latency is None else self.latency.encode().decode("ascii"),
             windows=self.windows.export(),
             period=self.period.export(),
+            reasons=dict(self.reasons),
         )
 
     def merged(self, parts: Sequence[PointState], config: SloSettings) -> _Point:
@@ -210,7 +229,10 @@ class _Point:
         out.windows.merge(self.windows.export())
         out.period.merge(self.period.export())
         out.firing, out.alerts = self.firing, self.alerts
+        out.reasons = dict(self.reasons)
         for part in parts:
+            for reason, n in part.reasons.items():
+                out.count_reason(reason, n)
             out.count += part.count
             out.bad += part.bad
             out.sum_us += part.sum_us
@@ -256,6 +278,9 @@ class Aggregator:
         self._points = {
             name: self._new_point(name, slas.get(name)) for name in {*slas, *self._slos}
         }
+        #: (type, first label) → its point: the emit point of a node without a regex match.
+        #: Only valid pairs that name a tracked point enter, so it is bounded with the points.
+        self._by_label: dict[tuple[str, str], _Point] = {}
         self._dropped_by_producer: dict[str, int] = {}
         self._invalid_nodes = 0
         self._invalid_reports = 0
@@ -277,33 +302,68 @@ class Aggregator:
 
     def ingest(self, data: bytes) -> str | None:
         """Decode and count one node; return its emit point, or None if it was invalid."""
+        with self._lock:
+            point = self._ingest(data, self._clock())
+        return None if point is None else point.name
+
+    def ingest_batch(self, batch: Iterable[bytes]) -> int:
+        """Decode and count several nodes under one lock and one clock reading (the worker's
+        hot path); return how many were valid."""
+        ingest, valid = self._ingest, 0
+        with self._lock:
+            now = self._clock()
+            for data in batch:
+                valid += ingest(data, now) is not None
+        return valid
+
+    def _ingest(self, data: bytes, now: float) -> _Point | None:
+        """Count one node (call with the lock held); its point, or None if it was invalid."""
         try:
             node = _node_decoder.decode(data)
         except msgspec.DecodeError as exc:
             logger.debug("invalid MATRIZ node skipped: %s", exc)
-            self._count_invalid()
+            self._invalid_nodes += 1
             return None
-        match = _LABEL.fullmatch(node.labels[0])
-        if match is None:
-            logger.debug("invalid MATRIZ node skipped: first label %r", node.labels[0][:80])
-            self._count_invalid()
-            return None
-        emit_point = f"{node.type}:{match.group(1)}"
-        latency_us = round(min(node.state.latency_ms * 1000.0, _HIGHEST_US))
-        now = self._clock()
-        # A producer's clock ahead of ours must not put events in a future window.
-        ts = min(node.timestamps.created_ts / 1000.0, now)
-        with self._lock:
-            point = self._points.get(emit_point)
+        key = (node.type, node.labels[0])
+        point = self._by_label.get(key)
+        if point is None:
+            point = self._resolve(key)
             if point is None:
-                if len(self._points) >= self._max_points:
-                    self._invalid_nodes += 1
-                    logger.warning("emit point %s not tracked: over %d points", emit_point,
-                                   self._max_points)
-                    return None
-                point = self._points[emit_point] = self._new_point(emit_point, None)
-            point.record(node.state.outcome, latency_us, ts, now)
-        return emit_point
+                self._invalid_nodes += 1
+                return None
+        state = node.state
+        labels = node.labels
+        if state.outcome != "ok" or len(labels) > 2:
+            reason = _reason(labels, state.outcome)
+            if reason is not None:
+                point.count_reason(reason)
+        # A producer's clock ahead of ours must not put events in a future window.
+        ts = node.timestamps.created_ts / 1000.0
+        point.record(
+            state.outcome, round(min(state.latency_ms * 1000.0, _HIGHEST_US)),
+            ts if ts < now else now, now,
+        )
+        return point
+
+    def _resolve(self, key: tuple[str, str]) -> _Point | None:
+        """The point of a (type, first label) not seen before, or None if it is invalid or
+        over the bound (call with the lock held). Valid ones are remembered."""
+        node_type, label = key
+        match = _LABEL.fullmatch(label)
+        if match is None or _TYPE.fullmatch(node_type) is None:
+            logger.debug("invalid MATRIZ node skipped: type %r, first label %r",
+                         node_type[:40], label[:80])
+            return None
+        emit_point = f"{node_type}:{match.group(1)}"
+        point = self._points.get(emit_point)
+        if point is None:
+            if len(self._points) >= self._max_points:
+                logger.warning("emit point %s not tracked: over %d points", emit_point,
+                               self._max_points)
+                return None
+            point = self._points[emit_point] = self._new_point(emit_point, None)
+        self._by_label[key] = point
+        return point
 
     def ingest_drop_report(self, data: bytes) -> bool:
         """Keep the latest dropped-node count an emitter reported; False if malformed."""
@@ -322,6 +382,23 @@ class Aggregator:
                 return False
             self._dropped_by_producer[report.producer] = report.dropped
             return True
+
+    def reasons(self, peers: Sequence[AggregateState] = ()) -> dict[str, dict[str, int]]:
+        """Emit point → reason → calls, over this worker's and `peers`' nodes: `<reason>`
+        for refusals, `error:<code>` (or the outcome, e.g. `error`) for errors."""
+        with self._lock:
+            out = {name: dict(p.reasons) for name, p in self._points.items() if p.reasons}
+        for peer in peers:
+            for name, part in peer.points.items():
+                if not part.reasons or (name not in out and len(out) >= self._max_points):
+                    continue
+                mine = out.setdefault(name, {})
+                for reason, n in part.reasons.items():
+                    if reason in mine:
+                        mine[reason] += n
+                    elif len(mine) < MAX_REASONS:
+                        mine[reason] = n
+        return out
 
     def export_state(self, worker_id: str) -> AggregateState:
         """This worker's part, for its peers to merge."""
@@ -474,10 +551,6 @@ class Aggregator:
             return False
         return True
 
-    def _count_invalid(self) -> None:
-        with self._lock:
-            self._invalid_nodes += 1
-
     def _point_stats(self, point: _Point, now: float) -> EmitPointStats:
         if point.latency is None or point.latency.get_total_count() == 0:
             p50 = p95 = p99 = 0
@@ -509,6 +582,17 @@ class Aggregator:
             burn=burn,
             latency_sum_ms=_ms(point.sum_us),
         )
+
+
+def _reason(labels: Sequence[str], outcome: str) -> str | None:
+    """A node's reason: its first `reason:<r>` label as `<r>` or `error:<code>` label as is
+    (after the emit point and outcome labels), else its outcome unless that is `ok`."""
+    for label in labels[2:]:
+        if label.startswith("reason:"):
+            return label[7:]
+        if label.startswith("error:"):
+            return label
+    return None if outcome == "ok" else outcome
 
 
 def decode_state(data: bytes) -> AggregateState:

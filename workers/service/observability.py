@@ -4,8 +4,10 @@ Sources. On a NATS bus with JetStream the worker reads the `MATRIZ` stream (crea
 missing) through the durable pull consumer `observability`, acking each batch only after it
 is aggregated: a restart resumes where the last one stopped, losing nothing and counting
 nothing twice in normal operation (a crash between aggregating and acking replays that
-batch). On the memory bus, or a server without JetStream, it is a plain subscription to
-`matriz.>`, which sees only what is published while it runs.
+batch). It reads with `bus.nats.pull.PullConsumer` (pull requests of its own, deliveries
+taken in bulk, acks written together), not nats-py's per-message `fetch`. On the memory
+bus, or a server without JetStream, it is a plain subscription to `matriz.>`, which sees
+only what is published while it runs.
 
 Outputs. A stats snapshot on request (`lukhas.observability.stats`), Prometheus text on
 `/metrics`, and SLO burn-rate alerts on `lukhas.observability.alerts.<emit point tokens>`:
@@ -36,11 +38,12 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from anyio.abc import TaskStatus
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from bus import Bus, BusError, Subscription
+from bus import Bus, BusClosed, BusError, Subscription
+from bus.nats.pull import AckPolicy as PullAckPolicy
+from bus.nats.pull import PullBatch, PullConsumer
 from lukhas.config import Settings
 from lukhas.subjects import (
     MATRIZ_ALL,
@@ -99,23 +102,12 @@ _MAX_PEERS = 64
 _MAX_SEEN_RANGES = 1024
 
 
-_ACK = b"+ACK"
-
-
-def _stream_sequence(reply: str | None) -> int | None:
-    """The stream sequence in a JetStream ack subject (v1 `$JS.ACK.<stream>.<consumer>.
-    <delivered>.<sseq>.<cseq>.<ts>.<pending>` or v2 with domain and account hash), or None."""
-    if not reply or not reply.startswith("$JS.ACK."):
-        return None
-    tokens = reply.split(".")
-    try:
-        if len(tokens) == 9:
-            return int(tokens[5])
-        if len(tokens) >= 11:
-            return int(tokens[7])
-    except ValueError:
-        return None
-    return None
+def _ack_policy(policy: AckPolicy | None) -> PullAckPolicy:
+    if policy == AckPolicy.ALL:
+        return "all"
+    if policy == AckPolicy.NONE:
+        return "none"
+    return "explicit"
 
 
 class _SeenSequences:
@@ -188,9 +180,15 @@ class ObservabilityWorker:
         worker_id: this worker's name among its peers (default: random).
         durable: name of the durable JetStream consumer.
         stream_max_age_s, stream_max_bytes: limits of the MATRIZ stream if it is created here.
-        fetch_batch, fetch_timeout_s: JetStream pull size, and how long one pull waits; a
-            graceful stop waits for the pull in progress, so this bounds `stop()`.
+        fetch_batch, fetch_timeout_s: JetStream pull size, and how long one pull request
+            waits on the server for nodes.
+        fetch_linger_s: after a wake-up for only a few nodes, how long to wait for more
+            before counting them (fewer wake-ups, acks and sends per node at low rates).
         ack_wait_s: how long JetStream waits for an ack before redelivering.
+        ack_policy: the ack policy of the durable consumer if it is created here: `explicit`
+            (one ack per node, written together; several workers may share the consumer) or
+            `all` (one ack per batch; for a single worker only, as one worker's ack would
+            cover nodes handed to another). An existing consumer keeps its own policy.
         max_pending: buffer bound of the plain `matriz.>` subscription.
 
     Raises:
@@ -214,7 +212,9 @@ class ObservabilityWorker:
         stream_max_bytes: int = MATRIZ_MAX_BYTES,
         fetch_batch: int = 256,
         fetch_timeout_s: float = 1.0,
+        fetch_linger_s: float = 0.005,
         ack_wait_s: float = 30.0,
+        ack_policy: PullAckPolicy = "explicit",
         max_pending: int = 65_536,
     ) -> None:
         if metrics_port is not None and not 0 <= metrics_port <= 65535:
@@ -243,17 +243,29 @@ class ObservabilityWorker:
         self._stream_max_bytes = stream_max_bytes
         self._fetch_batch = fetch_batch
         self._fetch_timeout_s = fetch_timeout_s
+        if not 0 <= fetch_linger_s < fetch_timeout_s:
+            raise ValueError("fetch_linger_s must be >= 0 and shorter than fetch_timeout_s")
+        self._fetch_linger_s = fetch_linger_s
         self._ack_wait_s = ack_wait_s
+        if ack_policy not in ("explicit", "all"):
+            raise ValueError(f"ack_policy must be 'explicit' or 'all', not {ack_policy!r}")
+        self._ack_policy = AckPolicy.ALL if ack_policy == "all" else AckPolicy.EXPLICIT
         self._max_pending = max_pending
         self._encoder = msgspec.json.Encoder()
 
         self._source: Source = "subscription"
         self._metrics: MetricsServer | None = None
         self._subs: list[Subscription] = []
-        self._feed_subs: list[Subscription] = []
+        #: The live feed for dashboards (`_livefeed.py`), fed with the nodes counted here.
+        self._feed = LiveFeed(
+            bus, snapshot=self.snapshot, reasons=self._merged_reasons, is_leader=self.is_leader,
+            worker_id=self.worker_id, dropped=self._subscription_dropped,
+        )
         self._nodes_sub: Subscription | None = None
         # Created up front so a stop that comes before the check task starts still ends it.
         self._check_scope = anyio.CancelScope()
+        #: The wait for nodes in progress, cancelled by a stop (nothing is taken yet then).
+        self._wait_scope: anyio.CancelScope | None = None
         self._started = False
         self._stopping = anyio.Event()
         self._done = anyio.Event()
@@ -383,7 +395,6 @@ class ObservabilityWorker:
                 peers = await stack.enter_async_context(
                     self._bus.subscribe(OBSERVABILITY_STATE_ALL)
                 )
-                feed, feed_sub = await self._open_live_feed(stack)
                 pull = await self._open_pull()
                 if pull is None:
                     nodes: Subscription | None = await stack.enter_async_context(
@@ -405,7 +416,6 @@ class ObservabilityWorker:
                     tg.start_soon(self._until_done, self._serve_stats, stats)
                     tg.start_soon(self._until_done, self._consume_peers, peers)
                     tg.start_soon(self._check_periodically)
-                    tg.start_soon(self._until_done, feed.run, feed_sub)
                     tg.start_soon(self._stop_when_asked)
                     logger.info(
                         "observability worker %s ready: source=%s, %d SLOs, metrics=%s",
@@ -416,16 +426,6 @@ class ObservabilityWorker:
                     task_status.started()
         finally:
             self._done.set()
-
-    async def _open_live_feed(self, stack: AsyncExitStack) -> tuple[LiveFeed, Subscription]:
-        """The live feed for dashboards (`_livefeed.py`), its subscription drained on stop."""
-        feed = LiveFeed(
-            self._bus, snapshot=self.snapshot, is_leader=self.is_leader,
-            worker_id=self.worker_id, interval_s=self._check_interval_s,
-        )
-        sub = await stack.enter_async_context(feed.subscribe())
-        self._feed_subs = [sub]
-        return feed, sub
 
     async def stop(self) -> None:
         """Stop gracefully: finish and ack what was taken, drain subscriptions, stop /metrics.
@@ -438,8 +438,8 @@ class ObservabilityWorker:
 
     # -- node sources ------------------------------------------------------------------------
 
-    async def _open_pull(self) -> JetStreamContext.PullSubscription | None:
-        """The durable pull subscription, or None when the bus has no JetStream."""
+    async def _open_pull(self) -> PullConsumer | None:
+        """The durable consumer's bulk reader, or None when the bus has no JetStream."""
         if self._bus.backend != "nats":
             return None
         js: JetStreamContext = self._bus.jetstream()  # type: ignore[attr-defined]
@@ -454,94 +454,108 @@ class ObservabilityWorker:
                 exc, MATRIZ_ALL,
             )
             return None
-        return await self._pull_subscribe(js)
+        return await self._pull_consumer(js)
 
-    async def _pull_subscribe(
+    async def _pull_consumer(
         self, js: JetStreamContext, *, start_seq: int | None = None
-    ) -> JetStreamContext.PullSubscription:
-        """Bind to the durable consumer, creating it (from `start_seq`, or the stream's
-        first node) if it does not exist."""
-        policy = DeliverPolicy.ALL if start_seq is None else DeliverPolicy.BY_START_SEQUENCE
-        config = ConsumerConfig(
-            durable_name=self._durable,
-            deliver_policy=policy,
-            opt_start_seq=start_seq,
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=self._ack_wait_s,
-            max_ack_pending=max(1000, 4 * self._fetch_batch),
-            description="LUKHAS observability worker",
+    ) -> PullConsumer:
+        """Bind to the durable consumer, creating it (from `start_seq`, or the stream's first
+        node) if it does not exist, and open its bulk reader (not yet entered)."""
+        try:
+            info = await js.consumer_info(MATRIZ_STREAM, self._durable)
+        except nats.js.errors.NotFoundError:
+            policy = DeliverPolicy.ALL if start_seq is None else DeliverPolicy.BY_START_SEQUENCE
+            info = await js.add_consumer(MATRIZ_STREAM, ConsumerConfig(
+                durable_name=self._durable,
+                deliver_policy=policy,
+                opt_start_seq=start_seq,
+                ack_policy=self._ack_policy,
+                ack_wait=self._ack_wait_s,
+                max_ack_pending=max(1000, 4 * self._fetch_batch),
+                description="LUKHAS observability worker",
+            ))
+        ack_policy = _ack_policy(info.config.ack_policy)
+        if info.config.ack_policy != self._ack_policy:
+            # The server cannot change a consumer's ack policy; deleting it here would lose
+            # its position, so the operator decides (delete it, and a worker recreates it).
+            logger.info("the MATRIZ consumer %r exists with ack policy %r (a new one would get "
+                        "%r); keeping it", self._durable, ack_policy,
+                        _ack_policy(self._ack_policy))
+        if ack_policy == "none":
+            logger.warning("the MATRIZ consumer %r acks nothing: nodes delivered to a worker "
+                           "that stops before counting them are lost", self._durable)
+        pull = PullConsumer(
+            self._bus,  # type: ignore[arg-type]
+            MATRIZ_STREAM, self._durable, ack_policy=ack_policy,
+            batch=self._fetch_batch, expires_s=self._fetch_timeout_s,
+            linger_s=self._fetch_linger_s,
         )
-        return await js.pull_subscribe(
-            MATRIZ_ALL, durable=self._durable, stream=MATRIZ_STREAM, config=config
-        )
+        return await pull.__aenter__()
 
-    async def _consume_jetstream(self, pull: JetStreamContext.PullSubscription) -> None:
+    async def _consume_jetstream(self, pull: PullConsumer) -> None:
         retry_s = _RETRY_MIN_S
         try:
             while not self._stopping.is_set():
                 try:
-                    msgs = await pull.fetch(self._fetch_batch, timeout=self._fetch_timeout_s)
-                except TimeoutError:  # nats-py raises its own subclass, or the builtin
-                    continue  # nothing new within the timeout: look at the stop flag, pull again
-                except nats.errors.ConnectionClosedError:
+                    batch: PullBatch | None = None
+                    with anyio.CancelScope() as self._wait_scope:
+                        batch = await pull.next_batch(self._fetch_timeout_s)
+                    self._wait_scope = None
+                    if batch is None:  # stop() while waiting for nodes: nothing was taken
+                        break
+                except BusClosed:
                     logger.warning("NATS connection closed: the MATRIZ consumer stops")
                     return
-                except (nats.js.errors.APIError, nats.errors.NoRespondersError) as exc:
-                    # E.g. the stream or consumer was deleted under us: recreate both.
-                    logger.warning("MATRIZ fetch failed (%s); retrying in %.1fs", exc, retry_s)
+                except BusError as exc:
+                    # ConsumerGone (deleted stream or consumer), PullRefused, a failed request:
+                    # reopen, recreating both where needed.
+                    logger.warning("MATRIZ pull failed (%s); retrying in %.1fs", exc, retry_s)
                     await anyio.sleep(retry_s)
                     retry_s = min(retry_s * 2, _RETRY_MAX_S)
                     pull = await self._reopen_pull(pull)
                     continue
                 retry_s = _RETRY_MIN_S
-                if not await self._take_batch(msgs):
+                if batch.messages and not await self._take_batch(pull, batch):
                     return
+            # Stopping: what the server sent before it heard of the stop is counted and acked.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5.0):
+                await self._take_batch(pull, await pull.drain())
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5.0):
-                await self._close_pull(pull)
+                await pull.close()
 
-    async def _take_batch(self, msgs: list[Msg]) -> bool:
-        """Aggregate a fetched batch, then ack all of it in one write; False if closed.
+    async def _take_batch(self, pull: PullConsumer, batch: PullBatch) -> bool:
+        """Aggregate a batch, then ack all of it in one go; False if the bus closed.
 
-        The hot path: each node's stream sequence is read from its ack subject without
-        building nats-py's metadata, its payload is decoded once (by the aggregate), and the
-        acks go out together (`publish_batch`) after aggregation, so an unacked node is
-        redelivered and recognised by its sequence rather than counted twice.
+        The hot path, per node: a membership test of its stream sequence, one cheap test by
+        the canary judge, one decode by the aggregate (the batch under one lock). Acks go out
+        after aggregation, so an unacked node is redelivered and recognised by its sequence
+        rather than counted twice.
         """
-        seen, aggregate, canary = self._seen.add, self._aggregate.ingest, self.canary.observe
-
-        def ingest(data: bytes) -> None:
-            aggregate(data)
-            canary(data)
-
-        acks: list[tuple[str, bytes]] = []
-        seq = 0
-        for msg in msgs:
-            seq = _stream_sequence(msg.reply)
-            if seq is None:  # not a JetStream delivery: nothing to ack, count it once
-                ingest(msg.data)
-                self._consumed += 1
-                continue
+        seen, canary = self._seen.add, self.canary.observe
+        fresh = []
+        for seq, data in batch.messages:
             if seen(seq):
-                ingest(msg.data)
-                self._consumed += 1
+                fresh.append(data)
+                canary(data)
             else:  # a redelivery of a node counted already: just ack it again
                 logger.debug("skipping redelivered MATRIZ node %d", seq)
-            acks.append((msg.reply, _ACK))
+        self._aggregate.ingest_batch(fresh)
+        self._feed.observe(fresh)
+        self._consumed += len(fresh)
+        if batch.messages:  # redeliveries may come after newer nodes: the highest counts
+            highest = max(seq for seq, _ in batch.messages)
+            self._next_stream_seq = max(self._next_stream_seq or 0, highest + 1)
         try:
-            await self._bus.publish_batch(acks)
+            await pull.ack(batch)
         except BusError as exc:
             logger.warning("could not ack a MATRIZ batch (%s); it will replay", exc)
             return not self._bus.is_closed
-        self._acked += len(acks)
-        if acks:
-            self._next_stream_seq = seq + 1
+        self._acked += len(batch.messages)
+        await self._feed.flush()
         return True
 
-    async def _reopen_pull(
-        self, pull: JetStreamContext.PullSubscription
-    ) -> JetStreamContext.PullSubscription:
-        await self._close_pull(pull)
+    async def _reopen_pull(self, pull: PullConsumer) -> PullConsumer:
         js: JetStreamContext = self._bus.jetstream()  # type: ignore[attr-defined]
         try:
             info = await ensure_matriz_stream(
@@ -553,27 +567,29 @@ class ObservabilityWorker:
             if start is not None and info.state.last_seq + 1 < start:
                 start = None
                 self._seen.clear()  # sequences restarted: the old ones mean other nodes
-            return await self._pull_subscribe(js, start_seq=start)
-        except (nats.js.errors.APIError, nats.errors.Error) as exc:
+            fresh = await self._pull_consumer(js, start_seq=start)
+        except (nats.js.errors.APIError, nats.errors.Error, BusError) as exc:
             logger.warning("could not recreate the MATRIZ consumer: %s", exc)
-            return pull  # the next fetch fails again and retries after a longer pause
-
-    async def _close_pull(self, pull: JetStreamContext.PullSubscription) -> None:
-        """Unsubscribe the pull inbox and flush, so the acks sent so far reach the server."""
-        client = self._bus.client  # type: ignore[attr-defined]
-        if client.is_closed:
-            return
-        try:
-            await pull.unsubscribe()
-            await client.flush(timeout=5)
-        except (nats.errors.Error, ValueError) as exc:
-            logger.debug("closing the MATRIZ pull subscription: %s", exc)
+            return pull  # the next pull fails again and retries after a longer pause
+        await pull.close()
+        return fresh
 
     async def _consume_subscription(self, sub: Subscription) -> None:
+        feed = self._feed
         async for env in sub:
             self._aggregate.ingest(env.data)
             self.canary.observe(env.data)
+            feed.observe((env.data,))
             self._consumed += 1
+            if sub.statistics().pending == 0:  # a lone node at once, a burst together
+                await feed.flush()
+        await feed.flush()
+
+    def _merged_reasons(self) -> dict[str, dict[str, int]]:
+        return self._aggregate.reasons(self.peer_states())
+
+    def _subscription_dropped(self) -> int:
+        return 0 if self._nodes_sub is None else self._nodes_sub.statistics().dropped
 
     # -- the rest ----------------------------------------------------------------------------
 
@@ -644,13 +660,16 @@ class ObservabilityWorker:
                 self._expire_peers()
                 await self.check_slos()
                 await self.canary.check(self._bus, self.worker_id)
+                await self._feed.publish_snapshot()
 
     async def _stop_when_asked(self) -> None:
         await self._stopping.wait()
         self._check_scope.cancel()
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
         # Drained subscriptions hand out what they buffered, then their loops end; the
         # JetStream loop sees the flag after the pull in progress and acks that batch.
-        for sub in [*self._subs, *self._feed_subs]:
+        for sub in self._subs:
             try:
                 await sub.drain()
             except BusError as exc:
