@@ -1,24 +1,74 @@
-"""The deployed-shape load generator: one process, one connection, open or closed loop.
+"""The deployed-shape load generator: K processes driven as one, open or closed loop.
 
-`python -m workers.tools._bench_client '<json list of jobs>'` runs the jobs one after another
-and prints one JSON list: for an open loop the result (latency from each request's scheduled
-send), the replies sorted by outcome (`ok`, `overloaded`, other reasons, `timeout`) and how
-many came within the SLA; for a closed loop the throughput. Each result also carries the CPU
-seconds the processes named in the job's `cpu_pids` spent during it (Linux /proc).
+One Python process cannot both send on schedule and read replies past a few thousand
+requests per second, and its late sends count against the service (latency is taken from
+each request's *scheduled* send). So `LoadGenerators` runs K generator processes, each
+with its own connection and event loop, and splits every job between them:
+
+- open loop at rate R for d seconds: the schedule `i / R` (i < floor(R·d)) is dealt out
+  round robin, generator k sending requests k, k+K, k+2K, ... at R/K per second from a
+  common start instant (CLOCK_MONOTONIC, shared by the processes of one machine), so the
+  K schedules interleave into the one the job asked for;
+- closed loop at concurrency C: each generator keeps its share of C in flight.
+
+Each generator warms up, reports `warm`, and starts only when told the common start; its
+result comes back whole (`OpenLoopResult.to_wire`: counts, HDR histograms encoded) and the
+parts are merged exactly (`merge_open`/`merge_closed`: counts summed, histograms added).
+Each part also says how late its generator sent (`send_lag`), so a generator that fell
+behind its schedule is reported as such (`generators_behind`) instead of blamed on the
+service. Around each run the CPU seconds of named processes (and of the generators) are
+read from /proc.
+
+The child side is `python -m workers.tools._bench_client`: it prints `ready`, then reads one
+JSON command per line on stdin (`{"job": ..., "part": k, "parts": K}`, then
+`{"start_at": t}`) and answers one JSON line per command; end of input ends it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import subprocess
 import sys
-from typing import Any
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import IO, Any
 
 import anyio
 import msgspec
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
 from nats.aio.client import Client
 
-from workers.tools.loadgen import closed_loop, open_loop
+from workers.tools.loadgen import (
+    ClosedLoopResult,
+    OpenLoopResult,
+    closed_loop,
+    merge_closed,
+    merge_open,
+    open_loop,
+)
+
+__all__ = ["LoadGenerators", "cpu_seconds", "summarize_open"]
+
+#: The longest line a generator may answer with (a result with its histograms encoded).
+_MAX_LINE = 64 * 1024 * 1024
+#: From the moment every generator is warm to the common start of the measurement.
+_START_DELAY_S = 0.05
+#: A generator is "behind" when its p99 send lag exceeds this share of the SLA (at least
+#: `_BEHIND_FLOOR_MS`), or when all of them together sent under 97% of the offered rate.
+BEHIND_SHARE_OF_SLA = 0.1
+_BEHIND_FLOOR_MS = 1.0
+
+
+class GeneratorError(RuntimeError):
+    """A generator process died or answered something other than what was asked."""
+
+
+# -- the child: one generator ---------------------------------------------------------------
 
 
 def _outcome(data: bytes, echo: bool) -> str:
@@ -30,42 +80,73 @@ def _outcome(data: bytes, echo: bool) -> str:
     return str(reply.get("reason") or (reply.get("error") or {}).get("code") or "error")
 
 
-async def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Run one load job against `job["url"]` and return what it measured."""
-    client = Client()
-    await client.connect(job["url"], name="lukhas-bench-load", max_reconnect_attempts=0)
-    payload = msgspec.json.encode(job["body"])
-    subject, timeout_s = job["subject"], float(job.get("timeout_s", 2.0))
-    echo = bool(job.get("echo", False))
-
-    async def call() -> str:
-        msg = await client.request(subject, payload, timeout=timeout_s)
-        return _outcome(msg.data, echo)
-
-    try:
-        await closed_loop(call, concurrency=16, total=int(job.get("warmup", 200)))
-        if job["mode"] == "closed":
-            closed = await closed_loop(call, concurrency=int(job.get("concurrency", 256)),
-                                       duration_s=float(job["duration_s"]))
-            return {"mode": "closed", **closed.as_dict()}
-        result = await open_loop(call, rate=float(job["rate"]),
-                                 duration_s=float(job["duration_s"]),
-                                 drain_timeout_s=timeout_s + 1)
-    finally:
-        await client.close()
-    sla_s = float(job.get("sla_ms", 1e9)) / 1000.0
-    ok = result.by_outcome.get("ok")
-    return {
-        "mode": "open",
-        **result.as_dict(),
-        "outcomes": {k: v.count for k, v in result.by_outcome.items()},
-        "timeouts": result.error_types.get("TimeoutError", 0),
-        "answered_within_sla": result.latency.count_within(sla_s),
-        "ok_within_sla": 0 if ok is None else ok.count_within(sla_s),
-    }
+def _share(total: int, part: int, parts: int) -> int:
+    """How many of `total` items fall to `part` when dealt round robin among `parts`."""
+    return len(range(part, total, parts))
 
 
-def cpu_seconds(pids: list[int]) -> float | None:
+async def _sleep_until(instant: float) -> None:
+    delay = instant - time.perf_counter()
+    if delay > 0:
+        await anyio.sleep(delay)
+
+
+async def _read_line() -> dict[str, Any] | None:
+    """The next command on stdin (read in a thread: the event loop keeps serving)."""
+    line = await anyio.to_thread.run_sync(sys.stdin.buffer.readline)
+    return json.loads(line) if line.strip() else None
+
+
+async def _generate() -> None:
+    """Serve commands until stdin ends: warm up for a job, then run it at the start given."""
+    print("ready", flush=True)
+    while (command := await _read_line()) is not None:
+        job, part, parts = command["job"], int(command["part"]), int(command["parts"])
+        client = Client()
+        # nats-py keeps retrying a refused first connect: bound it.
+        with anyio.fail_after(float(job.get("connect_timeout_s", 10.0))):
+            await client.connect(job["url"], name=f"lukhas-bench-load-{part}",
+                                 max_reconnect_attempts=0, allow_reconnect=False)
+        payload = msgspec.json.encode(job["body"])
+        subject, timeout_s = job["subject"], float(job.get("timeout_s", 2.0))
+        echo = bool(job.get("echo", False))
+
+        async def call() -> str:
+            msg = await client.request(subject, payload, timeout=timeout_s)  # noqa: B023
+            return _outcome(msg.data, echo)  # noqa: B023
+
+        try:
+            warmup = _share(int(job.get("warmup", 200)), part, parts)
+            if warmup:
+                await closed_loop(call, concurrency=16, total=warmup)
+            print(json.dumps({"warm": part}), flush=True)
+            go = await _read_line()
+            if go is None:
+                return
+            start_at = float(go["start_at"])
+            result: OpenLoopResult | ClosedLoopResult
+            if job["mode"] == "closed":
+                concurrency = _share(int(job.get("concurrency", 256)), part, parts)
+                await _sleep_until(start_at)
+                result = await closed_loop(call, concurrency=max(1, concurrency),
+                                           duration_s=float(job["duration_s"]))
+            else:
+                rate, duration = float(job["rate"]), float(job["duration_s"])
+                total = math.floor(rate * duration + 1e-9)
+                result = await open_loop(
+                    call, rate=rate / parts, duration_s=duration,
+                    start_at=start_at + part / rate, total=_share(total, part, parts),
+                    drain_timeout_s=timeout_s + 1,
+                )
+        finally:
+            await client.close()
+        print(json.dumps({"result": result.to_wire()}), flush=True)
+
+
+# -- the parent: K generators as one ---------------------------------------------------------
+
+
+def cpu_seconds(pids: Sequence[int]) -> float | None:
     """User + system CPU seconds of `pids` so far; None where /proc cannot say."""
     total = 0
     try:
@@ -78,25 +159,181 @@ def cpu_seconds(pids: list[int]) -> float | None:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-async def run_jobs(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    results = []
-    for job in jobs:
-        pids: dict[str, list[int]] = job.get("cpu_pids", {})
+class _Generator:
+    def __init__(self, process: Process, stderr: IO[bytes]) -> None:
+        self.process = process
+        assert process.stdin is not None and process.stdout is not None
+        self._stdin = process.stdin
+        self._lines = BufferedByteReceiveStream(process.stdout)
+        self._stderr = stderr
+
+    async def send(self, command: dict[str, Any]) -> None:
+        await self._stdin.send(json.dumps(command).encode() + b"\n")
+
+    async def receive(self) -> Any:
+        try:
+            line = await self._lines.receive_until(b"\n", _MAX_LINE)
+        except (anyio.EndOfStream, anyio.IncompleteRead) as exc:
+            self._stderr.seek(0)
+            tail = self._stderr.read()[-2000:].decode(errors="replace")
+            raise GeneratorError(
+                f"load generator {self.process.pid} exited ({self.process.returncode}): {tail}"
+            ) from exc
+        return line.decode() if line == b"ready" else json.loads(line)
+
+    async def close(self) -> None:
+        await self._stdin.aclose()
+        with anyio.move_on_after(10) as scope:
+            await self.process.wait()
+        if scope.cancelled_caught:
+            self.process.kill()
+            await self.process.wait()
+        self._stderr.close()
+
+
+class LoadGenerators:
+    """`processes` load-generator processes, each job split between them and merged exactly.
+
+    Use as an async context manager; `run(job)` returns the merged result as a dict (see
+    `summarize_open` for an open loop's). A job: `url`, `subject`, `body`, `mode` ("open"
+    with `rate` and `duration_s`, or "closed" with `concurrency` and `duration_s`),
+    optionally `echo` (any reply is ok), `sla_ms`, `timeout_s`, `connect_timeout_s`,
+    `warmup` (requests, split too) and `cpu_pids` ({name: [pid, ...]}, whose CPU seconds during the run are reported
+    in `cpu_s`, with the generators' own as `generator`).
+    """
+
+    def __init__(self, processes: int) -> None:
+        if processes < 1:
+            raise ValueError(f"processes must be at least 1, not {processes}")
+        self.processes = processes
+        self._generators: list[_Generator] = []
+
+    @property
+    def pids(self) -> list[int]:
+        return [g.process.pid for g in self._generators]
+
+    async def __aenter__(self) -> LoadGenerators:
+        try:
+            for _ in range(self.processes):
+                stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed with the generator)
+                process = await anyio.open_process(
+                    [sys.executable, "-m", "workers.tools._bench_client"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+                )
+                self._generators.append(_Generator(process, stderr))
+            for generator in self._generators:
+                with anyio.fail_after(60):
+                    if await generator.receive() != "ready":
+                        raise GeneratorError("a load generator did not start")
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        with anyio.CancelScope(shield=True):
+            for generator in self._generators:
+                await generator.close()
+        self._generators.clear()
+
+    async def run(self, job: Mapping[str, Any]) -> dict[str, Any]:
+        """Run `job` split between the generators; the merged result."""
+        parts = len(self._generators)
+        for k, generator in enumerate(self._generators):
+            await generator.send({"job": dict(job), "part": k, "parts": parts})
+        for generator in self._generators:
+            warm = await generator.receive()
+            if not isinstance(warm, dict) or "warm" not in warm:
+                raise GeneratorError(f"expected warm, got {warm!r}")
+        pids = {**job.get("cpu_pids", {}), "generator": self.pids}
         before = {name: cpu_seconds(p) for name, p in pids.items()}
-        result = await run_job(job)
+        began = time.perf_counter()
+        start_at = began + _START_DELAY_S
+        for generator in self._generators:
+            await generator.send({"start_at": start_at})
+        wires = []
+        for generator in self._generators:
+            answer = await generator.receive()
+            if not isinstance(answer, dict) or "result" not in answer:
+                raise GeneratorError(f"expected a result, got {answer!r}")
+            wires.append(answer["result"])
+        wall = time.perf_counter() - start_at
         after = {name: cpu_seconds(p) for name, p in pids.items()}
-        result["cpu_s"] = {
+        cpu = {
             name: None if before[name] is None or after[name] is None
             else round(after[name] - before[name], 3)  # type: ignore[operator]
             for name in pids
         }
-        results.append(result)
-    return results
+        if job["mode"] == "closed":
+            closed = [ClosedLoopResult.from_wire(w) for w in wires]
+            merged = merge_closed(closed)
+            ok = merged.by_outcome.get("ok", 0)
+            return {
+                "mode": "closed", "generators": parts, **merged.as_dict(),
+                "ok_rps": round(ok / merged.elapsed_s, 1) if merged.elapsed_s > 0 else 0.0,
+                "cpu_s": cpu, "wall_s": round(wall, 3),
+            }
+        opened = [OpenLoopResult.from_wire(w) for w in wires]
+        sla_ms = float(job.get("sla_ms", 1e9))
+        return {
+            **summarize_open(merge_open(opened), sla_ms=sla_ms, parts=opened),
+            "cpu_s": cpu, "wall_s": round(wall, 3),
+        }
+
+
+def behind_limit_ms(sla_ms: float) -> float:
+    """The p99 send lag past which a generator counts as behind its schedule."""
+    return max(_BEHIND_FLOOR_MS, BEHIND_SHARE_OF_SLA * sla_ms)
+
+
+def summarize_open(
+    result: OpenLoopResult, *, sla_ms: float, parts: Sequence[OpenLoopResult] = ()
+) -> dict[str, Any]:
+    """An open loop's merged result as the bench reports it.
+
+    `outcomes` counts replies by outcome (`ok`, `overloaded`, other reasons); `timeouts`
+    the requests that got none in time; `answered_within_sla` / `ok_within_sla` count from
+    the scheduled send, `answered_within_sla_from_send` from the actual send (what the
+    service and network took, without the generators' lateness). `generators_behind` is
+    true when a generator's p99 send lag passed `behind_limit_ms(sla_ms)` or the
+    generators together sent under 97% of the offered rate: the latency then measures the
+    generators as much as the service.
+    """
+    sla_s = sla_ms / 1000.0
+    ok = result.by_outcome.get("ok")
+    limit = behind_limit_ms(sla_ms)
+    lags = [
+        {"rate": round(p.rate, 1), "sent": p.sent, "achieved_rate": round(p.achieved_rate, 1),
+         "send_lag_p50_ms": round(p.send_lag.percentile_ms(50), 3),
+         "send_lag_p99_ms": round(p.send_lag.percentile_ms(99), 3),
+         "send_lag_max_ms": round(p.send_lag.max_ms, 3)}
+        for p in parts
+    ]
+    behind = result.achieved_rate < 0.97 * result.rate or any(
+        lag["send_lag_p99_ms"] > limit for lag in lags
+    ) or (not lags and result.send_lag.percentile_ms(99) > limit)
+    return {
+        "mode": "open",
+        **result.as_dict(),
+        "outcomes": {k: v.count for k, v in result.by_outcome.items()},
+        "timeouts": result.error_types.get("TimeoutError", 0),
+        "answered_within_sla": result.latency.count_within(sla_s),
+        "answered_within_sla_from_send": result.latency_from_send.count_within(sla_s),
+        "ok_within_sla": 0 if ok is None else ok.count_within(sla_s),
+        "generators": lags,
+        "generators_behind": behind,
+        "behind_limit_ms": limit,
+    }
 
 
 def main() -> None:
-    jobs = json.loads(sys.argv[1])
-    print(json.dumps(anyio.run(run_jobs, jobs, backend="asyncio")), flush=True)
+    anyio.run(_generate, backend="asyncio")
 
 
 if __name__ == "__main__":
