@@ -343,8 +343,15 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target of the issue with the measured value and whether it was met."""
     out: list[dict[str, Any]] = []
 
-    def add(name: str, target: str, value: float | int | None, passed: bool) -> None:
-        out.append({"name": name, "target": target, "value": value, "passed": passed})
+    def add(name: str, target: str, value: float | int | None, passed: bool | None,
+            note: str | None = None) -> None:
+        """`passed` None: reported, not judged (a ceiling, or a figure the load generators
+        could not produce on schedule; `note` says which)."""
+        row: dict[str, Any] = {"name": name, "target": target, "value": value,
+                               "passed": passed}
+        if note:
+            row["note"] = note
+        out.append(row)
 
     for name, row in results["throughput"]["slices"].items():
         r = row["ratio_vs_echo"]
@@ -372,16 +379,35 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         ceiling = TARGETS["deployed_cpu_vs_echo"]
         add("deployed.consent_record.cpu_vs_echo", f"≤ {ceiling}×", r,
             r is not None and r <= ceiling)
-        r = dep["workers"]["ratio"]
+        w = dep["workers"]
+        r = w["ratio"]
         floor = TARGETS["two_workers_vs_one"]
-        add("deployed.consent_record.two_workers", f"≥ {floor}×", r, r is not None and r >= floor)
-        over = dep["overload"]
-        add("deployed.overload.timeouts", "= 0", over["timeouts"], over["timeouts"] == 0)
-        add("deployed.overload.answered_within_sla", "= 100%", over["answered_within_sla_pct"],
-            over["answered_within_sla"] == over["sent"])
-        floor = TARGETS["overload_goodput_vs_capacity"]
-        add("deployed.overload.goodput", f"≥ {floor}× capacity", over["goodput_vs_capacity"],
-            over["goodput_vs_capacity"] >= floor)
+        add("deployed.consent_record.two_workers", f"≥ {floor}×", r, r is not None and r >= floor,
+            f"what this machine allows: the raw echo with 2 processes vs 1 made "
+            f"{w['echo_ratio']}×; CPU accounting of the 1-worker run allows "
+            f"{w['machine_ratio']}× (every process's CPU per request against "
+            f"{os.cpu_count()} CPUs)")
+        for name, over in dep["overload"].items():
+            if over is None:
+                continue
+            # Late sends count against the SLA before the service sees them: when the
+            # generators were behind, the figure is theirs as much as the service's.
+            note = (
+                f"load generators behind schedule (p99 send lag {over['send_lag_p99_ms']} ms "
+                f"> {over['behind_limit_ms']:g} ms): not a measure of the service"
+                if over["generators_behind"] else None
+            )
+            floor = TARGETS["overload_goodput_vs_capacity"]
+            checks = (
+                ("timeouts", "= 0", over["timeouts"], over["timeouts"] == 0),
+                ("answered_within_sla", "= 100%", over["answered_within_sla_pct"],
+                 over["answered_within_sla"] == over["sent"]),
+                ("goodput", f"≥ {floor}× capacity", over["goodput_vs_capacity"],
+                 over["goodput_vs_capacity"] >= floor),
+            )
+            for check, target, value, met in checks:
+                add(f"deployed.overload.{name}.{check}", target, value,
+                    None if note else met, note)
     lim = results["handoff_limiter"]
     add("handoff.limiter.accuracy", f"±{TARGETS['limiter_error_pct']:g}%", lim["error_pct"],
         bool(lim["within_2pct"]))
