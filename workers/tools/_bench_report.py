@@ -176,15 +176,15 @@ def _deployed_rows(dep: dict[str, Any], add: Any) -> None:
     for name, o in dep["overload"].items():
         if o is None:
             continue
-        behind = " (generators behind)" if o["generators_behind"] else ""
-        add(f"deployed: {name} @{_num(o['rate'])}/s = 2× capacity, timeouts{behind}",
+        behind = ", generators late" if o["generators_behind"] else ""
+        add(f"deployed: {name} 2× cap. {_num(o['rate'])}/s{behind}: timeouts",
             f"{o['timeouts']:,}", f"of {o['sent']:,} sent", "",
             f"deployed.overload.{name}.timeouts")
-        add(f"deployed: {name} 2× answered within SLA",
+        add(f"deployed: {name} 2× answered ≤ SLA",
             f"{o['answered_within_sla_pct']}%",
             ", ".join(f"{k} {v:,}" for k, v in o["outcomes"].items()), "",
             f"deployed.overload.{name}.answered_within_sla")
-        add(f"deployed: {name} 2× goodput/s (ok within SLA)", _num(o["goodput_rps"]),
+        add(f"deployed: {name} 2× goodput/s (ok ≤ SLA)", _num(o["goodput_rps"]),
             f"capacity {_num(o['capacity'])}", _ratio(o["goodput_vs_capacity"]),
             f"deployed.overload.{name}.goodput")
 

@@ -142,6 +142,13 @@ async def run_bench(
     ]
     if matriz_stream:
         notes.append("The MATRIZ JetStream stream captures every node, as the workers set up.")
+    if deployed_shape:
+        notes.append(
+            "Deployed shape: each job is split between load-generator processes (open loop: "
+            "interleaved schedules from one start; results merged exactly); where they sent "
+            "late (p99 send lag past a quarter of the SLA, or under 97% of the rate) the "
+            "results say so and such a 2x-capacity figure is reported, not judged."
+        )
     if plan.quick:
         notes.append("Quick mode: runs are too short for the numbers to mean anything.")
     if fs_version is None:
