@@ -21,7 +21,9 @@ read from /proc.
 
 The child side is `python -m workers.tools._bench_client`: it prints `ready`, then reads one
 JSON command per line on stdin (`{"job": ..., "part": k, "parts": K}`, then
-`{"start_at": t}`) and answers one JSON line per command; end of input ends it.
+`{"start_at": t}`) and answers one JSON line per command; end of input ends it. From a
+shell, `python -m workers.tools._bench_client '<json list of jobs>' [K]` runs the jobs on K
+generators and prints the merged results as one JSON list.
 """
 
 from __future__ import annotations
@@ -524,7 +526,19 @@ def summarize_open(
     }
 
 
+async def _run_jobs(jobs: list[dict[str, Any]], processes: int) -> list[dict[str, Any]]:
+    async with LoadGenerators(processes) as generators:
+        return [await generators.run(job) for job in jobs]
+
+
 def main() -> None:
+    """No arguments: serve as one generator. `'<json list of jobs>' [K]`: run the jobs on K
+    generators (default 1) and print their merged results as one JSON list."""
+    if len(sys.argv) > 1:
+        processes = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+        results = anyio.run(_run_jobs, json.loads(sys.argv[1]), processes, backend="asyncio")
+        print(json.dumps(results), flush=True)
+        return
     anyio.run(_generate, backend="asyncio")
 
 
