@@ -353,6 +353,30 @@ def cpu_seconds(pids: Sequence[int]) -> float | None:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def machine_jiffies() -> tuple[int, int] | None:
+    """(busy, total) CPU jiffies of the whole machine so far (/proc/stat); None elsewhere."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal: all but idle and iowait are busy.
+    total = sum(fields[:8])
+    return total - fields[3] - fields[4], total
+
+
+def _machine_cores(before: tuple[int, int] | None, after: tuple[int, int] | None,
+                   wall_s: float) -> dict[str, float] | None:
+    """Cores busy and idle over a run, from two `machine_jiffies` samples."""
+    if before is None or after is None or wall_s <= 0:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    cpus = os.cpu_count() or 1
+    busy = (after[0] - before[0]) / tick / wall_s
+    return {"cpus": cpus, "busy_cores": round(busy, 2),
+            "idle_cores": round(max(0.0, cpus - busy), 2)}
+
+
 class _Generator:
     def __init__(self, process: Process, stderr: IO[bytes]) -> None:
         self.process = process
@@ -394,6 +418,7 @@ class LoadGenerators:
     optionally `echo` (any reply is ok), `sla_ms`, `timeout_s`, `connect_timeout_s`,
     `warmup` (requests, split too) and `cpu_pids` ({name: [pid, ...]}, whose CPU seconds
     during the run are reported in `cpu_s`, with the generators' own as `generator`).
+    `machine` says how many of the machine's cores were busy and idle meanwhile.
     """
 
     def __init__(self, processes: int) -> None:
@@ -447,6 +472,7 @@ class LoadGenerators:
                 raise GeneratorError(f"expected warm, got {warm!r}")
         pids = {**job.get("cpu_pids", {}), "generator": self.pids}
         before = {name: cpu_seconds(p) for name, p in pids.items()}
+        machine_before = machine_jiffies()
         began = time.perf_counter()
         start_at = began + _START_DELAY_S
         for generator in self._generators:
@@ -457,7 +483,8 @@ class LoadGenerators:
             if not isinstance(answer, dict) or "result" not in answer:
                 raise GeneratorError(f"expected a result, got {answer!r}")
             wires.append(answer["result"])
-        wall = time.perf_counter() - start_at
+        wall = time.perf_counter() - began
+        machine = _machine_cores(machine_before, machine_jiffies(), wall)
         after = {name: cpu_seconds(p) for name, p in pids.items()}
         cpu = {
             name: None if before[name] is None or after[name] is None
@@ -471,13 +498,13 @@ class LoadGenerators:
             return {
                 "mode": "closed", "generators": parts, **merged.as_dict(),
                 "ok_rps": round(ok / merged.elapsed_s, 1) if merged.elapsed_s > 0 else 0.0,
-                "cpu_s": cpu, "wall_s": round(wall, 3),
+                "cpu_s": cpu, "wall_s": round(wall, 3), "machine": machine,
             }
         opened = [OpenLoopResult.from_wire(w) for w in wires]
         sla_ms = float(job.get("sla_ms", 1e9))
         return {
             **summarize_open(merge_open(opened), sla_ms=sla_ms, parts=opened),
-            "cpu_s": cpu, "wall_s": round(wall, 3),
+            "cpu_s": cpu, "wall_s": round(wall, 3), "machine": machine,
         }
 
 

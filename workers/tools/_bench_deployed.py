@@ -299,41 +299,43 @@ def _workers_row(one: dict[str, Any], two: dict[str, Any], echo1: dict[str, Any]
                  echo2: dict[str, Any], seconds: float) -> dict[str, Any]:
     """1 vs 2 slice workers on consent.record (ok replies/s, closed loop), and the ceiling.
 
-    The ceiling, two ways: the raw echo responder with 1 vs 2 processes under the same
-    generators (what a second process can add on this machine at all), and CPU accounting of
-    the 1-worker run: every process's CPU per reply (service, nats-server, generators), so
-    `cpus / that` is the most replies per second the machine could give if the work spread
-    perfectly (`machine_ratio`: that against the 1-worker run's replies per second).
+    The ceiling, two ways. The raw echo responder with 1 vs 2 processes under the same
+    generators: what a second process can add at all here. And the CPU the machine had
+    for a second worker: during the 1-worker run, the cores the worker used against those
+    it used plus the cores left idle (`cpu_ceiling_ratio`; nats-server, the generators and
+    any other process on the machine take the rest), the most a second worker could add
+    if it cost the same per request.
     """
+    groups = ("service", "nats_server", "generator")
+
     def cores(r: dict[str, Any], who: str) -> float | None:
         cpu = r["cpu_s"].get(who)
         return None if cpu is None or not r["wall_s"] else round(cpu / r["wall_s"], 2)
 
-    per_request: dict[str, float | None] = {}
-    for who in ("service", "nats_server", "generator"):
-        cpu = one["cpu_s"].get(who)
-        per_request[who] = None if cpu is None or not one["completed"] else round(
-            cpu / one["completed"] * 1e6, 1)
-    known = [v for v in per_request.values() if v is not None]
-    cpus = os.cpu_count() or 1
-    machine_rps = round(cpus / (sum(known) / 1e6), 1) if len(known) == 3 and sum(known) else None
+    def accounting(r: dict[str, Any], who: tuple[str, ...]) -> dict[str, float | None]:
+        used = {w: cores(r, w) for w in who}
+        machine = r.get("machine") or {}
+        known = [v for v in used.values() if v is not None]
+        busy = machine.get("busy_cores")
+        other = None if busy is None or len(known) < len(who) else round(
+            max(0.0, busy - sum(known)), 2)
+        return {**used, "other_processes": other, "idle": machine.get("idle_cores")}
+
+    one_cores = accounting(one, groups)
+    service, idle = one_cores["service"], one_cores["idle"]
+    ceiling = round((service + idle) / service, 3) if service and idle is not None else None
     return {
         "seconds": seconds,
         "one_rps": one["ok_rps"], "two_rps": two["ok_rps"],
         "ratio": round(two["ok_rps"] / one["ok_rps"], 3) if one["ok_rps"] else None,
         "outcomes": [one["by_outcome"], two["by_outcome"]],
         "errors": one["errors"] + two["errors"],
-        "cores": {who: [cores(one, who), cores(two, who)]
-                  for who in ("service", "nats_server", "generator")},
+        "cores": [one_cores, accounting(two, groups)],
+        "cpu_ceiling_ratio": ceiling,
         "echo_one_rps": echo1["ok_rps"], "echo_two_rps": echo2["ok_rps"],
         "echo_ratio": round(echo2["ok_rps"] / echo1["ok_rps"], 3) if echo1["ok_rps"] else None,
-        "echo_cores": {who: [cores(echo1, who), cores(echo2, who)]
-                       for who in ("echo", "nats_server", "generator")},
-        "cpu_us_per_request": per_request,
-        "one_replies_per_s": one["throughput"],
-        "machine_rps": machine_rps,
-        "machine_ratio": round(machine_rps / one["throughput"], 3)
-        if machine_rps and one["throughput"] else None,
+        "echo_cores": [accounting(echo1, ("echo", "nats_server", "generator")),
+                       accounting(echo2, ("echo", "nats_server", "generator"))],
     }
 
 

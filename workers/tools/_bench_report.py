@@ -169,10 +169,11 @@ def _deployed_rows(dep: dict[str, Any], add: Any) -> None:
         "deployed.consent_record.two_workers")
     add("deployed: ceiling, raw echo 2 processes vs 1", _num(w["echo_two_rps"]),
         f"1 process {_num(w['echo_one_rps'])}", _ratio(w["echo_ratio"]))
-    add("deployed: ceiling, CPU accounting (1 worker)", _num(w["machine_rps"]),
-        "µs/request service/nats/generators "
-        + "/".join(_num(v, 0) for v in w["cpu_us_per_request"].values()),
-        _ratio(w["machine_ratio"]))
+    c = w["cores"][0]
+    add("deployed: ceiling, CPU (1 worker): cores", f"worker {_num(c['service'], 2)}",
+        f"idle {_num(c['idle'], 2)}, nats {_num(c['nats_server'], 2)}, "
+        f"gen. {_num(c['generator'], 2)}, other {_num(c['other_processes'], 2)}",
+        _ratio(w["cpu_ceiling_ratio"]))
     for name, o in dep["overload"].items():
         if o is None:
             continue

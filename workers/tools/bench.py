@@ -391,9 +391,10 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         floor = TARGETS["two_workers_vs_one"]
         add("deployed.consent_record.two_workers", f"≥ {floor}×", r, r is not None and r >= floor,
             f"what this machine allows: the raw echo with 2 processes vs 1 made "
-            f"{w['echo_ratio']}×; CPU accounting of the 1-worker run allows "
-            f"{w['machine_ratio']}× (every process's CPU per request against "
-            f"{os.cpu_count()} CPUs)")
+            f"{w['echo_ratio']}×; in the 1-worker run the worker used "
+            f"{w['cores'][0]['service']} cores and {w['cores'][0]['idle']} were idle, so a "
+            f"second worker costing the same per request could reach "
+            f"{w['cpu_ceiling_ratio']}×")
         for name, over in dep["overload"].items():
             if over is None:
                 continue
