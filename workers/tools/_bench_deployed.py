@@ -291,8 +291,27 @@ def _overload_row(r: dict[str, Any], capacity: float, bound: str, seconds: float
         "send_lag_p99_ms": max((g["send_lag_p99_ms"] for g in r["generators"]), default=None),
         "behind_limit_ms": r["behind_limit_ms"],
         "generators_behind": r["generators_behind"],
-        "cpu_s": r["cpu_s"],
+        "cores": _accounting(r, _GROUPS),
     }
+
+
+_GROUPS = ("service", "nats_server", "generator")
+
+
+def _accounting(r: dict[str, Any], who: tuple[str, ...]) -> dict[str, float | None]:
+    """Cores each named process group used during a run, the cores the rest of the machine
+    (processes not part of the bench) used, and the cores left idle."""
+    def cores(name: str) -> float | None:
+        cpu = r["cpu_s"].get(name)
+        return None if cpu is None or not r["wall_s"] else round(cpu / r["wall_s"], 2)
+
+    used = {name: cores(name) for name in who}
+    machine = r.get("machine") or {}
+    known = [v for v in used.values() if v is not None]
+    busy = machine.get("busy_cores")
+    other = None if busy is None or len(known) < len(who) else round(
+        max(0.0, busy - sum(known)), 2)
+    return {**used, "other_processes": other, "idle": machine.get("idle_cores")}
 
 
 def _workers_row(one: dict[str, Any], two: dict[str, Any], echo1: dict[str, Any],
@@ -304,38 +323,27 @@ def _workers_row(one: dict[str, Any], two: dict[str, Any], echo1: dict[str, Any]
     for a second worker: during the 1-worker run, the cores the worker used against those
     it used plus the cores left idle (`cpu_ceiling_ratio`; nats-server, the generators and
     any other process on the machine take the rest), the most a second worker could add
-    if it cost the same per request.
+    if it cost the same per request; `cpu_ceiling_ratio_without_others` counts the cores
+    other processes (not part of the bench) took as free too.
     """
-    groups = ("service", "nats_server", "generator")
-
-    def cores(r: dict[str, Any], who: str) -> float | None:
-        cpu = r["cpu_s"].get(who)
-        return None if cpu is None or not r["wall_s"] else round(cpu / r["wall_s"], 2)
-
-    def accounting(r: dict[str, Any], who: tuple[str, ...]) -> dict[str, float | None]:
-        used = {w: cores(r, w) for w in who}
-        machine = r.get("machine") or {}
-        known = [v for v in used.values() if v is not None]
-        busy = machine.get("busy_cores")
-        other = None if busy is None or len(known) < len(who) else round(
-            max(0.0, busy - sum(known)), 2)
-        return {**used, "other_processes": other, "idle": machine.get("idle_cores")}
-
-    one_cores = accounting(one, groups)
-    service, idle = one_cores["service"], one_cores["idle"]
+    one_cores = _accounting(one, _GROUPS)
+    service, idle, other = (one_cores[k] for k in ("service", "idle", "other_processes"))
     ceiling = round((service + idle) / service, 3) if service and idle is not None else None
+    alone = (round((service + idle + other) / service, 3)
+             if service and idle is not None and other is not None else None)
     return {
         "seconds": seconds,
         "one_rps": one["ok_rps"], "two_rps": two["ok_rps"],
         "ratio": round(two["ok_rps"] / one["ok_rps"], 3) if one["ok_rps"] else None,
         "outcomes": [one["by_outcome"], two["by_outcome"]],
         "errors": one["errors"] + two["errors"],
-        "cores": [one_cores, accounting(two, groups)],
+        "cores": [one_cores, _accounting(two, _GROUPS)],
         "cpu_ceiling_ratio": ceiling,
+        "cpu_ceiling_ratio_without_others": alone,
         "echo_one_rps": echo1["ok_rps"], "echo_two_rps": echo2["ok_rps"],
         "echo_ratio": round(echo2["ok_rps"] / echo1["ok_rps"], 3) if echo1["ok_rps"] else None,
-        "echo_cores": [accounting(echo1, ("echo", "nats_server", "generator")),
-                       accounting(echo2, ("echo", "nats_server", "generator"))],
+        "echo_cores": [_accounting(echo1, ("echo", "nats_server", "generator")),
+                       _accounting(echo2, ("echo", "nats_server", "generator"))],
     }
 
 
