@@ -97,6 +97,7 @@ async def test_quick_bench_reports_every_section(nats_binary: None) -> None:
     assert positive(workers["one_rps"]) and positive(workers["two_rps"])
     assert positive(workers["echo_one_rps"]) and positive(workers["echo_two_rps"])
     assert workers["errors"] == 0
+    assert workers["rounds"] and all(positive(r["ratio"]) for r in workers["rounds"])
     assert deployed["generators"] >= 2
     for name in SLICES:
         over = deployed["overload"][name]

@@ -58,6 +58,8 @@ class DeployedPlan:
     warmup: int
     #: Load-generator processes sharing every job (`_bench_client.LoadGenerators`).
     generators: int
+    #: Alternating rounds of 1 and 2 slice workers.
+    worker_rounds: int
 
 
 def default_generators() -> int:
@@ -68,10 +70,11 @@ def default_generators() -> int:
 def deployed_plan(*, quick: bool) -> DeployedPlan:
     if quick:
         return DeployedPlan(rates=(200.0,), step_s=0.3, closed_s=0.3, overload_s=0.3,
-                            warmup=50, generators=2)
+                            warmup=50, generators=2, worker_rounds=1)
     return DeployedPlan(
         rates=(500.0, 1000.0, 2000.0, 3000.0, 4000.0, 5000.0, 6000.0, 8000.0, 10000.0),
         step_s=2.0, closed_s=3.0, overload_s=3.0, warmup=500, generators=default_generators(),
+        worker_rounds=2,
     )
 
 
@@ -182,6 +185,17 @@ def _capacity_bound(points: list[dict[str, Any]], sla_ms: float) -> str:
     return "generator" if min(above, key=lambda p: p["rate"])["generators_behind"] else "service"
 
 
+@contextmanager
+def _running(args: list[str], env: dict[str, str]) -> Iterator[_Child]:
+    """A child that serves for the `with` block only (stopped, drained, at its end)."""
+    child = _Child(args, env)
+    try:
+        child.wait_ready()
+        yield child
+    finally:
+        child.stop()
+
+
 async def measure_deployed(
     plan: DeployedPlan, slas: dict[str, float], *, plot: Path | None
 ) -> dict[str, Any]:
@@ -237,14 +251,18 @@ async def _measure(
             overload[target] = _overload_row(result, cap, bound[target], plan.overload_s)
 
         closed = {"mode": "closed", "duration_s": plan.closed_s, "concurrency": 256}
-        one_worker = await generators.run(job("consent_record", **closed))
-        one_echo = await generators.run(job("echo", **closed))
-        with _children(stack, worker_cmd, env) as second, \
-                _children(stack, echo_cmd, env) as echo2:
-            pids["service"] = [first.proc.pid, second.proc.pid]
-            pids["echo"] = [echo.proc.pid, echo2.proc.pid]
-            two_workers = await generators.run(job("consent_record", **closed))
-            two_echoes = await generators.run(job("echo", **closed))
+        runs: dict[str, list[dict[str, Any]]] = {"one": [], "two": [], "echo1": [], "echo2": []}
+        # Alternating rounds, the second worker (and echo) started and stopped each time, so
+        # a change in what else runs on the machine falls on both sides.
+        for _ in range(plan.worker_rounds):
+            pids["service"], pids["echo"] = [first.proc.pid], [echo.proc.pid]
+            runs["one"].append(await generators.run(job("consent_record", **closed)))
+            runs["echo1"].append(await generators.run(job("echo", **closed)))
+            with _running(worker_cmd, env) as second, _running(echo_cmd, env) as echo2:
+                pids["service"] = [first.proc.pid, second.proc.pid]
+                pids["echo"] = [echo.proc.pid, echo2.proc.pid]
+                runs["two"].append(await generators.run(job("consent_record", **closed)))
+                runs["echo2"].append(await generators.run(job("echo", **closed)))
     section = {
         "processes": f"nats-server, slice worker(s), echo responder(s), {plan.generators} "
                      "load-generator processes",
@@ -255,7 +273,7 @@ async def _measure(
         "capacity": capacity,
         "capacity_bound": bound,
         "cpu": _cpu_comparison(curves),
-        "workers": _workers_row(one_worker, two_workers, one_echo, two_echoes, plan.closed_s),
+        "workers": _workers_row(runs, plan.closed_s),
         "overload": overload,
     }
     if plot is not None:
@@ -314,18 +332,55 @@ def _accounting(r: dict[str, Any], who: tuple[str, ...]) -> dict[str, float | No
     return {**used, "other_processes": other, "idle": machine.get("idle_cores")}
 
 
-def _workers_row(one: dict[str, Any], two: dict[str, Any], echo1: dict[str, Any],
-                 echo2: dict[str, Any], seconds: float) -> dict[str, Any]:
+def _combined_closed(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds of one closed-loop measurement as one: counts, CPU seconds and wall time
+    summed, the machine's busy and idle cores weighted by each round's wall time."""
+    wall = sum(r["wall_s"] for r in runs)
+    elapsed = sum(r["elapsed_s"] for r in runs)
+    outcomes: dict[str, int] = {}
+    for r in runs:
+        for name, count in r["by_outcome"].items():
+            outcomes[name] = outcomes.get(name, 0) + count
+    cpu: dict[str, float | None] = {}
+    for name in runs[0]["cpu_s"]:
+        values = [r["cpu_s"].get(name) for r in runs]
+        cpu[name] = None if None in values else round(sum(values), 3)  # type: ignore[arg-type]
+    machines = [r.get("machine") for r in runs]
+    machine = None if None in machines or not wall else {
+        key: round(sum(m[key] * r["wall_s"] for m, r in zip(machines, runs, strict=True))
+                   / wall, 2)  # type: ignore[index]
+        for key in ("busy_cores", "idle_cores")
+    }
+    completed = sum(r["completed"] for r in runs)
+    return {
+        "completed": completed, "errors": sum(r["errors"] for r in runs),
+        "by_outcome": outcomes, "elapsed_s": elapsed,
+        "throughput": round(completed / elapsed, 1) if elapsed else 0.0,
+        "ok_rps": round(outcomes.get("ok", 0) / elapsed, 1) if elapsed else 0.0,
+        "cpu_s": cpu, "wall_s": wall, "machine": machine,
+    }
+
+
+def _workers_row(runs: dict[str, list[dict[str, Any]]], seconds: float) -> dict[str, Any]:
     """1 vs 2 slice workers on consent.record (ok replies/s, closed loop), and the ceiling.
+
+    `runs` holds alternating rounds of each (`one`, `two`, `echo1`, `echo2`); the figures
+    are over all rounds together, `rounds` lists each round's ratios.
 
     The ceiling, two ways. The raw echo responder with 1 vs 2 processes under the same
     generators: what a second process can add at all here. And the CPU the machine had
-    for a second worker: during the 1-worker run, the cores the worker used against those
+    for a second worker: during the 1-worker runs, the cores the worker used against those
     it used plus the cores left idle (`cpu_ceiling_ratio`; nats-server, the generators and
     any other process on the machine take the rest), the most a second worker could add
     if it cost the same per request; `cpu_ceiling_ratio_without_others` counts the cores
     other processes (not part of the bench) took as free too.
     """
+    one, two = _combined_closed(runs["one"]), _combined_closed(runs["two"])
+    echo1, echo2 = _combined_closed(runs["echo1"]), _combined_closed(runs["echo2"])
+
+    def ratio(a: float, b: float) -> float | None:
+        return round(a / b, 3) if b else None
+
     one_cores = _accounting(one, _GROUPS)
     service, idle, other = (one_cores[k] for k in ("service", "idle", "other_processes"))
     ceiling = round((service + idle) / service, 3) if service and idle is not None else None
@@ -333,15 +388,22 @@ def _workers_row(one: dict[str, Any], two: dict[str, Any], echo1: dict[str, Any]
              if service and idle is not None and other is not None else None)
     return {
         "seconds": seconds,
+        "rounds": [
+            {"one_rps": a["ok_rps"], "two_rps": b["ok_rps"],
+             "ratio": ratio(b["ok_rps"], a["ok_rps"]),
+             "echo_ratio": ratio(d["ok_rps"], c["ok_rps"])}
+            for a, b, c, d in zip(runs["one"], runs["two"], runs["echo1"], runs["echo2"],
+                                  strict=True)
+        ],
         "one_rps": one["ok_rps"], "two_rps": two["ok_rps"],
-        "ratio": round(two["ok_rps"] / one["ok_rps"], 3) if one["ok_rps"] else None,
+        "ratio": ratio(two["ok_rps"], one["ok_rps"]),
         "outcomes": [one["by_outcome"], two["by_outcome"]],
         "errors": one["errors"] + two["errors"],
         "cores": [one_cores, _accounting(two, _GROUPS)],
         "cpu_ceiling_ratio": ceiling,
         "cpu_ceiling_ratio_without_others": alone,
         "echo_one_rps": echo1["ok_rps"], "echo_two_rps": echo2["ok_rps"],
-        "echo_ratio": round(echo2["ok_rps"] / echo1["ok_rps"], 3) if echo1["ok_rps"] else None,
+        "echo_ratio": ratio(echo2["ok_rps"], echo1["ok_rps"]),
         "echo_cores": [_accounting(echo1, ("echo", "nats_server", "generator")),
                        _accounting(echo2, ("echo", "nats_server", "generator"))],
     }
