@@ -368,12 +368,13 @@ def _workers_row(runs: dict[str, list[dict[str, Any]]], seconds: float) -> dict[
     are over all rounds together, `rounds` lists each round's ratios.
 
     The ceiling, two ways. The raw echo responder with 1 vs 2 processes under the same
-    generators: what a second process can add at all here. And the CPU the machine had
-    for a second worker: during the 1-worker runs, the cores the worker used against those
-    it used plus the cores left idle (`cpu_ceiling_ratio`; nats-server, the generators and
-    any other process on the machine take the rest), the most a second worker could add
-    if it cost the same per request; `cpu_ceiling_ratio_without_others` counts the cores
-    other processes (not part of the bench) took as free too.
+    generators: what a second process can add at all here. And CPU accounting of the
+    1-worker runs: every request costs the worker, nats-server and the generators CPU, so a
+    higher rate needs more of all three; with the idle cores spent in the same proportions
+    the rate could grow by (their cores + idle) / their cores (`cpu_ceiling_ratio`), the
+    most a second worker could add if nothing got dearer per request.
+    `cpu_ceiling_ratio_without_others` counts what other processes on the machine (not
+    part of the bench) took as free too.
     """
     one, two = _combined_closed(runs["one"]), _combined_closed(runs["two"])
     echo1, echo2 = _combined_closed(runs["echo1"]), _combined_closed(runs["echo2"])
@@ -382,10 +383,12 @@ def _workers_row(runs: dict[str, list[dict[str, Any]]], seconds: float) -> dict[
         return round(a / b, 3) if b else None
 
     one_cores = _accounting(one, _GROUPS)
-    service, idle, other = (one_cores[k] for k in ("service", "idle", "other_processes"))
-    ceiling = round((service + idle) / service, 3) if service and idle is not None else None
-    alone = (round((service + idle + other) / service, 3)
-             if service and idle is not None and other is not None else None)
+    used = [one_cores[k] for k in _GROUPS]
+    idle, other = one_cores["idle"], one_cores["other_processes"]
+    bench = None if None in used else sum(used)  # type: ignore[arg-type]
+    ceiling = round((bench + idle) / bench, 3) if bench and idle is not None else None
+    alone = (round((bench + idle + other) / bench, 3)
+             if bench and idle is not None and other is not None else None)
     return {
         "seconds": seconds,
         "rounds": [

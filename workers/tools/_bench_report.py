@@ -170,9 +170,9 @@ def _deployed_rows(dep: dict[str, Any], add: Any) -> None:
     add("deployed: ceiling, raw echo 2 processes vs 1", _num(w["echo_two_rps"]),
         f"1 process {_num(w['echo_one_rps'])}", _ratio(w["echo_ratio"]))
     c = w["cores"][0]
-    add("deployed: ceiling, CPU (1 worker): cores", f"worker {_num(c['service'], 2)}",
-        f"idle {_num(c['idle'], 2)}, nats {_num(c['nats_server'], 2)}, "
-        f"gen. {_num(c['generator'], 2)}, other {_num(c['other_processes'], 2)}",
+    add("deployed: ceiling, CPU (1 worker): cores",
+        f"{_num(c['service'], 2)}+{_num(c['nats_server'], 2)}+{_num(c['generator'], 2)}",
+        f"idle {_num(c['idle'], 2)}, other processes {_num(c['other_processes'], 2)}",
         _ratio(w["cpu_ceiling_ratio"]))
     for name, o in dep["overload"].items():
         if o is None:

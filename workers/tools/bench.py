@@ -387,14 +387,15 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         add("deployed.consent_record.cpu_vs_echo", f"≤ {ceiling}×", r,
             r is not None and r <= ceiling)
         w = dep["workers"]
+        c = w["cores"][0]
         r = w["ratio"]
         floor = TARGETS["two_workers_vs_one"]
         add("deployed.consent_record.two_workers", f"≥ {floor}×", r, r is not None and r >= floor,
             f"what this machine allows: the raw echo with 2 processes vs 1 made "
-            f"{w['echo_ratio']}×; in the 1-worker run the worker used "
-            f"{w['cores'][0]['service']} cores, {w['cores'][0]['idle']} were idle and other "
-            f"processes took {w['cores'][0]['other_processes']}, so a second worker costing "
-            f"the same per request could reach {w['cpu_ceiling_ratio']}× "
+            f"{w['echo_ratio']}×; in the 1-worker runs the worker, nats-server and the "
+            f"generators used {c['service']} + {c['nats_server']} + {c['generator']} cores, "
+            f"{c['idle']} were idle and other processes took {c['other_processes']}: at the "
+            f"same cost per request the rate could grow {w['cpu_ceiling_ratio']}× "
             f"({w['cpu_ceiling_ratio_without_others']}× without the other processes)")
         for name, over in dep["overload"].items():
             if over is None:
