@@ -344,13 +344,13 @@ def _combined_closed(runs: list[dict[str, Any]]) -> dict[str, Any]:
     cpu: dict[str, float | None] = {}
     for name in runs[0]["cpu_s"]:
         values = [r["cpu_s"].get(name) for r in runs]
-        cpu[name] = None if None in values else round(sum(values), 3)  # type: ignore[arg-type]
-    machines = [r.get("machine") for r in runs]
-    machine = None if None in machines or not wall else {
-        key: round(sum(m[key] * r["wall_s"] for m, r in zip(machines, runs, strict=True))
-                   / wall, 2)  # type: ignore[index]
-        for key in ("busy_cores", "idle_cores")
-    }
+        cpu[name] = None if None in values else round(sum(values), 3)
+    machine: dict[str, float] | None = None
+    if wall and all(r.get("machine") for r in runs):
+        machine = {
+            key: round(sum(r["machine"][key] * r["wall_s"] for r in runs) / wall, 2)
+            for key in ("busy_cores", "idle_cores")
+        }
     completed = sum(r["completed"] for r in runs)
     return {
         "completed": completed, "errors": sum(r["errors"] for r in runs),

@@ -216,11 +216,18 @@ class OpenLoopResult:
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> OpenLoopResult:
-        recorders = ("latency", "send_lag", "latency_from_send")
         return cls(
-            **{k: v for k, v in data.items() if k not in (*recorders, "by_outcome")},
-            **{k: LatencyRecorder.from_wire(data[k]) for k in recorders},
+            rate=float(data["rate"]), duration_s=float(data["duration_s"]),
+            sent=int(data["sent"]), completed=int(data["completed"]),
+            errors=int(data["errors"]), incomplete=int(data["incomplete"]),
+            latency=LatencyRecorder.from_wire(data["latency"]),
+            achieved_rate=float(data["achieved_rate"]), late_starts=int(data["late_starts"]),
+            max_start_lag_ms=float(data["max_start_lag_ms"]),
+            elapsed_s=float(data["elapsed_s"]), error_types=dict(data["error_types"]),
             by_outcome={k: LatencyRecorder.from_wire(v) for k, v in data["by_outcome"].items()},
+            send_lag=LatencyRecorder.from_wire(data["send_lag"]),
+            latency_from_send=LatencyRecorder.from_wire(data["latency_from_send"]),
+            started_at=float(data["started_at"]), last_send_at=float(data["last_send_at"]),
         )
 
 
