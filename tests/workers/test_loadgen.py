@@ -9,7 +9,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from workers.tools.loadgen import LatencyRecorder, closed_loop, open_loop
+from workers.tools.loadgen import LatencyRecorder, OpenLoopResult, closed_loop, open_loop
 
 
 class Boom(RuntimeError):
@@ -175,3 +175,27 @@ async def test_open_loop_rejects_bad_arguments(kwargs: dict[str, float]) -> None
 async def test_closed_loop_rejects_bad_arguments(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         await closed_loop(FakeCall(), **kwargs)  # type: ignore[arg-type]
+
+
+async def test_open_loop_total_and_start_at_let_generators_share_one_schedule() -> None:
+    """Two loops on interleaved halves of one schedule send exactly the whole schedule."""
+    import time
+
+    start = time.perf_counter() + 0.01
+    calls = [FakeCall(), FakeCall()]
+    async with anyio.create_task_group() as tg:
+        results: list[OpenLoopResult] = []
+
+        async def part(k: int, total: int) -> None:
+            results.append(await open_loop(calls[k], rate=500, duration_s=0.02,
+                                           start_at=start + k / 1000, total=total))
+
+        tg.start_soon(part, 0, 11)
+        tg.start_soon(part, 1, 10)
+    assert sorted(r.sent for r in results) == [10, 11]
+    assert sum(c.calls for c in calls) == 21
+    for r in results:
+        assert r.send_lag.count == r.sent and r.latency_from_send.count == r.completed
+        assert r.started_at >= start
+    with pytest.raises(ValueError):
+        await open_loop(FakeCall(), rate=10, duration_s=1, total=-1)

@@ -1,18 +1,21 @@
 """The benchmark of the deployed shape: every part in a process of its own.
 
 nats-server, the slice service (`lukhas worker slices`, DRY_RUN, as many as asked), a raw
-nats-py echo responder (`_bench_echo`) and the load generator (`_bench_client`) each run
-in their own process, as in production, so no measurement shares an event loop with what
-it measures. It sweeps the offered load (open loop, latency from each scheduled send) to
-find each slice's capacity (the highest rate whose p95 is within the slice's SLA), takes the
-service's CPU per request against the echo's at the same rate, compares 1 and 2 slice workers
-on consent.record (closed loop), offers 2x consent.record's capacity to show what overload
-does, and draws the latency-vs-load curve (with matplotlib, the `bench` extra).
+nats-py echo responder (`_bench_echo`) and the load generators (`_bench_client`, K
+processes sharing each job, results merged exactly) each run in their own process, as in
+production, so no measurement shares an event loop with what it measures. It sweeps the
+offered load (open loop, latency from each scheduled send) to find each slice's capacity
+(the highest rate whose p95 is within the slice's SLA, with every request answered ok),
+takes the service's CPU per request against the echo's at the same rate, offers 2x each
+slice's capacity to show what overload does (timeouts, answered within the SLA, goodput),
+compares 1 and 2 slice workers on consent.record (closed loop) next to the ceiling (the echo
+with 1 and 2 processes, and CPU accounting of every process), and draws the latency-vs-load
+curve (with matplotlib, the `bench` extra). Wherever the generators fell behind their
+schedule the results say so (`generators_behind`), since their lateness counts in latency.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import subprocess
@@ -23,10 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import anyio
-
 from bus import NatsServer
 from lukhas import subjects
+from workers.tools._bench_client import LoadGenerators
 
 ECHO_SUBJECT = "bench.echo"
 #: What each target is driven with (the slices answer in DRY_RUN with the null providers).
@@ -54,14 +56,26 @@ class DeployedPlan:
     closed_s: float
     overload_s: float
     warmup: int
+    #: Load-generator processes sharing every job (`_bench_client.LoadGenerators`).
+    generators: int
+    #: Alternating rounds of 1 and 2 slice workers.
+    worker_rounds: int
+
+
+def default_generators() -> int:
+    """Load-generator processes: one per CPU, at least 2 and at most 4."""
+    return max(2, min(4, os.cpu_count() or 1))
 
 
 def deployed_plan(*, quick: bool) -> DeployedPlan:
     if quick:
         return DeployedPlan(rates=(200.0,), step_s=0.3, closed_s=0.3, overload_s=0.3,
-                            warmup=50)
-    return DeployedPlan(rates=(500.0, 1000.0, 2000.0, 3000.0, 4000.0, 6000.0, 8000.0),
-                        step_s=2.0, closed_s=3.0, overload_s=3.0, warmup=500)
+                            warmup=50, generators=2, worker_rounds=1)
+    return DeployedPlan(
+        rates=(500.0, 1000.0, 2000.0, 3000.0, 4000.0, 5000.0, 6000.0, 8000.0, 10000.0),
+        step_s=2.0, closed_s=3.0, overload_s=3.0, warmup=500, generators=default_generators(),
+        worker_rounds=3,
+    )
 
 
 class _Child:
@@ -122,14 +136,6 @@ def _children(stack: ExitStack, args: list[str], env: dict[str, str]) -> Iterato
     yield child
 
 
-async def _run_client(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    done = await anyio.run_process(
-        [sys.executable, "-m", "workers.tools._bench_client", json.dumps(jobs)],
-        check=True, stderr=subprocess.PIPE,
-    )
-    return json.loads(done.stdout.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
-
-
 def _job(url: str, target: str, sla_ms: float, pids: dict[str, list[int]], **extra: Any
          ) -> dict[str, Any]:
     subject, body = TARGETS[target]
@@ -149,18 +155,45 @@ def _point(rate: float, r: dict[str, Any], who: str) -> dict[str, Any]:
         "rate": rate, "achieved_rate": r["achieved_rate"], "sent": r["sent"],
         "p50_ms": lat["p50_ms"], "p95_ms": lat["p95_ms"], "p99_ms": lat["p99_ms"],
         "timeouts": r["timeouts"], "outcomes": r["outcomes"],
+        "errors": r["errors"], "incomplete": r["incomplete"],
         "ok_within_sla": r["ok_within_sla"],
+        "answered_within_sla": r["answered_within_sla"],
         "cpu_us_per_request": _cpu_us_per_request(r, who),
+        "send_lag_p99_ms": max((g["send_lag_p99_ms"] for g in r["generators"]), default=None),
+        "generators_behind": r["generators_behind"],
     }
 
 
+def _passes(point: dict[str, Any], sla_ms: float) -> bool:
+    return bool(point["p95_ms"] <= sla_ms and point["timeouts"] == 0
+                and point["outcomes"].get("ok", 0) >= 0.99 * point["sent"])
+
+
 def _capacity(points: list[dict[str, Any]], sla_ms: float) -> float | None:
-    good = [
-        p["rate"] for p in points
-        if p["p95_ms"] <= sla_ms and p["timeouts"] == 0
-        and p["outcomes"].get("ok", 0) >= 0.99 * p["sent"]
-    ]
+    good = [p["rate"] for p in points if _passes(p, sla_ms)]
     return max(good) if good else None
+
+
+def _capacity_bound(points: list[dict[str, Any]], sla_ms: float) -> str:
+    """Why the capacity is what it is: the first failing rate above it failed because of the
+    service (`service`), or the generators were behind there (`generator`: the service may
+    do more), or no rate failed (`sweep`: the sweep ended first)."""
+    cap = _capacity(points, sla_ms) or 0.0
+    above = [p for p in points if p["rate"] > cap and not _passes(p, sla_ms)]
+    if not above:
+        return "sweep"
+    return "generator" if min(above, key=lambda p: p["rate"])["generators_behind"] else "service"
+
+
+@contextmanager
+def _running(args: list[str], env: dict[str, str]) -> Iterator[_Child]:
+    """A child that serves for the `with` block only (stopped, drained, at its end)."""
+    child = _Child(args, env)
+    try:
+        child.wait_ready()
+        yield child
+    finally:
+        child.stop()
 
 
 async def measure_deployed(
@@ -171,92 +204,212 @@ async def measure_deployed(
         server = NatsServer()
         await server.__aenter__()
         try:
-            return await _measure(server, stack, plan, slas, plot)
+            async with LoadGenerators(plan.generators) as generators:
+                return await _measure(server, stack, generators, plan, slas, plot)
         finally:
             stack.close()
             await server.__aexit__(None, None, None)
 
 
 async def _measure(
-    server: NatsServer, stack: ExitStack, plan: DeployedPlan, slas: dict[str, float],
-    plot: Path | None,
+    server: NatsServer, stack: ExitStack, generators: LoadGenerators, plan: DeployedPlan,
+    slas: dict[str, float], plot: Path | None,
 ) -> dict[str, Any]:
     url = server.url
     env = _service_env(url)
     worker_cmd = [sys.executable, "-m", "workers.cli.main", "worker", "slices"]
     echo_cmd = [sys.executable, "-m", "workers.tools._bench_echo", url, ECHO_SUBJECT]
+    sla = {**slas, "echo": ECHO_SLA_MS}
     with _children(stack, echo_cmd, env) as echo, _children(stack, worker_cmd, env) as first:
         pids = {"echo": [echo.proc.pid], "service": [first.proc.pid],
                 "nats_server": [server.pid] if server.pid else []}
-        sla = {**slas, "echo": ECHO_SLA_MS}
-        jobs = []
-        for target in TARGETS:
-            for rate in plan.rates:
-                jobs.append(_job(url, target, sla[target], pids, mode="open", rate=rate,
-                                 duration_s=plan.step_s, warmup=plan.warmup))
-        jobs.append(_job(url, "consent_record", sla["consent_record"], pids, mode="closed",
-                         duration_s=plan.closed_s, warmup=plan.warmup))
-        results = await _run_client(jobs)
+
+        def job(target: str, **extra: Any) -> dict[str, Any]:
+            return _job(url, target, sla[target], pids, warmup=plan.warmup, **extra)
+
         curves: dict[str, list[dict[str, Any]]] = {}
-        i = 0
         for target in TARGETS:
             who = "echo" if target == "echo" else "service"
-            curves[target] = [_point(rate, results[i + k], who)
-                              for k, rate in enumerate(plan.rates)]
-            i += len(plan.rates)
-        one_worker = results[i]
+            curves[target] = [
+                _point(rate, await generators.run(
+                    job(target, mode="open", rate=rate, duration_s=plan.step_s)), who)
+                for rate in plan.rates
+            ]
         capacity = {t: _capacity(curves[t], sla[t]) for t in TARGETS}
+        bound = {t: _capacity_bound(curves[t], sla[t]) for t in TARGETS}
 
-        base = capacity["consent_record"] or max(plan.rates)
-        overload_rate = 2 * base
-        [overload] = await _run_client([
-            _job(url, "consent_record", sla["consent_record"], pids, mode="open",
-                 rate=overload_rate, duration_s=plan.overload_s, warmup=plan.warmup)
-        ])
-        with _children(stack, worker_cmd, env) as second:
-            pids2 = {**pids, "service": [first.proc.pid, second.proc.pid]}
-            [two_workers] = await _run_client([
-                _job(url, "consent_record", sla["consent_record"], pids2, mode="closed",
-                     duration_s=plan.closed_s, warmup=plan.warmup)
-            ])
-    sla_ok = overload["answered_within_sla"]
-    cpu = _cpu_comparison(curves)
+        overload: dict[str, Any] = {}
+        for target in TARGETS:
+            if target == "echo":
+                continue
+            cap = capacity[target]
+            if cap is None:
+                overload[target] = None
+                continue
+            result = await generators.run(
+                job(target, mode="open", rate=2 * cap, duration_s=plan.overload_s))
+            overload[target] = _overload_row(result, cap, bound[target], plan.overload_s)
+
+        closed = {"mode": "closed", "duration_s": plan.closed_s, "concurrency": 256}
+        runs: dict[str, list[dict[str, Any]]] = {"one": [], "two": [], "echo1": [], "echo2": []}
+        # Alternating rounds, the second worker (and echo) started and stopped each time, so
+        # a change in what else runs on the machine falls on both sides.
+        for _ in range(plan.worker_rounds):
+            pids["service"], pids["echo"] = [first.proc.pid], [echo.proc.pid]
+            runs["one"].append(await generators.run(job("consent_record", **closed)))
+            runs["echo1"].append(await generators.run(job("echo", **closed)))
+            with _running(worker_cmd, env) as second, _running(echo_cmd, env) as echo2:
+                pids["service"] = [first.proc.pid, second.proc.pid]
+                pids["echo"] = [echo.proc.pid, echo2.proc.pid]
+                runs["two"].append(await generators.run(job("consent_record", **closed)))
+                runs["echo2"].append(await generators.run(job("echo", **closed)))
     section = {
-        "processes": "nats-server, slice worker(s), echo responder, load generator: one each",
+        "processes": f"nats-server, slice worker(s), echo responder(s), {plan.generators} "
+                     "load-generator processes",
+        "generators": plan.generators,
         "step_s": plan.step_s,
         "slas_ms": sla,
         "curves": curves,
         "capacity": capacity,
-        "cpu": cpu,
-        "workers": {
-            "one_rps": one_worker["throughput"], "two_rps": two_workers["throughput"],
-            "ratio": round(two_workers["throughput"] / one_worker["throughput"], 3)
-            if one_worker["throughput"] else None,
-            "errors": one_worker["errors"] + two_workers["errors"],
-            "service_cpu_s": [one_worker["cpu_s"].get("service"),
-                              two_workers["cpu_s"].get("service")],
-            "nats_server_cpu_s": [one_worker["cpu_s"].get("nats_server"),
-                                  two_workers["cpu_s"].get("nats_server")],
-            "seconds": plan.closed_s,
-        },
-        "overload": {
-            "slice": "consent_record",
-            "rate": overload_rate,
-            "capacity": capacity["consent_record"],
-            "sent": overload["sent"],
-            "outcomes": overload["outcomes"],
-            "timeouts": overload["timeouts"],
-            "answered_within_sla": sla_ok,
-            "answered_within_sla_pct": round(100 * sla_ok / overload["sent"], 1)
-            if overload["sent"] else None,
-            "goodput_rps": round(overload["ok_within_sla"] / plan.overload_s, 1),
-            "goodput_vs_capacity": round(overload["ok_within_sla"] / plan.overload_s / base, 3),
-            "p95_ms": overload["latency"]["p95_ms"],
-        },
+        "capacity_bound": bound,
+        "cpu": _cpu_comparison(curves),
+        "workers": _workers_row(runs, plan.closed_s),
+        "overload": overload,
     }
     if plot is not None:
         section["plot"] = draw_curves(curves, sla, plot)
     return section
+
+
+def _overload_row(r: dict[str, Any], capacity: float, bound: str, seconds: float
+                  ) -> dict[str, Any]:
+    """2x a slice's capacity offered: timeouts, answered within the SLA, goodput."""
+    sent = r["sent"]
+    goodput = r["ok_within_sla"] / seconds
+    return {
+        "rate": 2 * capacity,
+        "capacity": capacity,
+        "capacity_bound": bound,
+        "seconds": seconds,
+        "sent": sent,
+        "achieved_rate": r["achieved_rate"],
+        "outcomes": r["outcomes"],
+        "timeouts": r["timeouts"],
+        "errors": r["errors"],
+        "incomplete": r["incomplete"],
+        "answered_within_sla": r["answered_within_sla"],
+        "answered_within_sla_pct": round(100 * r["answered_within_sla"] / sent, 2)
+        if sent else None,
+        "answered_within_sla_from_send_pct":
+            round(100 * r["answered_within_sla_from_send"] / sent, 2) if sent else None,
+        "goodput_rps": round(goodput, 1),
+        "goodput_vs_capacity": round(goodput / capacity, 3),
+        "p95_ms": r["latency"]["p95_ms"],
+        "p99_ms": r["latency"]["p99_ms"],
+        "send_lag_p99_ms": max((g["send_lag_p99_ms"] for g in r["generators"]), default=None),
+        "behind_limit_ms": r["behind_limit_ms"],
+        "generators_behind": r["generators_behind"],
+        "cores": _accounting(r, _GROUPS),
+    }
+
+
+_GROUPS = ("service", "nats_server", "generator")
+
+
+def _accounting(r: dict[str, Any], who: tuple[str, ...]) -> dict[str, float | None]:
+    """Cores each named process group used during a run, the cores the rest of the machine
+    (processes not part of the bench) used, and the cores left idle."""
+    def cores(name: str) -> float | None:
+        cpu = r["cpu_s"].get(name)
+        return None if cpu is None or not r["wall_s"] else round(cpu / r["wall_s"], 2)
+
+    used = {name: cores(name) for name in who}
+    machine = r.get("machine") or {}
+    known = [v for v in used.values() if v is not None]
+    busy = machine.get("busy_cores")
+    other = None if busy is None or len(known) < len(who) else round(
+        max(0.0, busy - sum(known)), 2)
+    return {**used, "other_processes": other, "idle": machine.get("idle_cores")}
+
+
+def _combined_closed(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds of one closed-loop measurement as one: counts, CPU seconds and wall time
+    summed, the machine's busy and idle cores weighted by each round's wall time."""
+    wall = sum(r["wall_s"] for r in runs)
+    elapsed = sum(r["elapsed_s"] for r in runs)
+    outcomes: dict[str, int] = {}
+    for r in runs:
+        for name, count in r["by_outcome"].items():
+            outcomes[name] = outcomes.get(name, 0) + count
+    cpu: dict[str, float | None] = {}
+    for name in runs[0]["cpu_s"]:
+        values = [r["cpu_s"].get(name) for r in runs]
+        cpu[name] = None if None in values else round(sum(values), 3)
+    machine: dict[str, float] | None = None
+    if wall and all(r.get("machine") for r in runs):
+        machine = {
+            key: round(sum(r["machine"][key] * r["wall_s"] for r in runs) / wall, 2)
+            for key in ("busy_cores", "idle_cores")
+        }
+    completed = sum(r["completed"] for r in runs)
+    return {
+        "completed": completed, "errors": sum(r["errors"] for r in runs),
+        "by_outcome": outcomes, "elapsed_s": elapsed,
+        "throughput": round(completed / elapsed, 1) if elapsed else 0.0,
+        "ok_rps": round(outcomes.get("ok", 0) / elapsed, 1) if elapsed else 0.0,
+        "cpu_s": cpu, "wall_s": wall, "machine": machine,
+    }
+
+
+def _workers_row(runs: dict[str, list[dict[str, Any]]], seconds: float) -> dict[str, Any]:
+    """1 vs 2 slice workers on consent.record (ok replies/s, closed loop), and the ceiling.
+
+    `runs` holds alternating rounds of each (`one`, `two`, `echo1`, `echo2`); the figures
+    are over all rounds together, `rounds` lists each round's ratios.
+
+    The ceiling, two ways. The raw echo responder with 1 vs 2 processes under the same
+    generators: what a second process can add at all here. And CPU accounting of the
+    1-worker runs: every request costs the worker, nats-server and the generators CPU, so a
+    higher rate needs more of all three; with the idle cores spent in the same proportions
+    the rate could grow by (their cores + idle) / their cores (`cpu_ceiling_ratio`), the
+    most a second worker could add if nothing got dearer per request.
+    `cpu_ceiling_ratio_without_others` counts what other processes on the machine (not
+    part of the bench) took as free too.
+    """
+    one, two = _combined_closed(runs["one"]), _combined_closed(runs["two"])
+    echo1, echo2 = _combined_closed(runs["echo1"]), _combined_closed(runs["echo2"])
+
+    def ratio(a: float, b: float) -> float | None:
+        return round(a / b, 3) if b else None
+
+    one_cores = _accounting(one, _GROUPS)
+    used = [one_cores[k] for k in _GROUPS]
+    idle, other = one_cores["idle"], one_cores["other_processes"]
+    bench = None if None in used else sum(used)  # type: ignore[arg-type]
+    ceiling = round((bench + idle) / bench, 3) if bench and idle is not None else None
+    alone = (round((bench + idle + other) / bench, 3)
+             if bench and idle is not None and other is not None else None)
+    return {
+        "seconds": seconds,
+        "rounds": [
+            {"one_rps": a["ok_rps"], "two_rps": b["ok_rps"],
+             "ratio": ratio(b["ok_rps"], a["ok_rps"]),
+             "echo_ratio": ratio(d["ok_rps"], c["ok_rps"])}
+            for a, b, c, d in zip(runs["one"], runs["two"], runs["echo1"], runs["echo2"],
+                                  strict=True)
+        ],
+        "one_rps": one["ok_rps"], "two_rps": two["ok_rps"],
+        "ratio": ratio(two["ok_rps"], one["ok_rps"]),
+        "outcomes": [one["by_outcome"], two["by_outcome"]],
+        "errors": one["errors"] + two["errors"],
+        "cores": [one_cores, _accounting(two, _GROUPS)],
+        "cpu_ceiling_ratio": ceiling,
+        "cpu_ceiling_ratio_without_others": alone,
+        "echo_one_rps": echo1["ok_rps"], "echo_two_rps": echo2["ok_rps"],
+        "echo_ratio": ratio(echo2["ok_rps"], echo1["ok_rps"]),
+        "echo_cores": [_accounting(echo1, ("echo", "nats_server", "generator")),
+                       _accounting(echo2, ("echo", "nats_server", "generator"))],
+    }
 
 
 def _cpu_comparison(curves: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -296,15 +449,23 @@ def draw_curves(
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    behind_label = "load generators behind schedule"
     for target, points in curves.items():
         line = ax.plot([p["rate"] for p in points], [max(p["p95_ms"], 0.01) for p in points],
                        marker="o", label=target)[0]
         if target != "echo":
             ax.axhline(slas[target], color=line.get_color(), linestyle=":", linewidth=1)
+        behind = [p for p in points if p.get("generators_behind")]
+        if behind:
+            ax.scatter([p["rate"] for p in behind], [max(p["p95_ms"], 0.01) for p in behind],
+                       s=140, facecolors="none", edgecolors="red", linewidths=1.2,
+                       label=behind_label, zorder=3)
+            behind_label = "_nolegend_"
     ax.set_yscale("log")
     ax.set_xlabel("offered load (requests/s, open loop)")
     ax.set_ylabel("p95 latency from scheduled send (ms)")
-    ax.set_title("LUKHAS deployed shape: p95 vs offered load (dotted: each slice's SLA)")
+    ax.set_title("LUKHAS deployed shape: p95 vs offered load (dotted: each slice's SLA)",
+                 fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -169,18 +169,30 @@ def _deployed_rows(dep: dict[str, Any], add: Any) -> None:
             _ratio(cpu["ratio_vs_echo"]),
             "deployed.consent_record.cpu_vs_echo" if name == "consent_record" else None)
     w = dep["workers"]
-    add("deployed: consent_record req/s, 2 workers vs 1", _num(w["two_rps"]),
+    add("deployed: consent_record ok/s, 2 workers vs 1", _num(w["two_rps"]),
         f"1 worker {_num(w['one_rps'])}", _ratio(w["ratio"]),
         "deployed.consent_record.two_workers")
-    o = dep["overload"]
-    add(f"deployed: @{_num(o['rate'])}/s (2× capacity) timeouts", f"{o['timeouts']:,}",
-        f"of {o['sent']:,} sent", "", "deployed.overload.timeouts")
-    add("deployed: 2× capacity answered within SLA", f"{o['answered_within_sla_pct']}%",
-        ", ".join(f"{k} {v:,}" for k, v in o["outcomes"].items()), "",
-        "deployed.overload.answered_within_sla")
-    add("deployed: 2× capacity goodput req/s (ok within SLA)", _num(o["goodput_rps"]),
-        f"capacity {_num(o['capacity'])}", _ratio(o["goodput_vs_capacity"]),
-        "deployed.overload.goodput")
+    add("deployed: ceiling, raw echo 2 processes vs 1", _num(w["echo_two_rps"]),
+        f"1 process {_num(w['echo_one_rps'])}", _ratio(w["echo_ratio"]))
+    c = w["cores"][0]
+    add("deployed: ceiling, CPU (1 worker): cores",
+        f"{_num(c['service'], 2)}+{_num(c['nats_server'], 2)}+{_num(c['generator'], 2)}",
+        f"idle {_num(c['idle'], 2)}, other processes {_num(c['other_processes'], 2)}",
+        _ratio(w["cpu_ceiling_ratio"]))
+    for name, o in dep["overload"].items():
+        if o is None:
+            continue
+        behind = ", generators late" if o["generators_behind"] else ""
+        add(f"deployed: {name} 2× cap. {_num(o['rate'])}/s{behind}: timeouts",
+            f"{o['timeouts']:,}", f"of {o['sent']:,} sent", "",
+            f"deployed.overload.{name}.timeouts")
+        add(f"deployed: {name} 2× answered ≤ SLA",
+            f"{o['answered_within_sla_pct']}%",
+            ", ".join(f"{k} {v:,}" for k, v in o["outcomes"].items()), "",
+            f"deployed.overload.{name}.answered_within_sla")
+        add(f"deployed: {name} 2× goodput/s (ok ≤ SLA)", _num(o["goodput_rps"]),
+            f"capacity {_num(o['capacity'])}", _ratio(o["goodput_vs_capacity"]),
+            f"deployed.overload.{name}.goodput")
 
 
 def render(results: dict[str, Any], *, console: Console | None = None) -> str:
@@ -189,11 +201,16 @@ def render(results: dict[str, Any], *, console: Console | None = None) -> str:
         console = Console()
         if not console.is_terminal:  # a file or a pipe: no width to fit, keep rows whole
             console = Console(width=140)
-    passed = sum(1 for t in results["targets"] if t["passed"])
+    judged = [t for t in results["targets"] if t["passed"] is not None]
+    passed = sum(1 for t in judged if t["passed"])
+    unjudged = len(results["targets"]) - len(judged)
     summary = Text(
-        f"targets: {passed} of {len(results['targets'])} met", style="bold"
+        f"targets: {passed} of {len(judged)} met"
+        + (f" ({unjudged} reported, not judged)" if unjudged else ""), style="bold"
     )
-    notes = Text("\n".join(f"• {note}" for note in results["notes"]), style="dim")
+    target_notes = [f"{t['name']}: {t['note']}" for t in results["targets"] if t.get("note")]
+    notes = Text("\n".join(f"• {note}" for note in [*results["notes"], *target_notes]),
+                 style="dim")
     with console.capture() as capture:
         console.print(Group(build_table(results), summary, notes))
     return capture.get().rstrip("\n")

@@ -143,6 +143,13 @@ async def run_bench(
     ]
     if matriz_stream:
         notes.append("The MATRIZ JetStream stream captures every node, as the workers set up.")
+    if deployed_shape:
+        notes.append(
+            "Deployed shape: each job is split between load-generator processes (open loop: "
+            "interleaved schedules from one start; results merged exactly); where they sent "
+            "late (p99 send lag past a quarter of the SLA, or under 97% of the rate) the "
+            "results say so and such a 2x-capacity figure is reported, not judged."
+        )
     if plan.quick:
         notes.append("Quick mode: runs are too short for the numbers to mean anything.")
     if fs_version is None:
@@ -344,8 +351,15 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target of the issue with the measured value and whether it was met."""
     out: list[dict[str, Any]] = []
 
-    def add(name: str, target: str, value: float | int | None, passed: bool) -> None:
-        out.append({"name": name, "target": target, "value": value, "passed": passed})
+    def add(name: str, target: str, value: float | int | None, passed: bool | None,
+            note: str | None = None) -> None:
+        """`passed` None: reported, not judged (a ceiling, or a figure the load generators
+        could not produce on schedule; `note` says which)."""
+        row: dict[str, Any] = {"name": name, "target": target, "value": value,
+                               "passed": passed}
+        if note:
+            row["note"] = note
+        out.append(row)
 
     for name, row in results["throughput"]["slices"].items():
         r = row["ratio_vs_echo"]
@@ -373,16 +387,38 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         ceiling = TARGETS["deployed_cpu_vs_echo"]
         add("deployed.consent_record.cpu_vs_echo", f"≤ {ceiling}×", r,
             r is not None and r <= ceiling)
-        r = dep["workers"]["ratio"]
+        w = dep["workers"]
+        c = w["cores"][0]
+        r = w["ratio"]
         floor = TARGETS["two_workers_vs_one"]
-        add("deployed.consent_record.two_workers", f"≥ {floor}×", r, r is not None and r >= floor)
-        over = dep["overload"]
-        add("deployed.overload.timeouts", "= 0", over["timeouts"], over["timeouts"] == 0)
-        add("deployed.overload.answered_within_sla", "= 100%", over["answered_within_sla_pct"],
-            over["answered_within_sla"] == over["sent"])
-        floor = TARGETS["overload_goodput_vs_capacity"]
-        add("deployed.overload.goodput", f"≥ {floor}× capacity", over["goodput_vs_capacity"],
-            over["goodput_vs_capacity"] >= floor)
+        add("deployed.consent_record.two_workers", f"≥ {floor}×", r, r is not None and r >= floor,
+            f"what this machine allows: the raw echo with 2 processes vs 1 made "
+            f"{w['echo_ratio']}×; in the 1-worker runs the worker, nats-server and the "
+            f"generators used {c['service']} + {c['nats_server']} + {c['generator']} cores, "
+            f"{c['idle']} were idle and other processes took {c['other_processes']}: at the "
+            f"same cost per request the rate could grow {w['cpu_ceiling_ratio']}× "
+            f"({w['cpu_ceiling_ratio_without_others']}× without the other processes)")
+        for name, over in dep["overload"].items():
+            if over is None:
+                continue
+            # Late sends count against the SLA before the service sees them: when the
+            # generators were behind, the figure is theirs as much as the service's.
+            note = (
+                f"load generators behind schedule (p99 send lag {over['send_lag_p99_ms']} ms "
+                f"> {over['behind_limit_ms']:g} ms): not a measure of the service"
+                if over["generators_behind"] else None
+            )
+            floor = TARGETS["overload_goodput_vs_capacity"]
+            checks = (
+                ("timeouts", "= 0", over["timeouts"], over["timeouts"] == 0),
+                ("answered_within_sla", "= 100%", over["answered_within_sla_pct"],
+                 over["answered_within_sla"] == over["sent"]),
+                ("goodput", f"≥ {floor}× capacity", over["goodput_vs_capacity"],
+                 over["goodput_vs_capacity"] >= floor),
+            )
+            for check, target, value, met in checks:
+                add(f"deployed.overload.{name}.{check}", target, value,
+                    None if note else met, note)
     r = results["ledger"]["ratio_vs_raw_async"]
     floor = TARGETS["ledger_vs_publish_async"]
     add("ledger.append.vs_async", f"≥ {floor}×", r, r is not None and r >= floor)

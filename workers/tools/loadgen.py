@@ -8,7 +8,11 @@ in their latency. `closed_loop` keeps `concurrency` requests in flight, one afte
 per slot, and measures throughput.
 
 Latencies go into an HDR histogram (microseconds, 3 significant digits), so percentiles
-stay exact to 0.1 % however long the run.
+stay exact to 0.1 % however long the run. Results travel between processes as `to_wire()`
+dicts (histograms encoded whole) and `merge_open` / `merge_closed` add several generators'
+results up exactly: counts are summed and histograms merged, never percentiles averaged.
+Each open-loop result also says how late its generator sent (`send_lag`), so a generator
+that could not keep its schedule is told apart from a slow service.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +33,8 @@ __all__ = [
     "LatencyRecorder",
     "OpenLoopResult",
     "closed_loop",
+    "merge_closed",
+    "merge_open",
     "open_loop",
 ]
 
@@ -104,6 +110,27 @@ class LatencyRecorder:
         self._hist.add(other._hist)
         self.clamped += other.clamped
 
+    def to_wire(self) -> dict[str, Any]:
+        """The whole histogram as JSON-safe data (HDR's compressed V2 encoding)."""
+        return {"hdr": self._hist.encode().decode("ascii"), "clamped": self.clamped,
+                "max_us": self._highest_us}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> LatencyRecorder:
+        """The recorder `to_wire` described, every value in it."""
+        recorder = cls(max_seconds=int(data["max_us"]) / 1_000_000)
+        recorder._hist.decode_and_add(data["hdr"].encode("ascii"))
+        recorder.clamped = int(data["clamped"])
+        return recorder
+
+    @classmethod
+    def merged(cls, recorders: Iterable[LatencyRecorder]) -> LatencyRecorder:
+        """One recorder holding every value of `recorders`."""
+        total = cls()
+        for recorder in recorders:
+            total.merge(recorder)
+        return total
+
     def summary(self) -> dict[str, float]:
         """count, p50/p95/p99/max and mean in milliseconds, rounded to the microsecond."""
         return {
@@ -141,6 +168,17 @@ class OpenLoopResult:
     #: When the call returns a string (an outcome such as "ok" or "overloaded"), the
     #: latencies of each outcome, also from the scheduled send time.
     by_outcome: dict[str, LatencyRecorder] = field(default_factory=dict)
+    #: How late each request left against its schedule (from its due time to when its
+    #: task began sending; an early start, within the timer slack, counts as 1 µs). A
+    #: generator whose lag grows is saturated itself: its late sends count in `latency`.
+    send_lag: LatencyRecorder = field(default_factory=LatencyRecorder)
+    #: Latencies of completed requests from when each actually left (not its schedule): what
+    #: the service and network took, without the generator's own lateness.
+    latency_from_send: LatencyRecorder = field(default_factory=LatencyRecorder)
+    #: `time.perf_counter()` at the first scheduled send and at the last actual send
+    #: (CLOCK_MONOTONIC on Linux: comparable across the processes of one machine).
+    started_at: float = 0.0
+    last_send_at: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -155,9 +193,42 @@ class OpenLoopResult:
             "max_start_lag_ms": round(self.max_start_lag_ms, 3),
             "elapsed_s": round(self.elapsed_s, 3),
             "latency": self.latency.summary(),
+            "latency_from_send": self.latency_from_send.summary(),
+            "send_lag": self.send_lag.summary(),
             "error_types": dict(self.error_types),
             "by_outcome": {k: v.summary() for k, v in self.by_outcome.items()},
         }
+
+    def to_wire(self) -> dict[str, Any]:
+        """Everything, histograms whole, as JSON-safe data for `from_wire` in another process."""
+        return {
+            "rate": self.rate, "duration_s": self.duration_s, "sent": self.sent,
+            "completed": self.completed, "errors": self.errors, "incomplete": self.incomplete,
+            "achieved_rate": self.achieved_rate, "late_starts": self.late_starts,
+            "max_start_lag_ms": self.max_start_lag_ms, "elapsed_s": self.elapsed_s,
+            "error_types": dict(self.error_types),
+            "latency": self.latency.to_wire(),
+            "by_outcome": {k: v.to_wire() for k, v in self.by_outcome.items()},
+            "send_lag": self.send_lag.to_wire(),
+            "latency_from_send": self.latency_from_send.to_wire(),
+            "started_at": self.started_at, "last_send_at": self.last_send_at,
+        }
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> OpenLoopResult:
+        return cls(
+            rate=float(data["rate"]), duration_s=float(data["duration_s"]),
+            sent=int(data["sent"]), completed=int(data["completed"]),
+            errors=int(data["errors"]), incomplete=int(data["incomplete"]),
+            latency=LatencyRecorder.from_wire(data["latency"]),
+            achieved_rate=float(data["achieved_rate"]), late_starts=int(data["late_starts"]),
+            max_start_lag_ms=float(data["max_start_lag_ms"]),
+            elapsed_s=float(data["elapsed_s"]), error_types=dict(data["error_types"]),
+            by_outcome={k: LatencyRecorder.from_wire(v) for k, v in data["by_outcome"].items()},
+            send_lag=LatencyRecorder.from_wire(data["send_lag"]),
+            latency_from_send=LatencyRecorder.from_wire(data["latency_from_send"]),
+            started_at=float(data["started_at"]), last_send_at=float(data["last_send_at"]),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,11 +242,27 @@ class ClosedLoopResult:
     #: Seconds from the start until the last request finished.
     elapsed_s: float
     error_types: dict[str, int] = field(default_factory=dict)
+    #: When the call returns a string (an outcome such as "ok" or "overloaded"): how many
+    #: calls had each outcome.
+    by_outcome: dict[str, int] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
         """Completed requests per second."""
         return self.completed / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def to_wire(self) -> dict[str, Any]:
+        """Everything, the histogram whole, as JSON-safe data for `from_wire`."""
+        return {
+            "concurrency": self.concurrency, "completed": self.completed,
+            "errors": self.errors, "latency": self.latency.to_wire(),
+            "elapsed_s": self.elapsed_s, "error_types": dict(self.error_types),
+            "by_outcome": dict(self.by_outcome),
+        }
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> ClosedLoopResult:
+        return cls(**{**data, "latency": LatencyRecorder.from_wire(data["latency"])})
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -186,6 +273,7 @@ class ClosedLoopResult:
             "throughput": round(self.throughput, 1),
             "latency": self.latency.summary(),
             "error_types": dict(self.error_types),
+            "by_outcome": dict(self.by_outcome),
         }
 
 
@@ -198,6 +286,8 @@ async def open_loop(
     late_after_s: float = 0.001,
     drain_timeout_s: float | None = None,
     timer_slack_s: float = 0.001,
+    start_at: float | None = None,
+    total: int | None = None,
 ) -> OpenLoopResult:
     """Send `floor(rate * duration_s)` requests, request `i` due at `i / rate` seconds.
 
@@ -212,8 +302,12 @@ async def open_loop(
     its latency is then measured from when it actually left. Either way the latency is
     from the earlier of the scheduled and the actual send, never from a late send.
 
+    `start_at` (a `time.perf_counter()` instant, by default half a millisecond from now)
+    is when request 0 is due, and `total` overrides how many requests are sent: together
+    they let several generators, in several processes, interleave one schedule.
+
     Raises:
-        ValueError: a non-positive rate, duration or `max_outstanding`.
+        ValueError: a non-positive rate, duration or `max_outstanding`, a negative total.
     """
     if not rate > 0 or not math.isfinite(rate):
         raise ValueError(f"rate must be a positive number, not {rate}")
@@ -223,10 +317,15 @@ async def open_loop(
         raise ValueError(f"max_outstanding must be at least 1, not {max_outstanding}")
     if timer_slack_s < 0:
         raise ValueError(f"timer_slack_s must not be negative, not {timer_slack_s}")
-    # The tiny epsilon keeps e.g. 0.3 s * 10/s at 3 requests despite float rounding.
-    total = math.floor(rate * duration_s + 1e-9)
+    if total is not None and total < 0:
+        raise ValueError(f"total must not be negative, not {total}")
+    if total is None:
+        # The tiny epsilon keeps e.g. 0.3 s * 10/s at 3 requests despite float rounding.
+        total = math.floor(rate * duration_s + 1e-9)
     interval = 1.0 / rate
     latency = LatencyRecorder()
+    from_send = LatencyRecorder()
+    send_lag = LatencyRecorder()
     slots = anyio.Semaphore(max_outstanding)
     errors: Counter[str] = Counter()
     completed = 0
@@ -238,15 +337,27 @@ async def open_loop(
 
     by_outcome: dict[str, LatencyRecorder] = {}
 
-    async def one(origin: float) -> None:
-        nonlocal completed, last_done
+    async def one(scheduled: float) -> None:
+        nonlocal completed, last_done, late, max_lag, last_send
+        left = _clock()  # the task begins sending now: the generator's lag ends here
+        lag = left - scheduled
+        send_lag.record(lag)
+        if lag > late_after_s:
+            late += 1
+        if lag > max_lag:
+            max_lag = lag
+        if left > last_send:
+            last_send = left
+        origin = min(left, scheduled)
         try:
             outcome = await call()
         except Exception as exc:  # the load generator's boundary: a failed call is a count
             errors[type(exc).__name__] += 1
         else:
-            took = _clock() - origin
+            done = _clock()
+            took = done - origin
             latency.record(took)
+            from_send.record(done - left)
             if isinstance(outcome, str):
                 if outcome not in by_outcome:
                     by_outcome[outcome] = LatencyRecorder()
@@ -256,7 +367,7 @@ async def open_loop(
             last_done = _clock()
             slots.release()
 
-    start = _clock() + 0.0005  # a moment to settle before the first due time
+    start = _clock() + 0.0005 if start_at is None else start_at
     with anyio.CancelScope() as drain_scope:
         async with anyio.create_task_group() as tg:
             for i in range(total):
@@ -265,14 +376,7 @@ async def open_loop(
                 if delay > 0:
                     await anyio.sleep(delay)
                 await slots.acquire()
-                now = _clock()
-                lag = now - scheduled
-                if lag > late_after_s:
-                    late += 1
-                if lag > max_lag:
-                    max_lag = lag
-                last_send = now
-                tg.start_soon(one, min(now, scheduled))
+                tg.start_soon(one, scheduled)
                 sent += 1
             if drain_timeout_s is not None:
                 drain_scope.deadline = anyio.current_time() + drain_timeout_s
@@ -292,6 +396,83 @@ async def open_loop(
         elapsed_s=max(last_done, last_send, start) - start,
         error_types=dict(errors),
         by_outcome=by_outcome,
+        send_lag=send_lag,
+        latency_from_send=from_send,
+        started_at=start,
+        last_send_at=max(last_send, start),
+    )
+
+
+def merge_open(parts: Sequence[OpenLoopResult]) -> OpenLoopResult:
+    """Several generators' parts of one open-loop run as one result, exactly.
+
+    The parts ran at the same time (on interleaved schedules, as `open_loop`'s `start_at`
+    and `total` allow): counts add up, histograms merge, the rate is the sum of the parts'
+    rates and the achieved rate is every send over the span from the first due time to the
+    last send of any part.
+
+    Raises:
+        ValueError: no parts.
+    """
+    if not parts:
+        raise ValueError("nothing to merge")
+    errors: Counter[str] = Counter()
+    for part in parts:
+        errors.update(part.error_types)
+    outcomes = sorted({name for part in parts for name in part.by_outcome})
+    start = min(p.started_at for p in parts)
+    last_send = max(p.last_send_at for p in parts)
+    sent = sum(p.sent for p in parts)
+    duration = max(p.duration_s for p in parts)
+    span = max(duration, last_send - start)
+    return OpenLoopResult(
+        rate=sum(p.rate for p in parts),
+        duration_s=duration,
+        sent=sent,
+        completed=sum(p.completed for p in parts),
+        errors=sum(p.errors for p in parts),
+        incomplete=sum(p.incomplete for p in parts),
+        latency=LatencyRecorder.merged(p.latency for p in parts),
+        achieved_rate=sent / span if span > 0 else 0.0,
+        late_starts=sum(p.late_starts for p in parts),
+        max_start_lag_ms=max(p.max_start_lag_ms for p in parts),
+        elapsed_s=max(p.started_at + p.elapsed_s for p in parts) - start,
+        error_types=dict(errors),
+        by_outcome={
+            name: LatencyRecorder.merged(
+                p.by_outcome[name] for p in parts if name in p.by_outcome
+            )
+            for name in outcomes
+        },
+        send_lag=LatencyRecorder.merged(p.send_lag for p in parts),
+        latency_from_send=LatencyRecorder.merged(p.latency_from_send for p in parts),
+        started_at=start,
+        last_send_at=last_send,
+    )
+
+
+def merge_closed(parts: Sequence[ClosedLoopResult]) -> ClosedLoopResult:
+    """Several generators' closed loops, run at the same time, as one (counts summed,
+    histograms merged, elapsed the longest part's, so throughput is the total's).
+
+    Raises:
+        ValueError: no parts.
+    """
+    if not parts:
+        raise ValueError("nothing to merge")
+    errors: Counter[str] = Counter()
+    outcomes: Counter[str] = Counter()
+    for part in parts:
+        errors.update(part.error_types)
+        outcomes.update(part.by_outcome)
+    return ClosedLoopResult(
+        concurrency=sum(p.concurrency for p in parts),
+        completed=sum(p.completed for p in parts),
+        errors=sum(p.errors for p in parts),
+        latency=LatencyRecorder.merged(p.latency for p in parts),
+        elapsed_s=max(p.elapsed_s for p in parts),
+        error_types=dict(errors),
+        by_outcome=dict(outcomes),
     )
 
 
@@ -326,6 +507,8 @@ async def closed_loop(
     start = _clock()
     deadline = math.inf if duration_s is None else start + duration_s
 
+    outcomes: Counter[str] = Counter()
+
     async def worker() -> None:
         nonlocal completed, issued
         while issued < limit:
@@ -334,12 +517,14 @@ async def closed_loop(
                 return
             issued += 1
             try:
-                await call()
+                outcome = await call()
             except Exception as exc:  # the load generator's boundary: a failed call is a count
                 errors[type(exc).__name__] += 1
             else:
                 latency.record(_clock() - sent_at)
                 completed += 1
+                if isinstance(outcome, str):
+                    outcomes[outcome] += 1
 
     async with anyio.create_task_group() as tg:
         for _ in range(concurrency):
@@ -351,4 +536,5 @@ async def closed_loop(
         latency=latency,
         elapsed_s=_clock() - start,
         error_types=dict(errors),
+        by_outcome=dict(outcomes),
     )
