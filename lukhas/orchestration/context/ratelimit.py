@@ -1,13 +1,16 @@
-"""Overload protection for handoffs: token buckets (rate) and an in-flight gate (backpressure).
+"""Overload protection and delivery confirmation for handoffs.
 
 A token bucket answers at once: a token now, or how long until one exists (`retry_after`).
 The in-flight gate bounds handoffs published but not yet confirmed by the bus; at the bound
-a caller waits a short, bounded time for room, then is refused.
+a caller waits a short, bounded time for room (or, deferred, none), then is refused.
+Confirmations are grouped: one flush round trip confirms every publish made before it,
+for callers awaiting it (`FlushConfirmer`) and for calls parked without a task of their own
+(`ParkedConfirmations`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
 import anyio
@@ -16,7 +19,7 @@ from lukhas.ratelimit import Clock, Decision, KeyedLimiter, TokenBucket
 
 __all__ = [
     "Clock", "Decision", "FlushConfirmer", "GateStatistics", "HandoffLimiter", "InflightGate",
-    "TokenBucket",
+    "ParkedConfirmations", "TokenBucket",
 ]
 
 #: The handoff limiter is the shared keyed limiter (global bucket plus one per source).
@@ -50,6 +53,15 @@ class InflightGate:
             return True
         self._refused += 1
         return False
+
+    def enter_nowait(self) -> bool:
+        """Take a slot if one is free now; False means backpressure."""
+        try:
+            self._semaphore.acquire_nowait()
+        except anyio.WouldBlock:
+            self._refused += 1
+            return False
+        return True
 
     def leave(self) -> None:
         self._semaphore.release()
@@ -144,3 +156,65 @@ class FlushConfirmer:
         finally:
             self._inflight = None
             gen.done.set()
+
+
+#: Called once the flush covering a parked call ended: with None, or the flush's error.
+Confirmed = Callable[[Exception | None], Awaitable[None]]
+
+
+class ParkedConfirmations:
+    """Calls parked until a flush covers their publish, confirmed in groups by one task.
+
+    `park(done)` records a call whose publish is already made; `run()` (one task) flushes
+    once for everything parked so far, then awaits each parked call's `done` in order, and
+    again for what was parked meanwhile. So a parked call costs no task and no wake-up of
+    its own, and every flush covers every call it confirms. `close()` lets `run()` return
+    once nothing is parked. Bound the number parked upstream (the in-flight gate).
+    """
+
+    __slots__ = ("_closed", "_flush", "_parked", "_wake", "flushes")
+
+    def __init__(self, flush: Callable[[], Awaitable[object]]) -> None:
+        self._flush = flush
+        self._parked: list[Confirmed] = []
+        self._wake: anyio.Event | None = None
+        self._closed = False
+        #: Flushes made, for tests and benches (calls / flushes = the grouping factor).
+        self.flushes = 0
+
+    @property
+    def parked(self) -> int:
+        return len(self._parked)
+
+    def park(self, done: Confirmed) -> None:
+        self._parked.append(done)
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set()
+
+    def close(self) -> None:
+        self._closed = True
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set()
+
+    async def run(self) -> None:
+        """Confirm parked calls until `close()` and none is left parked."""
+        while True:
+            if not self._parked:
+                if self._closed:
+                    return
+                wake = self._wake = anyio.Event()
+                await wake.wait()
+                continue
+            batch, self._parked = self._parked, []
+            error: Exception | None = None
+            self.flushes += 1
+            try:
+                await self._flush()
+            except Exception as exc:  # each parked call answers with it
+                error = exc
+            for done in batch:
+                await done(error)
