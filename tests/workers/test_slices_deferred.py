@@ -130,8 +130,8 @@ async def test_handoffs_parked_on_a_held_flush_starve_no_other_endpoint(
         nodes = await matriz.take(count + 2)
     assert len(handoffs) == count
     assert all(h["ok"] is True and h["mode"] == "dryrun" for h in handoffs)
-    # One flush was held and one more at most covered those parked while it was held.
-    assert deferral(service).flushes <= 3
+    # Grouped: at most 4 flushes run at once (all held here), and one more covered the rest.
+    assert deferral(service).flushes <= 5
     contexts = [n for n in nodes if n["type"] == "CONTEXT"]
     assert len(contexts) == count
     assert all(n["state"]["outcome"] == "ok" for n in contexts)

@@ -163,22 +163,26 @@ Confirmed = Callable[[Exception | None], Awaitable[None]]
 
 
 class ParkedConfirmations:
-    """Calls parked until a flush covers their publish, confirmed in groups by one task.
+    """Calls parked until a flush covers their publish, confirmed in groups.
 
-    `park(done)` records a call whose publish is already made; `run()` (one task) flushes
-    once for everything parked so far, then awaits each parked call's `done` in order, and
-    again for what was parked meanwhile. So a parked call costs no task and no wake-up of
-    its own, and every flush covers every call it confirms. `close()` lets `run()` return
-    once nothing is parked. Bound the number parked upstream (the in-flight gate).
+    `park(done)` records a call whose publish is already made; `run()` starts a flush for
+    everything parked so far, then awaits each covered call's `done` in order. Up to
+    `max_flushes` flushes run at once (their PINGs are answered in order), so a call parked
+    while one is in flight starts its own at once instead of waiting for that one to end;
+    past that, calls gather for the next free flush. A parked call costs no task and no
+    wake-up of its own, and every flush covers every call it confirms. `close()` lets
+    `run()` return once nothing is parked or in flight. Bound the number parked upstream
+    (the in-flight gate).
     """
 
-    __slots__ = ("_closed", "_flush", "_parked", "_wake", "flushes")
+    __slots__ = ("_closed", "_flush", "_parked", "_slots", "_wake", "flushes")
 
-    def __init__(self, flush: Callable[[], Awaitable[object]]) -> None:
+    def __init__(self, flush: Callable[[], Awaitable[object]], *, max_flushes: int = 4) -> None:
         self._flush = flush
         self._parked: list[Confirmed] = []
         self._wake: anyio.Event | None = None
         self._closed = False
+        self._slots = anyio.Semaphore(max_flushes, max_value=max_flushes)
         #: Flushes made, for tests and benches (calls / flushes = the grouping factor).
         self.flushes = 0
 
@@ -188,33 +192,41 @@ class ParkedConfirmations:
 
     def park(self, done: Confirmed) -> None:
         self._parked.append(done)
-        wake = self._wake
-        if wake is not None:
-            self._wake = None
-            wake.set()
+        self._wake_up()
 
     def close(self) -> None:
         self._closed = True
+        self._wake_up()
+
+    def _wake_up(self) -> None:
         wake = self._wake
         if wake is not None:
             self._wake = None
             wake.set()
 
     async def run(self) -> None:
-        """Confirm parked calls until `close()` and none is left parked."""
-        while True:
-            if not self._parked:
-                if self._closed:
-                    return
-                wake = self._wake = anyio.Event()
-                await wake.wait()
-                continue
-            batch, self._parked = self._parked, []
+        """Confirm parked calls until `close()` and none is left parked or in flight."""
+        async with anyio.create_task_group() as tg:
+            while True:
+                if not self._parked:
+                    if self._closed:
+                        return
+                    wake = self._wake = anyio.Event()
+                    await wake.wait()
+                    continue
+                await self._slots.acquire()
+                batch, self._parked = self._parked, []
+                self.flushes += 1
+                tg.start_soon(self._confirm, batch)
+
+    async def _confirm(self, batch: list[Confirmed]) -> None:
+        try:
             error: Exception | None = None
-            self.flushes += 1
             try:
                 await self._flush()
             except Exception as exc:  # each parked call answers with it
                 error = exc
             for done in batch:
                 await done(error)
+        finally:
+            self._slots.release()
