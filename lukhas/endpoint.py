@@ -43,6 +43,11 @@ class Deferral(Protocol):
     once every parked call is answered.
     """
 
+    @property
+    def parked(self) -> int:
+        """Calls begun and not yet answered (waiting for their confirmation)."""
+        ...
+
     async def begin(self, message: Any, answer: Answer) -> Reply | None: ...
 
     async def confirm(self) -> None: ...

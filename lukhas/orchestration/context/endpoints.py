@@ -184,10 +184,12 @@ class HandoffDeferral:
         self._runtime = runtime
         self._gate = handoff_controls(runtime).gate
         self._parked = ParkedConfirmations(runtime.bus.flush)
+        self._waiting = 0
 
     @property
     def parked(self) -> int:
-        return self._parked.parked
+        """Handoffs published and waiting for their flush (at most LUKHAS_HANDOFF_MAX_INFLIGHT)."""
+        return self._waiting
 
     @property
     def flushes(self) -> int:
@@ -214,6 +216,7 @@ class HandoffDeferral:
         except Exception:
             _emit("error", started, trace_id)
             raise
+        self._waiting += 1
         self._parked.park(functools.partial(
             self._confirmed, message, subject, body, started, trace_id, answer
         ))
@@ -224,6 +227,7 @@ class HandoffDeferral:
         trace_id: str, answer: Answer, error: Exception | None,
     ) -> None:
         self._gate.leave()
+        self._waiting -= 1
         if error is None:
             _emit("ok", started, trace_id)
             await answer(_delivered(message, DELIVERED, subject, body, started))
