@@ -17,7 +17,7 @@ import anyio
 import msgspec
 import pytest
 
-from bus import Bus, open_nats_bus
+from bus import Bus, RequestTimeout, open_nats_bus
 from lukhas import subjects
 from lukhas.orchestration.context.endpoints import HandoffDeferral
 from lukhas.ratelimit import Grant, MemoryLeaseStore, TokenLeaseStore, use_lease_store
@@ -38,9 +38,14 @@ class FlushValve:
         self._flush = flush
         self._open: anyio.Event | None = None
         self.held = 0
+        #: Raised by the held flushes once released (a flush that timed out).
+        self.fail: Exception | None = None
 
     def hold(self) -> None:
         self._open = anyio.Event()
+
+    def pass_through(self) -> None:
+        self._open = None
 
     def release(self) -> None:
         if self._open is not None:
@@ -50,6 +55,8 @@ class FlushValve:
         if self._open is not None:
             self.held += 1
             await self._open.wait()
+            if self.fail is not None:
+                raise self.fail
         await self._flush()
 
 
@@ -227,3 +234,36 @@ async def test_a_handoff_queued_past_its_budget_is_refused_overloaded_not_silenc
     assert len(late) == 5
     assert all(r["ok"] is False and r["reason"] == "overloaded" for r in late)
     assert all(r["retry_after_ms"] >= 1 for r in late)
+
+
+async def test_handoffs_whose_flush_fails_are_answered_unavailable_never_ok(
+    nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush that times out answers every handoff it covered with an `unavailable` error
+    (and the error headers), frees their in-flight slots, and the next handoff is ok."""
+    replies: list[Any] = []
+    async with serving(nats_url, monkeypatch, handoff_max_inflight=3) as (
+        _, matriz, service, valve, client
+    ):
+        valve.hold()
+        valve.fail = RequestTimeout("flush", 5.0)
+
+        async def hand_off() -> None:
+            replies.append(await client.request(subjects.CONTEXT_HANDOFF, HANDOFF, timeout=10))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(hand_off)
+            with anyio.fail_after(10):
+                while deferral(service).parked < 3:
+                    await client.flush()
+            valve.release()
+        nodes = await matriz.take(3)
+        valve.pass_through()
+        after = await request(client, subjects.CONTEXT_HANDOFF, HANDOFF)
+    bodies = [msgspec.json.decode(r.data) for r in replies]
+    assert [b["error"]["code"] for b in bodies] == ["unavailable"] * 3
+    assert all(b["ok"] is False and "not confirmed" in b["error"]["message"] for b in bodies)
+    assert all(r.headers["Nats-Service-Error"].startswith("handoff to") for r in replies)
+    assert [n["state"]["outcome"] for n in nodes] == ["error"] * 3
+    assert after["ok"] is True  # the failed handoffs gave their slots back

@@ -165,62 +165,60 @@ Confirmed = Callable[[Exception | None], Awaitable[None]]
 class ParkedConfirmations:
     """Calls parked until a flush covers their publish, confirmed in groups.
 
-    `park(done)` records a call whose publish is already made; `run()` starts a flush for
-    everything parked so far, then awaits each covered call's `done` in order. Up to
-    `max_flushes` flushes run at once (their PINGs are answered in order), so a call parked
-    while one is in flight starts its own at once instead of waiting for that one to end;
-    past that, calls gather for the next free flush. A parked call costs no task and no
-    wake-up of its own, and every flush covers every call it confirms. `close()` lets
-    `run()` return once nothing is parked or in flight. Bound the number parked upstream
-    (the in-flight gate).
+    `park(done)` records a call whose publish is already made; an idle confirming task
+    (`run()` keeps `max_flushes` of them) flushes once for everything parked so far, then
+    awaits each covered call's `done` in order. Several flushes run at once (their PINGs
+    are answered in order), so a call parked while one is in flight starts its own at once
+    instead of waiting for that one to end; with every task busy, calls gather for the next
+    one free. A parked call costs no task and no wake-up of its own, and every flush covers
+    every call it confirms. `close()` lets `run()` return once nothing is parked or in
+    flight. Bound the number parked upstream (the in-flight gate).
     """
 
-    __slots__ = ("_closed", "_flush", "_parked", "_slots", "_wake", "flushes")
+    __slots__ = ("_closed", "_flush", "_idle", "_max_flushes", "_parked", "flushes")
 
     def __init__(self, flush: Callable[[], Awaitable[object]], *, max_flushes: int = 4) -> None:
         self._flush = flush
+        self._max_flushes = max_flushes
         self._parked: list[Confirmed] = []
-        self._wake: anyio.Event | None = None
+        #: The wake-up events of the confirming tasks waiting for work.
+        self._idle: list[anyio.Event] = []
         self._closed = False
-        self._slots = anyio.Semaphore(max_flushes, max_value=max_flushes)
         #: Flushes made, for tests and benches (calls / flushes = the grouping factor).
         self.flushes = 0
 
     @property
     def parked(self) -> int:
+        """Calls parked and not yet taken into a flush."""
         return len(self._parked)
 
     def park(self, done: Confirmed) -> None:
         self._parked.append(done)
-        self._wake_up()
+        if self._idle:
+            self._idle.pop().set()
 
     def close(self) -> None:
         self._closed = True
-        self._wake_up()
-
-    def _wake_up(self) -> None:
-        wake = self._wake
-        if wake is not None:
-            self._wake = None
-            wake.set()
+        while self._idle:
+            self._idle.pop().set()
 
     async def run(self) -> None:
         """Confirm parked calls until `close()` and none is left parked or in flight."""
         async with anyio.create_task_group() as tg:
-            while True:
-                if not self._parked:
-                    if self._closed:
-                        return
-                    wake = self._wake = anyio.Event()
-                    await wake.wait()
-                    continue
-                await self._slots.acquire()
-                batch, self._parked = self._parked, []
-                self.flushes += 1
-                tg.start_soon(self._confirm, batch)
+            for _ in range(self._max_flushes):
+                tg.start_soon(self._confirm)
 
-    async def _confirm(self, batch: list[Confirmed]) -> None:
-        try:
+    async def _confirm(self) -> None:
+        while True:
+            if not self._parked:
+                if self._closed:
+                    return
+                wake = anyio.Event()
+                self._idle.append(wake)
+                await wake.wait()
+                continue
+            batch, self._parked = self._parked, []
+            self.flushes += 1
             error: Exception | None = None
             try:
                 await self._flush()
@@ -228,5 +226,3 @@ class ParkedConfirmations:
                 error = exc
             for done in batch:
                 await done(error)
-        finally:
-            self._slots.release()
