@@ -97,8 +97,8 @@ class Endpoint(Generic[M]):
     #: checkpoint subject) without each one showing as a failed request.
     read_only: bool = False
     #: The endpoint's `Deferral` in this runtime, or None to await `handler` per request.
-    #: The slice service answers a deferring endpoint inline (one task), so a call parked
-    #: on I/O holds a little memory, not a task.
+    #: The slice service begins a deferring endpoint's calls inline (one task), so a call
+    #: parked on I/O holds a little memory, not a task.
     deferral: Callable[[Runtime], Deferral | None] = _never
 
     @property

@@ -4,9 +4,10 @@ One reader task per subscription takes everything nats-py has buffered at once, 
 request with the time it was read, and queues it for its endpoint's servers: one task for an
 endpoint answered inline, a shared pool of `concurrency` tasks for those that wait on I/O.
 An endpoint that defers (`Endpoint.deferral`, the handoff with its builtin publisher) is
-answered inline too: its calls park on their I/O confirmation holding no task, and one
-task of its own answers every call a confirmation covered, so they never take the pool's
-slots from the endpoints that need them, and their queue is where the shedding looks.
+answered inline too: its calls park on their I/O confirmation holding no task, and its
+own confirming tasks (`Deferral.confirm`) answer every call a confirmation covered, so
+parked calls never take the pool's tasks from the endpoints that need them, and their
+queue is where the shedding looks.
 Past capacity a request that cannot be answered within its budget is refused at once with
 `{"ok": false, "reason": "overloaded", "retry_after_ms": N}` (see `_overload.py`), so the
 queue never grows beyond what can be served in time; a full queue refuses the same way.
