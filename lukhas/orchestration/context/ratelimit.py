@@ -167,19 +167,29 @@ class ParkedConfirmations:
 
     `park(done)` records a call whose publish is already made; an idle confirming task
     (`run()` keeps `max_flushes` of them) flushes once for everything parked so far, then
-    awaits each covered call's `done` in order. Several flushes run at once (their PINGs
-    are answered in order), so a call parked while one is in flight starts its own at once
-    instead of waiting for that one to end; with every task busy, calls gather for the next
-    one free. A parked call costs no task and no wake-up of its own, and every flush covers
-    every call it confirms. `close()` lets `run()` return once nothing is parked or in
+    awaits each covered call's `done` in order. While a flush is in flight, calls gather
+    for the next one; once `spread_at` have gathered, another task flushes for them at
+    once (PINGs are answered in order), up to `max_flushes` at a time. So under light load
+    there are few flushes (each PING round trip costs every waiter some CPU and latency),
+    and under heavy load the worker is never idle with everything parked on one flush. A
+    parked call costs no task and no wake-up of its own, and every flush covers every call
+    it confirms. `close()` lets `run()` return once nothing is parked or in
     flight. Bound the number parked upstream (the in-flight gate).
     """
 
-    __slots__ = ("_closed", "_flush", "_idle", "_max_flushes", "_parked", "flushes")
+    __slots__ = (
+        "_busy", "_closed", "_flush", "_idle", "_max_flushes", "_parked", "_spread_at", "flushes",
+    )
 
-    def __init__(self, flush: Callable[[], Awaitable[object]], *, max_flushes: int = 4) -> None:
+    def __init__(
+        self, flush: Callable[[], Awaitable[object]], *, max_flushes: int = 4,
+        spread_at: int = 32,
+    ) -> None:
         self._flush = flush
         self._max_flushes = max_flushes
+        self._spread_at = spread_at
+        #: Confirming tasks flushing or answering now.
+        self._busy = 0
         self._parked: list[Confirmed] = []
         #: The wake-up events of the confirming tasks waiting for work.
         self._idle: list[anyio.Event] = []
@@ -194,7 +204,7 @@ class ParkedConfirmations:
 
     def park(self, done: Confirmed) -> None:
         self._parked.append(done)
-        if self._idle:
+        if self._idle and (not self._busy or len(self._parked) >= self._spread_at):
             self._idle.pop().set()
 
     def close(self) -> None:
@@ -219,10 +229,14 @@ class ParkedConfirmations:
                 continue
             batch, self._parked = self._parked, []
             self.flushes += 1
-            error: Exception | None = None
+            self._busy += 1
             try:
-                await self._flush()
-            except Exception as exc:  # each parked call answers with it
-                error = exc
-            for done in batch:
-                await done(error)
+                error: Exception | None = None
+                try:
+                    await self._flush()
+                except Exception as exc:  # each parked call answers with it
+                    error = exc
+                for done in batch:
+                    await done(error)
+            finally:
+                self._busy -= 1
