@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from lukhas._validation import convert, decode
 from lukhas.errors import LukhasError
@@ -23,13 +23,44 @@ from lukhas.replies import ErrorReply
 if TYPE_CHECKING:
     from lukhas.config import Settings
     from lukhas.observability.matriz_decorators import EmitPoint
+    from lukhas.runtime import Runtime
 
 M = TypeVar("M")
 Reply = dict[str, Any]
 
 
+#: Completes a deferred call: with its reply, or with the error it ended in.
+Answer = Callable[[Reply | Exception], Awaitable[None]]
+
+
+class Deferral(Protocol):
+    """How an endpoint answers without a task parked on each call's I/O confirmation.
+
+    `begin(message, answer)` does the call's work up to the I/O and returns the reply at
+    once (a refusal, say), or None: then `answer` is awaited later, by `confirm()`, once the
+    I/O is confirmed, for many calls at a time. The service runs `confirm()` in its task
+    group while it serves, and calls `close()` after its last `begin`; `confirm()` returns
+    once every parked call is answered.
+    """
+
+    @property
+    def parked(self) -> int:
+        """Calls begun and not yet answered (waiting for their confirmation)."""
+        ...
+
+    async def begin(self, message: Any, answer: Answer) -> Reply | None: ...
+
+    async def confirm(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 def _always(settings: Settings) -> bool:
     return True
+
+
+def _never(runtime: Runtime) -> Deferral | None:
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +96,10 @@ class Endpoint(Generic[M]):
     #: also carry announcements (the consent ledger publishes its signed checkpoints on the
     #: checkpoint subject) without each one showing as a failed request.
     read_only: bool = False
+    #: The endpoint's `Deferral` in this runtime, or None to await `handler` per request.
+    #: The slice service begins a deferring endpoint's calls inline (one task), so a call
+    #: parked on I/O holds a little memory, not a task.
+    deferral: Callable[[Runtime], Deferral | None] = _never
 
     @property
     def replies(self) -> tuple[type, ...]:

@@ -199,6 +199,26 @@ def emit_rejected(point: EmitPoint, latency_ms: float, *, code: str) -> None:
     _emit(point, point.function, 0.5, 0.5, "error", latency_ms, trace_id, notes)
 
 
+def emit_call(
+    point: EmitPoint,
+    *,
+    capability: str,
+    salience: float,
+    urgency: float,
+    outcome: Outcome,
+    latency_ms: float,
+    trace_id: str | None,
+    labels: tuple[str, ...] = (),
+) -> None:
+    """Emit the node of a call that finished outside its `@instrument` wrapper.
+
+    A deferred handler (`lukhas.endpoint.Deferral`) answers once its I/O is confirmed, in
+    another task than the one it began in; it emits the node its instrumented twin would.
+    """
+    notes = _CallNotes(labels=list(labels))
+    _emit(point, capability, salience, urgency, outcome, latency_ms, trace_id, notes)
+
+
 def _positional_index(fn: Callable[..., Any], name: str | None) -> int | None:
     if name is None:
         return None

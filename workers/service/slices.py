@@ -3,6 +3,11 @@
 One reader task per subscription takes everything nats-py has buffered at once, stamps each
 request with the time it was read, and queues it for its endpoint's servers: one task for an
 endpoint answered inline, a shared pool of `concurrency` tasks for those that wait on I/O.
+An endpoint that defers (`Endpoint.deferral`, the handoff with its builtin publisher) is
+answered inline too: its calls park on their I/O confirmation holding no task, and its
+own confirming tasks (`Deferral.confirm`) answer every call a confirmation covered, so
+parked calls never take the pool's tasks from the endpoints that need them, and their
+queue is where the shedding looks.
 Past capacity a request that cannot be answered within its budget is refused at once with
 `{"ok": false, "reason": "overloaded", "retry_after_ms": N}` (see `_overload.py`), so the
 queue never grows beyond what can be served in time; a full queue refuses the same way.
@@ -11,6 +16,7 @@ Only replies to a requester's inbox are sent (`_overload.reply_allowed`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -30,7 +36,7 @@ import lukhas
 from bus import BusError, Envelope, Subscription
 from lukhas.catalog import ENDPOINTS
 from lukhas.config import Settings
-from lukhas.endpoint import Endpoint, Reply
+from lukhas.endpoint import Deferral, Endpoint, Reply
 from lukhas.errors import LukhasError
 from lukhas.observability.matriz_decorators import emit_rejected
 from lukhas.observability.matriz_emit import make_node
@@ -153,6 +159,11 @@ class SliceService:
         self._concurrency = concurrency or runtime.settings.worker_concurrency
         self._max_pending = max_pending or runtime.settings.worker_max_pending
         self._endpoints = serve_plan(runtime.settings)
+        self._deferrals: dict[str, Deferral] = {}
+        for ep in self._endpoints:
+            deferral = ep.endpoint.deferral(runtime)
+            if deferral is not None:
+                self._deferrals[ep.subject] = deferral
         self._counters = {ep.subject: EndpointCounters() for ep in self._endpoints}
         #: Messages without a reply subject on read-only endpoints: counted, not handled.
         self._unawaited = {ep.subject: 0 for ep in self._endpoints if ep.endpoint.read_only}
@@ -214,13 +225,16 @@ class SliceService:
                         tg.start_soon(self._serve, pool_receive.clone())
                 async with pool_send:
                     for ep, sub in requests:
-                        if ep.pooled:
+                        deferral = self._deferrals.get(ep.subject)
+                        if ep.pooled and deferral is None:
                             send = pool_send.clone()
                         else:
                             send, receive = anyio.create_memory_object_stream[_Queued](
                                 self._max_pending
                             )
-                            tg.start_soon(self._serve, receive)
+                            tg.start_soon(self._serve, receive, deferral)
+                            if deferral is not None:
+                                tg.start_soon(deferral.confirm)
                         tg.start_soon(self._read, ep, sub, send)
                 for sub in control:
                     tg.start_soon(self._serve_control, sub)
@@ -320,7 +334,16 @@ class SliceService:
             return
         lane.queued += 1
 
-    async def _serve(self, receive: MemoryObjectReceiveStream[_Queued]) -> None:
+    async def _serve(
+        self, receive: MemoryObjectReceiveStream[_Queued], deferral: Deferral | None = None
+    ) -> None:
+        try:
+            await self._serve_queue(receive)
+        finally:
+            if deferral is not None:
+                deferral.close()  # its last calls are parked: answer them, then end
+
+    async def _serve_queue(self, receive: MemoryObjectReceiveStream[_Queued]) -> None:
         clock = self._clock
         async with receive:
             awake = clock()
@@ -380,26 +403,49 @@ class SliceService:
             return
         self._in_flight += 1
         started = time.perf_counter_ns()
-        error_code: str | None = None
-        headers: dict[str, str] | None = None
         trace_id = parse_traceparent(env.headers.get("traceparent"))
+        deferral = self._deferrals.get(endpoint.subject)
         with bind_trace(trace_id):
             reached_api = False
             try:
                 message = endpoint.decode(env.data, max_bytes=served.max_bytes)
                 reached_api = True
-                reply = await endpoint.handler(message)
+                if deferral is None:
+                    reply = await endpoint.handler(message)
+                else:
+                    answered = await deferral.begin(
+                        message, functools.partial(self._answer, served, env, started)
+                    )
+                    if answered is None:
+                        return  # parked: `_answer` completes it once confirmed
+                    reply = answered
             except Exception as exc:  # the one handler boundary: every failure becomes a reply
-                reply, error_code = error_reply(exc)
-                headers = {
-                    ERROR_HEADER: reply["error"]["message"],
-                    ERROR_CODE_HEADER: _HTTP_LIKE_CODES.get(error_code, "400"),
-                }
+                error, code = error_reply(exc)
                 if not reached_api:  # the API emits its own node; a rejected body has none
                     elapsed_ms = (time.perf_counter_ns() - started) / 1e6
-                    emit_rejected(endpoint.emit_point, elapsed_ms, code=error_code)
-            finally:
-                self._in_flight -= 1
+                    emit_rejected(endpoint.emit_point, elapsed_ms, code=code)
+                await self._finish(served, env, started, error, code)
+                return
+        await self._finish(served, env, started, reply, None)
+
+    async def _answer(
+        self, served: Served, env: Envelope, started: int, outcome: Reply | Exception
+    ) -> None:
+        """Answer a handled request with its reply, or with the error it ended in."""
+        if isinstance(outcome, Exception):
+            await self._finish(served, env, started, *error_reply(outcome))
+        else:
+            await self._finish(served, env, started, outcome, None)
+
+    async def _finish(
+        self, served: Served, env: Envelope, started: int, reply: Reply, error_code: str | None
+    ) -> None:
+        self._in_flight -= 1
+        endpoint = served.endpoint
+        headers = None if error_code is None else {
+            ERROR_HEADER: reply["error"]["message"],
+            ERROR_CODE_HEADER: _HTTP_LIKE_CODES.get(error_code, "400"),
+        }
         elapsed = time.perf_counter_ns() - started
         self._counters[endpoint.subject].record(elapsed, error_code)
         self._handled += 1

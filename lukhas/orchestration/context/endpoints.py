@@ -1,14 +1,19 @@
 """The context handoff endpoint: its instrumented handler and its declaration.
 
 Each handoff is first checked by the token buckets (refused at once with an honest
-`retry_after_ms`), then takes an in-flight slot (waiting briefly, else `backpressure`), and
-is delivered by the registry's provider, holding its slot until delivery is confirmed: a
-flush in core mode, a JetStream acknowledgement in feature mode. So `ok: true` means the
-server has it.
+`retry_after_ms`), then takes an in-flight slot (else `backpressure`), and is delivered by
+the registry's provider, holding its slot until delivery is confirmed: a flush in core
+mode, a JetStream acknowledgement in feature mode. So `ok: true` means the server has it.
+
+The slice service answers handoffs deferred when the builtin bus publisher serves every
+call (`HandoffDeferral`): a handoff parked on its flush holds its in-flight slot and a
+little memory, not a task, and one task answers every handoff a flush confirmed. The
+public API (and a real provider) awaits the same steps in `handoff`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -19,16 +24,23 @@ import msgspec
 from bus import BusError
 from lukhas import subjects
 from lukhas.config import Settings
-from lukhas.endpoint import Endpoint, Reply
+from lukhas.endpoint import Answer, Endpoint, Reply
 from lukhas.errors import PayloadTooLarge, Unavailable
-from lukhas.observability.matriz_decorators import annotate, instrument
+from lukhas.observability.matriz_decorators import (
+    EmitPoint,
+    annotate,
+    emit_call,
+    instrument,
+    outcome_of,
+)
 from lukhas.observability.tracing import current_trace_id, make_traceparent, new_trace_id
 from lukhas.orchestration.context.messages import (
     HANDOFF_REPLY,
     ContextHandedOff,
     HandoffContext,
 )
-from lukhas.orchestration.context.ratelimit import InflightGate
+from lukhas.orchestration.context.providers.bus_publisher import DELIVERED
+from lukhas.orchestration.context.ratelimit import InflightGate, ParkedConfirmations
 from lukhas.orchestration.context.registry import REGISTRY
 from lukhas.ratelimit import SharedLimiter, lease_store
 from lukhas.runtime import Runtime, current_runtime
@@ -36,6 +48,10 @@ from lukhas.subjects import context_target
 
 #: Room for the handoff envelope around a context of LUKHAS_HANDOFF_MAX_BYTES.
 ENVELOPE_BYTES = 1024
+#: The MATRIZ node of a handoff, whichever way it is answered.
+_CAPABILITY = "handoff_context"
+_SALIENCE = 0.4
+_URGENCY = 0.7
 
 _encoder = msgspec.json.Encoder()
 _STATE_KEY = "orchestration.context"
@@ -70,42 +86,39 @@ def _elapsed_ms(started: float) -> float:
 
 
 def _refusal(reason: str, started: float, **extra: Any) -> Reply:
-    annotate(label=f"reason:{reason}")
     return {"ok": False, "reason": reason, "latency_ms": _elapsed_ms(started), **extra}
 
 
-@instrument(
-    "CONTEXT", label="orchestration:handoff", salience=0.4, urgency=0.7,
-    capability="handoff_context",
-)
-async def handoff(cmd: HandoffContext) -> Reply:
-    """Raises `PayloadTooLarge` over LUKHAS_HANDOFF_MAX_BYTES, `Unavailable` if unconfirmed."""
-    started = time.perf_counter()
-    runtime = current_runtime()
-    trace_id = current_trace_id() or new_trace_id()
+def _envelope(cmd: HandoffContext, runtime: Runtime, trace_id: str) -> bytes:
+    """What the target receives. Raises `PayloadTooLarge` over LUKHAS_HANDOFF_MAX_BYTES."""
     body = _encoder.encode(
         ContextHandedOff(cmd.ctx, cmd.target, trace_id, time.time_ns() // 1_000_000)
     )
     limit = runtime.settings.handoff_max_bytes
     if len(body) > limit:
         raise PayloadTooLarge(len(body), limit, "context")
+    return body
 
+
+async def _admit(cmd: HandoffContext, runtime: Runtime, started: float, *, wait: bool
+                 ) -> Reply | None:
+    """The refusal of a handoff the limits do not let through now, else None (a slot taken).
+
+    `wait`: wait up to LUKHAS_HANDOFF_BACKPRESSURE_TIMEOUT_MS for an in-flight slot.
+    """
     controls = handoff_controls(runtime)
     decision = await controls.limiter.decide(cmd.source or runtime.settings.tenant)
     if not decision.allowed:
         retry_after_ms = max(1, math.ceil(decision.retry_after_s * 1000))
         return _refusal("rate_limited", started, retry_after_ms=retry_after_ms)
-    if not await controls.gate.enter():
+    if not (await controls.gate.enter() if wait else controls.gate.enter_nowait()):
         return _refusal("backpressure", started)
+    return None
 
-    subject = context_target(cmd.target)
-    headers = {"traceparent": make_traceparent(trace_id)}
-    try:
-        delivered = await REGISTRY.get(runtime.settings).deliver(subject, body, headers)
-    except BusError as exc:
-        raise Unavailable(f"handoff to {subject} not confirmed: {exc}") from None
-    finally:
-        controls.gate.leave()
+
+def _delivered(
+    cmd: HandoffContext, delivered: dict[str, Any], subject: str, body: bytes, started: float
+) -> Reply:
     return {
         "ok": True,
         **delivered,
@@ -118,11 +131,133 @@ async def handoff(cmd: HandoffContext) -> Reply:
     }
 
 
+def _unconfirmed(subject: str, exc: BusError) -> Unavailable:
+    return Unavailable(f"handoff to {subject} not confirmed: {exc}")
+
+
+@instrument(
+    "CONTEXT", label="orchestration:handoff", salience=_SALIENCE, urgency=_URGENCY,
+    capability=_CAPABILITY,
+)
+async def handoff(cmd: HandoffContext) -> Reply:
+    """Raises `PayloadTooLarge` over LUKHAS_HANDOFF_MAX_BYTES, `Unavailable` if unconfirmed."""
+    started = time.perf_counter()
+    runtime = current_runtime()
+    trace_id = current_trace_id() or new_trace_id()
+    body = _envelope(cmd, runtime, trace_id)
+    refusal = await _admit(cmd, runtime, started, wait=True)
+    if refusal is not None:
+        annotate(label=f"reason:{refusal['reason']}")
+        return refusal
+    subject = context_target(cmd.target)
+    headers = {"traceparent": make_traceparent(trace_id)}
+    try:
+        delivered = await REGISTRY.get(runtime.settings).deliver(subject, body, headers)
+    except BusError as exc:
+        raise _unconfirmed(subject, exc) from None
+    finally:
+        handoff_controls(runtime).gate.leave()
+    return _delivered(cmd, delivered, subject, body, started)
+
+
+_POINT: EmitPoint = handoff.__matriz_emit_point__  # type: ignore[attr-defined]
+
+
+def _emit(outcome: Any, started: float, trace_id: str, labels: tuple[str, ...] = ()) -> None:
+    emit_call(
+        _POINT, capability=_CAPABILITY, salience=_SALIENCE, urgency=_URGENCY, outcome=outcome,
+        latency_ms=(time.perf_counter() - started) * 1000.0, trace_id=trace_id, labels=labels,
+    )
+
+
+class HandoffDeferral:
+    """Handoffs answered without a task parked on each one's flush (see `Deferral`).
+
+    `begin` runs the steps of `handoff` up to the core publish, refusing at once where
+    `handoff` would (an in-flight slot is not waited for: there is no task to wait in), and
+    parks the call; `confirm` flushes once for everything parked and answers each handoff
+    it covered. The same reply, the same MATRIZ node, and `ok: true` still means the
+    server has the context.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._gate = handoff_controls(runtime).gate
+        self._parked = ParkedConfirmations(runtime.bus.flush)
+        self._waiting = 0
+
+    @property
+    def parked(self) -> int:
+        """Handoffs published and waiting for their flush (at most LUKHAS_HANDOFF_MAX_INFLIGHT)."""
+        return self._waiting
+
+    @property
+    def flushes(self) -> int:
+        return self._parked.flushes
+
+    async def begin(self, message: HandoffContext, answer: Answer) -> Reply | None:
+        started = time.perf_counter()
+        runtime = self._runtime
+        trace_id = current_trace_id() or new_trace_id()
+        try:
+            body = _envelope(message, runtime, trace_id)
+            refusal = await _admit(message, runtime, started, wait=False)
+            if refusal is not None:
+                _emit(outcome_of(refusal), started, trace_id, (f"reason:{refusal['reason']}",))
+                return refusal
+            subject = context_target(message.target)
+            try:
+                await runtime.bus.publish(
+                    subject, body, headers={"traceparent": make_traceparent(trace_id)}
+                )
+            except BusError as exc:
+                self._gate.leave()
+                raise _unconfirmed(subject, exc) from None
+        except Exception:
+            _emit("error", started, trace_id)
+            raise
+        self._waiting += 1
+        self._parked.park(functools.partial(
+            self._confirmed, message, subject, body, started, trace_id, answer
+        ))
+        return None
+
+    async def _confirmed(
+        self, message: HandoffContext, subject: str, body: bytes, started: float,
+        trace_id: str, answer: Answer, error: Exception | None,
+    ) -> None:
+        self._gate.leave()
+        self._waiting -= 1
+        if error is None:
+            _emit("ok", started, trace_id)
+            await answer(_delivered(message, DELIVERED, subject, body, started))
+            return
+        _emit("error", started, trace_id)
+        await answer(_unconfirmed(subject, error) if isinstance(error, BusError) else error)
+
+    async def confirm(self) -> None:
+        await self._parked.run()
+
+    def close(self) -> None:
+        self._parked.close()
+
+
+def _deferral(runtime: Runtime) -> HandoffDeferral | None:
+    """Deferred when the builtin publisher serves every call (no real provider or canary)."""
+    s = runtime.settings
+    if s.dry_run or (
+        not s.feature_orchestration_handoff and REGISTRY.canary_percent(s, configured=True) <= 0
+    ):
+        return HandoffDeferral(runtime)
+    return None
+
+
 def _handoff_max_bytes(settings: Settings) -> int:
     return settings.handoff_max_bytes + ENVELOPE_BYTES
 
 
 HANDOFF = Endpoint("context_handoff", subjects.CONTEXT_HANDOFF, HandoffContext, handoff,
-                   "handoff_context", _handoff_max_bytes, reply=HANDOFF_REPLY)
+                   "handoff_context", _handoff_max_bytes, reply=HANDOFF_REPLY,
+                   deferral=_deferral)
 
 ENDPOINTS: tuple[Endpoint[Any], ...] = (HANDOFF,)

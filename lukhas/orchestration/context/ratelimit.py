@@ -1,13 +1,16 @@
-"""Overload protection for handoffs: token buckets (rate) and an in-flight gate (backpressure).
+"""Overload protection and delivery confirmation for handoffs.
 
 A token bucket answers at once: a token now, or how long until one exists (`retry_after`).
 The in-flight gate bounds handoffs published but not yet confirmed by the bus; at the bound
-a caller waits a short, bounded time for room, then is refused.
+a caller waits a short, bounded time for room (or, deferred, none), then is refused.
+Confirmations are grouped: one flush round trip confirms every publish made before it,
+for callers awaiting it (`FlushConfirmer`) and for calls parked without a task of their own
+(`ParkedConfirmations`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
 import anyio
@@ -16,7 +19,7 @@ from lukhas.ratelimit import Clock, Decision, KeyedLimiter, TokenBucket
 
 __all__ = [
     "Clock", "Decision", "FlushConfirmer", "GateStatistics", "HandoffLimiter", "InflightGate",
-    "TokenBucket",
+    "ParkedConfirmations", "TokenBucket",
 ]
 
 #: The handoff limiter is the shared keyed limiter (global bucket plus one per source).
@@ -50,6 +53,15 @@ class InflightGate:
             return True
         self._refused += 1
         return False
+
+    def enter_nowait(self) -> bool:
+        """Take a slot if one is free now; False means backpressure."""
+        try:
+            self._semaphore.acquire_nowait()
+        except anyio.WouldBlock:
+            self._refused += 1
+            return False
+        return True
 
     def leave(self) -> None:
         self._semaphore.release()
@@ -144,3 +156,87 @@ class FlushConfirmer:
         finally:
             self._inflight = None
             gen.done.set()
+
+
+#: Called once the flush covering a parked call ended: with None, or the flush's error.
+Confirmed = Callable[[Exception | None], Awaitable[None]]
+
+
+class ParkedConfirmations:
+    """Calls parked until a flush covers their publish, confirmed in groups.
+
+    `park(done)` records a call whose publish is already made; an idle confirming task
+    (`run()` keeps `max_flushes` of them) flushes once for everything parked so far, then
+    awaits each covered call's `done` in order. While a flush is in flight, calls gather
+    for the next one; once `spread_at` have gathered, another task flushes for them at
+    once (PINGs are answered in order), up to `max_flushes` at a time. So under light load
+    there are few flushes (each PING round trip costs every waiter some CPU and latency),
+    and under heavy load the worker is never idle with everything parked on one flush. A
+    parked call costs no task and no wake-up of its own, and every flush covers every call
+    it confirms. `close()` lets `run()` return once nothing is parked or in
+    flight. Bound the number parked upstream (the in-flight gate).
+    """
+
+    __slots__ = (
+        "_busy", "_closed", "_flush", "_idle", "_max_flushes", "_parked", "_spread_at", "flushes",
+    )
+
+    def __init__(
+        self, flush: Callable[[], Awaitable[object]], *, max_flushes: int = 4,
+        spread_at: int = 32,
+    ) -> None:
+        self._flush = flush
+        self._max_flushes = max_flushes
+        self._spread_at = spread_at
+        #: Confirming tasks flushing or answering now.
+        self._busy = 0
+        self._parked: list[Confirmed] = []
+        #: The wake-up events of the confirming tasks waiting for work.
+        self._idle: list[anyio.Event] = []
+        self._closed = False
+        #: Flushes made, for tests and benches (calls / flushes = the grouping factor).
+        self.flushes = 0
+
+    @property
+    def parked(self) -> int:
+        """Calls parked and not yet taken into a flush."""
+        return len(self._parked)
+
+    def park(self, done: Confirmed) -> None:
+        self._parked.append(done)
+        if self._idle and (not self._busy or len(self._parked) >= self._spread_at):
+            self._idle.pop().set()
+
+    def close(self) -> None:
+        self._closed = True
+        while self._idle:
+            self._idle.pop().set()
+
+    async def run(self) -> None:
+        """Confirm parked calls until `close()` and none is left parked or in flight."""
+        async with anyio.create_task_group() as tg:
+            for _ in range(self._max_flushes):
+                tg.start_soon(self._confirm)
+
+    async def _confirm(self) -> None:
+        while True:
+            if not self._parked:
+                if self._closed:
+                    return
+                wake = anyio.Event()
+                self._idle.append(wake)
+                await wake.wait()
+                continue
+            batch, self._parked = self._parked, []
+            self.flushes += 1
+            self._busy += 1
+            try:
+                error: Exception | None = None
+                try:
+                    await self._flush()
+                except Exception as exc:  # each parked call answers with it
+                    error = exc
+                for done in batch:
+                    await done(error)
+            finally:
+                self._busy -= 1

@@ -9,6 +9,8 @@ from lukhas.orchestration.context.ratelimit import FlushConfirmer
 from lukhas.runtime import current_runtime
 
 _STATE_KEY = "orchestration.context.confirmer"
+#: What a delivery by core publish adds to the handoff's reply.
+DELIVERED: dict[str, Any] = {"mode": "dryrun"}
 
 
 class BusPublisher:
@@ -30,4 +32,4 @@ class BusPublisher:
             confirmer = runtime.slice_state[_STATE_KEY] = FlushConfirmer(runtime.bus.flush)
         await runtime.bus.publish(subject, body, headers=dict(headers))
         await confirmer.confirmed(confirmer.published())
-        return {"mode": "dryrun"}
+        return DELIVERED

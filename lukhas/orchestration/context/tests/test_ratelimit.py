@@ -8,6 +8,7 @@ from lukhas.orchestration.context.ratelimit import (
     FlushConfirmer,
     HandoffLimiter,
     InflightGate,
+    ParkedConfirmations,
     TokenBucket,
 )
 
@@ -190,6 +191,56 @@ async def test_a_publish_during_a_flush_waits_for_the_next_flush() -> None:
         assert done == [1] and flushes == 2
         gates[1].set()
     assert done == [1, 2]
+
+
+async def test_parked_calls_are_confirmed_in_groups_without_a_task_each() -> None:
+    """While a flush runs, calls gather until `spread_at` of them start another flush;
+    with every confirming task busy they gather for the next free one; a failed flush
+    answers exactly the calls it covered with its error; `close()` ends `run()`."""
+    gates: list[anyio.Event] = []
+    outcomes = [None, RuntimeError("flush refused"), None]
+
+    async def flush() -> None:
+        gate = anyio.Event()
+        gates.append(gate)
+        await gate.wait()
+        outcome = outcomes[len(gates) - 1]
+        if outcome is not None:
+            raise outcome
+
+    parked = ParkedConfirmations(flush, max_flushes=2, spread_at=2)
+    answered: dict[int, Exception | None] = {}
+
+    def done(n: int):  # type: ignore[no-untyped-def]
+        async def record(error: Exception | None) -> None:
+            answered[n] = error
+        return record
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(parked.run)
+        await anyio.wait_all_tasks_blocked()
+        parked.park(done(0))
+        await anyio.wait_all_tasks_blocked()
+        parked.park(done(1))  # one gathers while the first flush runs
+        await anyio.wait_all_tasks_blocked()
+        assert len(gates) == 1 and parked.parked == 1
+        parked.park(done(2))  # two have gathered: the second task flushes for them at once
+        await anyio.wait_all_tasks_blocked()
+        assert len(gates) == 2 and parked.parked == 0
+        for n in range(3, 7):  # both busy: these four gather for the next free one
+            parked.park(done(n))
+        await anyio.wait_all_tasks_blocked()
+        assert len(gates) == 2 and answered == {} and parked.parked == 4
+        gates[1].set()  # the second flush fails
+        await anyio.wait_all_tasks_blocked()
+        assert isinstance(answered.pop(1), RuntimeError)
+        assert isinstance(answered.pop(2), RuntimeError) and answered == {}
+        assert len(gates) == 3 and parked.parked == 0  # its task took the four
+        gates[0].set()
+        gates[2].set()
+        parked.close()
+    assert answered == {0: None, 3: None, 4: None, 5: None, 6: None}
+    assert parked.flushes == 3
 
 
 # -- the shared limiter (buckets in a lease store every worker draws from) ------------------
