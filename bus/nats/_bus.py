@@ -289,13 +289,9 @@ class NatsBus:
             raise RequestTimeout("flush", timeout)
 
     async def round_trip(self) -> None:
-        """PING/PONG after everything written so far, so the server has processed it all."""
-        # nats-py writes its PING straight to the socket, ahead of commands still queued
-        # for its flusher task, so one `Client.flush()` can return before earlier
-        # publishes were even sent. The flusher runs before that first PONG can be
-        # read, so the second PING follows everything queued before this call.
-        await self._client.flush()
-        await self._client.flush()
+        """PING/PONG after everything written so far, so the server has processed it all
+        (nats-py's own `flush()` may PING ahead of queued publishes: see `_compat`)."""
+        await self._internals.round_trip(self._client)
 
     # -- lifecycle -------------------------------------------------------------------------
 

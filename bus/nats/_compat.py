@@ -1,6 +1,6 @@
 """The nats-py internals the bus still reaches into, in one place, each with a public fallback.
 
-Two paths are measurably worth it (`tests/bus/test_natspy_compat.py` runs the bus over both;
+Three paths are measurably worth it (`tests/bus/test_natspy_compat.py` runs the bus over both;
 the README's bus section gives the figures):
 
 - **Reading a subscription.** nats-py's public `Subscription.next_msg()` and `.messages` start
@@ -12,6 +12,12 @@ the README's bus section gives the figures):
   alone (`Client._send_unsubscribe`) and keeping the subscription until a round trip has
   passed loses nothing. The fallback unsubscribes after the round trip: messages the server
   sends in the moment between the two are dropped.
+
+- **Confirming publishes.** `Client.flush()` writes its PING straight to the socket, ahead of
+  publishes still queued for nats-py's flusher task, so a PONG can come back before they were
+  even sent; the public way to be sure is a second PING (two round trips). Letting the
+  flusher write the queue first (`Client._flush_pending(force_flush=True)`, no network wait)
+  and then sending one PING halves the wait of every flush, and every handoff waits on one.
 
 Publishing needs no internals: `publish_batch` calls the public `Client.publish` once per
 message (nats-py coalesces the writes in its flusher task).
@@ -70,6 +76,10 @@ class NatsPyInternals(Protocol):
         """
         ...
 
+    async def round_trip(self, client: Client) -> None:
+        """A PING/PONG behind everything published on `client` so far."""
+        ...
+
 
 class PrivateInternals:
     """nats-py's internals, as `missing_internals()` found them."""
@@ -98,6 +108,14 @@ class PrivateInternals:
     async def stop_interest(self, client: Client, sub: Subscription) -> None:
         await client._send_unsubscribe(sub._id)
 
+    async def round_trip(self, client: Client) -> None:
+        # `Client.flush()` writes its PING straight to the socket, ahead of commands still
+        # queued for the flusher task: first let the flusher write them (no network wait),
+        # then one PING follows them all.
+        if client._pending_data_size:
+            await client._flush_pending(force_flush=True)
+        await client.flush()
+
 
 class PublicInternals:
     """The public nats-py API only: slower reads, and a drain that may drop in-flight messages."""
@@ -120,6 +138,13 @@ class PublicInternals:
         # round trip, takes what is buffered and then unsubscribes.
         return None
 
+    async def round_trip(self, client: Client) -> None:
+        # `Client.flush()` writes its PING ahead of commands still queued for the flusher
+        # task; the flusher runs before that first PONG can be read, so a second PING
+        # follows everything queued before this call. Two network round trips.
+        await client.flush()
+        await client.flush()
+
 
 def missing_internals() -> list[str]:
     """The internals `PrivateInternals` relies on that this nats-py lacks (empty if none)."""
@@ -135,6 +160,14 @@ def missing_internals() -> list[str]:
     for step in ("self._pending_size -= len(msg.data)", "self._pending_queue.task_done()"):
         if step not in next_msg:
             missing.append(f"Subscription.next_msg doing `{step}`")
+    # `round_trip` lets the flusher write what is queued before its single PING.
+    client_init = inspect.getsource(Client.__init__)
+    if "self._pending_data_size" not in client_init:
+        missing.append("Client._pending_data_size")
+    flush_pending = getattr(Client, "_flush_pending", None)
+    if not inspect.iscoroutinefunction(flush_pending) or "force_flush" not in inspect.signature(
+            flush_pending).parameters:
+        missing.append("async Client._flush_pending(force_flush=...)")
     send_unsubscribe = getattr(Client, "_send_unsubscribe", None)
     if not inspect.iscoroutinefunction(send_unsubscribe):
         missing.append("async Client._send_unsubscribe")

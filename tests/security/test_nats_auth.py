@@ -306,6 +306,26 @@ async def test_the_bus_logs_a_refused_publish(
     ), [r.getMessage() for r in caplog.records]
 
 
+@pytest.mark.parametrize("internals", ["private", "public"])
+async def test_a_flush_waits_behind_every_queued_publish(
+    auth_server: AuthServer, internals: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One PING must follow thousands of publishes still queued in nats-py: a refused one
+    at the end of the queue is reported by the flush, never after it."""
+    from bus.nats import _compat
+
+    if internals == "public":
+        monkeypatch.setattr(_compat, "INTERNALS", _compat.PublicInternals())
+    async with connect(auth_server.settings("slices")) as bus:
+        for round_ in range(3):
+            for _ in range(3000):
+                await bus.publish(subjects.MATRIZ_PREFIX + ".queued", b"x" * 256)
+            await bus.publish(f"lukhas.observability.alerts.spoofed{round_}", b"{}")
+            with pytest.raises(PermissionDenied, match=f"alerts.spoofed{round_}"):
+                await bus.flush()
+        await bus.flush()  # and a flush with nothing refused since passes
+
+
 async def test_wrong_password_is_a_clear_connect_error(auth_server: AuthServer) -> None:
     settings = Settings(nats_url=auth_server.url, nats_user="slices", nats_password="wrong")
     with pytest.raises(BusConnectError, match="(?i)authorization"):
