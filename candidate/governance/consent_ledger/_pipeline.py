@@ -72,10 +72,11 @@ class Pipeline:
         self, messages: Sequence[tuple[str, bytes]],
         headers: Sequence[dict[str, str]] | None = None,
     ) -> asyncio.Future[PubAck]:
-        """Publish `(subject, payload)` messages as one JetStream atomic batch (ADR-50,
-        nats-server 2.12+, stream `allow_atomic`): the server stores them all, in order and
-        with nothing between them, or none. Only the commit (the last message) is answered:
-        the future ends with its ack (`seq` = the last message's) or the batch's error."""
+        """Publish `(subject, payload)` messages as one JetStream atomic batch (nats-server
+        2.12+, stream `allow_atomic`, at most 1,000 messages): the server stores them all, in
+        order and with nothing between them, or none. Only the commit (the last message) is
+        answered: the future ends with its ack (`seq` = the last message's) or the batch's
+        error."""
         if not messages:
             raise ValueError("an atomic batch has at least one message")
         batch_id = uuid.uuid4().hex
