@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from typing import Any
 
 import msgspec
@@ -58,9 +59,10 @@ def of_record(seq: int, record: dict[str, Any]) -> StateValue:
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def scope_token(scope: str) -> str:
     """base64url(scope) without padding: scopes may hold `.`, `:` and `/`, which subject
-    tokens and KV keys may not."""
+    tokens and KV keys may not. (Cached: a ledger sees few distinct scopes.)"""
     return base64.urlsafe_b64encode(scope.encode("utf-8")).rstrip(b"=").decode("ascii")
 
 

@@ -699,7 +699,8 @@ class JetStreamConsentLedger:
     # -- writing --------------------------------------------------------------------------
 
     async def _write(self, entry: ConsentEntry, idempotency_key: str | None) -> dict[str, Any]:
-        pseudonym = self._pseudonymize(entry.user_id)
+        versions = self._versions(entry.user_id)
+        pseudonym = versions[0]  # the current key's
         details = dict(entry.details)
         expires_at = details.pop("expires_at", None)
         event = entry.event or ("withdrawn" if entry.action == "revoke" else "given")
@@ -719,7 +720,7 @@ class JetStreamConsentLedger:
             **{k: v for k, v in details.items() if k in DETAIL_FIELDS and v is not None},
         }
         msg_id = None if idempotency_key is None else _msg_id(pseudonym, idempotency_key)
-        item = _Item("write", pseudonym, self._versions(entry.user_id), fields,
+        item = _Item("write", pseudonym, versions, fields,
                      dict(entry.metadata), msg_id, entry.user_id)
         return await self._submit(item)
 
@@ -1056,7 +1057,7 @@ class JetStreamConsentLedger:
         if atomic:
             records = [await pipeline.publish_atomic(
                 list(zip(subjects_, (p.leaf for p in prepared), strict=True)),
-                [self._headers(p, self._last_seq if i == 0 else None)
+                [self._headers(p, self._last_seq) if i == 0 else self._batch_headers(p)
                  for i, p in enumerate(prepared)])]
         else:
             records = [await pipeline.publish(subject, p.leaf, self._headers(p, self._last_seq + i))
@@ -1079,13 +1080,17 @@ class JetStreamConsentLedger:
         first = ack.seq - len(prepared) + 1
         return [_Stored(first + i) for i in range(len(prepared))]
 
-    def _headers(self, p: _Prepared, expected_last_seq: int | None) -> dict[str, str]:
-        headers = {Header.EXPECTED_STREAM.value: self.options.stream}
-        if expected_last_seq is not None:
-            headers[Header.EXPECTED_LAST_SEQUENCE.value] = str(expected_last_seq)
+    def _headers(self, p: _Prepared, expected_last_seq: int) -> dict[str, str]:
+        headers = {Header.EXPECTED_STREAM.value: self.options.stream,
+                   Header.EXPECTED_LAST_SEQUENCE.value: str(expected_last_seq)}
         if p.item.msg_id is not None:
             headers[Header.MSG_ID.value] = p.item.msg_id
         return headers
+
+    @staticmethod
+    def _batch_headers(p: _Prepared) -> dict[str, str]:
+        """A later record of an atomic batch: the first one's conditions cover the batch."""
+        return {} if p.item.msg_id is None else {Header.MSG_ID.value: p.item.msg_id}
 
     async def _send(self, bucket: str, values: dict[str, bytes]) -> list[asyncio.Future[Any]]:
         """Put KV values (one atomic batch where the bucket allows it); their futures."""
