@@ -285,7 +285,8 @@ class ConsentProof(msgspec.Struct, frozen=True, kw_only=True):
     records: int
     checkpoint_size: int
     reads: int
-    #: The user's stream seqs not signed by the ledger key (no proof for them).
+    #: The user's stream seqs that are not the ledger's records (untagged or forged;
+    #: no proof for them).
     refused_seqs: list[int] | UnsetType = UNSET
 
 
@@ -357,7 +358,7 @@ class ProofRefusal(Refusal, frozen=True, kw_only=True):
 
 class ReceiptRefusal(Refusal, frozen=True, kw_only=True):
     """`no_such_record` (`seq` is not a record of this user), `unauthenticated` (the
-    record there is not signed by the ledger key)."""
+    record there is not the ledger's: its tag does not check out)."""
 
     reason: Literal[
         "no_such_record", "unauthenticated", "no_ledger", "not_supported", "overloaded",
