@@ -127,6 +127,12 @@ async def test_handoffs_parked_on_a_held_flush_starve_no_other_endpoint(
             assert deferral(service).parked == count
             assert handoffs == []
             assert service.statistics().in_flight == count
+            # ... and `$SRV.STATS` shows them parked on the handoff endpoint.
+            stats = msgspec.json.decode((await client.request(
+                f"$SRV.STATS.{subjects.SERVICE_NAME}", b"", timeout=5)).data)
+            (handoff,) = [e for e in stats["endpoints"]
+                          if e["subject"] == subjects.CONTEXT_HANDOFF]
+            assert handoff["data"]["parked"] == count
 
             consent = await request(client, subjects.CONSENT_RECORD,
                                     b'{"user_id":"usr_1","scope":"gmail.read"}')

@@ -526,4 +526,7 @@ class SliceService:
         }
         if subject in self._unawaited:
             data["unawaited"] = self._unawaited[subject]
+        deferral = self._deferrals.get(subject)
+        if deferral is not None:
+            data["parked"] = deferral.parked
         return data

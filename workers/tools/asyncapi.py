@@ -122,6 +122,9 @@ class EndpointStatsData(msgspec.Struct, frozen=True, kw_only=True):
     budget_ms: float | msgspec.UnsetType = msgspec.UNSET
     #: The measured time between two requests served (the service rate's inverse), µs.
     service_interval_us: float | msgspec.UnsetType = msgspec.UNSET
+    #: Deferred endpoints (the handoff with its builtin publisher): calls published and
+    #: parked on their confirmation now (at most LUKHAS_HANDOFF_MAX_INFLIGHT).
+    parked: int | msgspec.UnsetType = msgspec.UNSET
     canary: EndpointCanary | msgspec.UnsetType = msgspec.UNSET
 
 
