@@ -9,7 +9,7 @@ the pull protocol itself instead:
   subject, and keeps up to about 1.5 batches requested ahead (a new request goes out when less
   than half a batch is still owed), so the server never waits for a round trip under load.
 - **Deliveries.** Everything buffered on the inbox is taken in one synchronous loop
-  (`_compat.INTERNALS.take_nowait`, as the bus's subscriptions do), and only the stream
+  (the bus's `_compat` internals, as its subscriptions do), and only the stream
   sequence is read from each reply subject, `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.
   <dseq>.<ts>.<pending>` (or the 12-token form with domain and account hash).
 - **Status messages** (headers only, `Status`/`Description`): 404 (no messages) and 408
@@ -42,7 +42,6 @@ from nats.aio.subscription import Subscription as RawSubscription
 
 from bus.errors import BusClosed, BusError
 from bus.nats._bus import NatsBus
-from bus.nats._compat import INTERNALS
 
 __all__ = [
     "AckPolicy",
@@ -174,6 +173,8 @@ class PullConsumer:
         self.stream, self.consumer = stream, consumer
         self.ack_policy: AckPolicy = ack_policy
         self._bus = bus
+        # The nats-py access the bus was opened with (`_compat`: checked internals, or public).
+        self._internals = bus._internals
         self._batch = batch
         self._expires_s = expires_s
         self._max_batch = max_batch or 4 * batch
@@ -249,12 +250,12 @@ class PullConsumer:
         self._forget_requests()
         try:
             with anyio.move_on_after(5.0):
-                await INTERNALS.stop_interest(client, raw)
+                await self._internals.stop_interest(client, raw)
                 await client.flush(timeout=5)
         except nats.errors.Error as exc:
             logger.debug("draining the pull inbox of %s/%s: %s", self.stream, self.consumer, exc)
         try:
-            batch = self._take_buffered(INTERNALS.take_nowait(raw), limit=None)
+            batch = self._take_buffered(self._internals.take_nowait(raw), limit=None)
         except BusError:  # only a status message was left (e.g. the consumer was deleted)
             batch = PullBatch([], [], self._pending)
         self._error = BusClosed("pull consumer (drained)")
@@ -276,11 +277,11 @@ class PullConsumer:
             error, self._error = self._error, None
             raise error
         await self._request_more()
-        msg = INTERNALS.take_nowait(raw)
+        msg = self._internals.take_nowait(raw)
         if msg is None:
             with anyio.move_on_after(timeout):
                 while msg is None:
-                    msg = await INTERNALS.take(raw)
+                    msg = await self._internals.take(raw)
                     if msg is None:  # the connection closed while waiting
                         raise BusClosed("pull consumer")
             if msg is None:  # the wait timed out
@@ -299,7 +300,7 @@ class PullConsumer:
         raw = self._raw
         if raw is None:
             return PullBatch(messages, replies, self._pending)
-        take_nowait, parse = INTERNALS.take_nowait, stream_sequence
+        take_nowait, parse = self._internals.take_nowait, stream_sequence
         last_reply = ""
         while msg is not None:
             reply = msg.reply
