@@ -184,10 +184,14 @@ def atomic_kv_stream_config(config: KeyValueConfig) -> StreamConfig:
     )
 
 
+def atomic_allowed(config: StreamConfig) -> bool:
+    """Whether a stream of this config accepts atomic batch publishes."""
+    return bool(getattr(config, "allow_atomic", False))
+
+
 async def allows_atomic(js: JetStreamContext, stream: str) -> bool:
     """Whether `stream` accepts atomic batch publishes."""
-    info = await js.stream_info(stream)
-    return bool(getattr(info.config, "allow_atomic", False))
+    return atomic_allowed((await js.stream_info(stream)).config)
 
 
 def jetstream_of(runtime: Runtime, flag: str, what: str) -> JetStreamContext:

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import anyio
 import msgspec
 from nats.js.api import PubAck
 from nats.js.errors import APIError, NoStreamResponseError
@@ -104,6 +105,25 @@ class Pipeline:
         request = msgspec.json.encode({"multi_last": list(filters), "batch": batch})
         await self._nc.publish(f"$JS.API.DIRECT.GET.{stream}", request, reply=reply)
         return future
+
+    async def settle(self, futures: Sequence[asyncio.Future[Any]], timeout_s: float) -> list[Any]:
+        """Each future's result, or its exception, in order; stops waiting for all of them
+        (late answers dropped) when they are done or the wait ends.
+
+        Raises:
+            TimeoutError: not all answered within `timeout_s` (their outcome is unknown).
+        """
+        try:
+            with anyio.fail_after(timeout_s):
+                out: list[Any] = []
+                for future in futures:
+                    try:
+                        out.append(await future)
+                    except Exception as exc:
+                        out.append(exc)
+                return out
+        finally:
+            self.forget(futures)
 
     def forget(self, futures: Sequence[asyncio.Future[Any]]) -> None:
         """Stop waiting for these (after a timeout): late answers are dropped."""

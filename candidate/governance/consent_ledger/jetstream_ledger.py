@@ -76,6 +76,7 @@ from nats.js.kv import KeyValue
 
 from candidate._jetstream import (
     allows_atomic,
+    atomic_allowed,
     ensure_kv,
     ensure_stream,
     jetstream_of,
@@ -351,7 +352,7 @@ class JetStreamConsentLedger:
             logger.error("consent ledger stream %s is weakened: %s", required.name, gaps)
             raise LedgerStreamWeakened(self.options.stream, gaps)
         self._direct = bool(info.config.allow_direct)
-        self._atomic = bool(getattr(info.config, "allow_atomic", False))
+        self._atomic = atomic_allowed(info.config)
         replicas = self.options.replicas
         self._kv = await ensure_kv(self._js, self.options.state_bucket, replicas=replicas,
                                    atomic=True)
@@ -725,13 +726,14 @@ class JetStreamConsentLedger:
         return await self._submit(item)
 
     async def _erase(self, user_id: str, idempotency_key: str | None) -> dict[str, Any]:
-        pseudonym = self._pseudonymize(user_id)
+        versions = self._versions(user_id)
+        pseudonym = versions[0]  # the current key's
         fields = {
             "v": RECORD_VERSION, "pseudonym": pseudonym, "action": "erase", "event": "erased",
             "scope": ERASURE_SCOPE, "ts": self._now_ms(), "trace_id": None,
         }
         msg_id = None if idempotency_key is None else _msg_id(pseudonym, idempotency_key)
-        item = _Item("erase", pseudonym, self._versions(user_id), fields, {}, msg_id, user_id)
+        item = _Item("erase", pseudonym, versions, fields, {}, msg_id, user_id)
         return await self._submit(item)
 
     async def _submit(self, item: _Item) -> Any:
@@ -1064,11 +1066,7 @@ class JetStreamConsentLedger:
                        for i, (subject, p) in enumerate(zip(subjects_, prepared, strict=True))]
         states = await self._send(self.options.state_bucket, self._state_values(
             [p.body for p in prepared]))
-        try:
-            with anyio.fail_after(self.options.timeout_s):
-                results = await _settle(records + states)
-        finally:
-            pipeline.forget(records + states)
+        results = await pipeline.settle(records + states, self.options.timeout_s)
         for result in results[len(records):]:
             if isinstance(result, BaseException):
                 raise result
@@ -1101,15 +1099,10 @@ class JetStreamConsentLedger:
         return [await pipeline.publish(subject, value, {}) for subject, value in messages]
 
     async def _put_all(self, bucket: str, values: dict[str, bytes]) -> None:
-        pipeline = self._publisher()
         futures = await self._send(bucket, values)
-        try:
-            with anyio.fail_after(self.options.timeout_s):
-                for result in await _settle(futures):
-                    if isinstance(result, BaseException):
-                        raise result
-        finally:
-            pipeline.forget(futures)
+        for result in await self._publisher().settle(futures, self.options.timeout_s):
+            if isinstance(result, BaseException):
+                raise result
 
     @staticmethod
     def _state_values(bodies: Sequence[dict[str, Any]]) -> dict[str, bytes]:
@@ -1237,11 +1230,7 @@ class JetStreamConsentLedger:
         futures = [await pipeline.last_per_subject(
             self.options.stream, [self._chain_subjects(p) for p in chunk],
             batch=_MULTI_LAST_RESULTS) for chunk in chunks]
-        try:
-            with anyio.fail_after(self.options.timeout_s):
-                results = await _settle(futures)
-        finally:
-            pipeline.forget(futures)
+        results = await pipeline.settle(futures, self.options.timeout_s)
         start = len(self.options.subject_prefix) + 1
         for chunk, result in zip(chunks, results, strict=True):
             if isinstance(result, TooManyResults | NoStreamResponseError):
@@ -1640,17 +1629,6 @@ class _Stored(NamedTuple):
 
     seq: int
     duplicate: bool = False
-
-
-async def _settle(futures: list[Any]) -> list[Any]:
-    """Each future's result, or its exception, in order."""
-    out = []
-    for fut in futures:
-        try:
-            out.append(await fut)
-        except Exception as exc:
-            out.append(exc)
-    return out
 
 
 async def _gather(*calls: Callable[[], Awaitable[Any]]) -> list[Any]:
