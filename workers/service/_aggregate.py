@@ -127,16 +127,16 @@ class AggregateState(msgspec.Struct, frozen=True):
     invalid_nodes: int = 0
 
 
-class _StateView(msgspec.Struct):
+class StateView(msgspec.Struct):
     outcome: Outcome
     latency_ms: Annotated[float, msgspec.Meta(ge=0)]
 
 
-class _TimestampsView(msgspec.Struct):
+class TimestampsView(msgspec.Struct):
     created_ts: int
 
 
-class _NodeView(msgspec.Struct):
+class NodeView(msgspec.Struct):
     """The part of a MATRIZ node the aggregation needs; other fields are not checked here.
 
     `type` and the first label are checked once per distinct pair (`Aggregator._resolve`),
@@ -145,11 +145,12 @@ class _NodeView(msgspec.Struct):
 
     type: str
     labels: Annotated[list[str], msgspec.Meta(min_length=1)]
-    state: _StateView
-    timestamps: _TimestampsView
+    state: StateView
+    timestamps: TimestampsView
 
 
-_node_decoder = msgspec.json.Decoder(_NodeView)
+#: Decodes the view of a MATRIZ node every part of the worker reads (the canary judge too).
+node_decoder = msgspec.json.Decoder(NodeView)
 _drop_decoder = msgspec.json.Decoder(DropReport)
 
 
@@ -319,7 +320,7 @@ class Aggregator:
     def _ingest(self, data: bytes, now: float) -> _Point | None:
         """Count one node (call with the lock held); its point, or None if it was invalid."""
         try:
-            node = _node_decoder.decode(data)
+            node = node_decoder.decode(data)
         except msgspec.DecodeError as exc:
             logger.debug("invalid MATRIZ node skipped: %s", exc)
             self._invalid_nodes += 1

@@ -25,7 +25,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 
@@ -33,6 +33,7 @@ from bus import Bus, BusError, Subscription
 from lukhas.config import CANARY_VARIABLES, Settings
 from lukhas.registry import ProviderRegistry
 from lukhas.subjects import CANARY_ROLLBACK
+from workers.service._aggregate import node_decoder
 from workers.service._manifests import sla_by_emit_point
 
 logger = logging.getLogger(__name__)
@@ -88,23 +89,6 @@ class Rollback(msgspec.Struct, frozen=True):
     worker_id: str = ""
 
 
-class _StateView(msgspec.Struct):
-    outcome: str
-    latency_ms: Annotated[float, msgspec.Meta(ge=0)]
-
-
-class _TimestampsView(msgspec.Struct):
-    created_ts: int
-
-
-class _NodeView(msgspec.Struct):
-    type: str
-    labels: Annotated[list[str], msgspec.Meta(min_length=1)]
-    state: _StateView
-    timestamps: _TimestampsView
-
-
-_node_decoder = msgspec.json.Decoder(_NodeView)
 _rollback_decoder = msgspec.json.Decoder(Rollback)
 _encoder = msgspec.json.Encoder()
 
@@ -196,7 +180,7 @@ class CanaryJudge:
         if b'"arm:' not in data:  # almost every node while no canary runs: no decode
             return
         try:
-            node = _node_decoder.decode(data)
+            node = node_decoder.decode(data)
         except msgspec.DecodeError:
             return  # the aggregate counts invalid nodes
         arm = next((_ARM_LABELS[x] for x in node.labels if x in _ARM_LABELS), None)
