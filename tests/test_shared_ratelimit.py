@@ -97,7 +97,10 @@ async def test_shared_limit_holds_within_2pct_across_workers(nats_url: str, work
         stores = []
         for i in range(workers):
             bus = await stack.enter_async_context(open_nats_bus(nats_url, name=f"w{i}"))
-            store = await open_lease_store(bus.jetstream(), settings)  # type: ignore[attr-defined]
+            # A generous timeout: a busy machine must not turn a slow bucket into the
+            # per-process fallback this test is not about (the test after this one covers it).
+            store = await open_lease_store(bus.jetstream(), settings,  # type: ignore[attr-defined]
+                                           timeout_s=5.0)
             stores.append(store)
             limiters.append(SharedLimiter(store, name="handoff", rate=RATE, burst=BURST))
         offers = await _offer(limiters)
@@ -120,6 +123,28 @@ async def test_shared_limit_holds_within_2pct_across_workers(nats_url: str, work
                     f"busy): accepted {accepted} of rate x t + burst {expected:.0f}, the "
                     f"lower bound is not measurable")
     assert accepted >= 0.98 * expected, (accepted, expected, workers)
+
+
+async def test_a_bucket_that_stops_answering_falls_back_to_a_per_process_limit() -> None:
+    """nats-server gone: a lease gives up after its timeout and this process limits alone
+    (the configured burst, no more), counted in `fallbacks`, until the cool-down ends."""
+    async with NatsServer() as server:
+        bus_cm = open_nats_bus(server.url, name="w0")
+        bus = await bus_cm.__aenter__()
+        try:
+            store = await open_lease_store(bus.jetstream(), Settings(),  # type: ignore[attr-defined]
+                                           timeout_s=0.2)
+            limiter = SharedLimiter(store, name="handoff", rate=1.0, burst=3)
+            assert (await limiter.decide("t")).allowed and store.fallbacks == 0
+            server.stop()
+            decisions = [await limiter.decide("t") for _ in range(10)]
+        finally:
+            with anyio.move_on_after(5):
+                await bus_cm.__aexit__(None, None, None)
+    assert store.fallbacks >= 1
+    # The local bucket starts full: its burst, then honest refusals.
+    assert sum(d.allowed for d in decisions) == 3
+    assert all(d.retry_after_s > 0 for d in decisions if not d.allowed)
 
 
 async def test_per_process_limits_would_have_let_through_twice_the_rate(nats_url: str) -> None:

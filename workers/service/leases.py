@@ -59,8 +59,11 @@ def bucket_max_age_s(settings: Settings) -> float:
     return max(300.0, 2 * max(refills))
 
 
-async def open_lease_store(js: JetStreamContext, settings: Settings) -> KvLeaseStore:
-    """Open the `rate_limits` bucket (creating it if missing) as a lease store."""
+async def open_lease_store(
+    js: JetStreamContext, settings: Settings, *, timeout_s: float = 0.25
+) -> KvLeaseStore:
+    """Open the `rate_limits` bucket (creating it if missing) as a lease store whose leases
+    fall back to a per-process limit when the bucket does not answer within `timeout_s`."""
     try:
         kv = await js.key_value(BUCKET)
     except BucketNotFoundError:
@@ -75,7 +78,7 @@ async def open_lease_store(js: JetStreamContext, settings: Settings) -> KvLeaseS
             if exc.err_code != _STREAM_NAME_IN_USE:
                 raise
             kv = await js.key_value(BUCKET)  # another worker created it first
-    return KvLeaseStore(kv)
+    return KvLeaseStore(kv, timeout_s=timeout_s)
 
 
 class KvLeaseStore:
