@@ -340,6 +340,39 @@ async def test_a_stream_made_before_batched_reads_and_atomic_batches_still_serve
         await ledger.aclose()
 
 
+async def test_a_writer_keeps_a_bounded_cache_and_reads_back_what_it_forgot(
+    nats_url: str, names: Names
+) -> None:
+    """With room for 2 data subjects, 6 come and go: the cache stays bounded, and a
+    subject it forgot is read back from the stream, so its chain and transitions hold."""
+    pseudonymize = Pseudonymizer(PSEUDONYM_KEY)
+    options = LedgerOptions(**names.ledger_options(cached_subjects=2))
+    async with nats_bus(nats_url, names) as bus:
+        ledger = JetStreamConsentLedger(bus, pseudonymize, options, signer=LEDGER_SIGNER,
+                                        wrapping_key=WRAPPING)
+        await ledger.ensure()
+        uids = [user() for _ in range(6)]
+        first = {uid: await ledger.record(_entry(uid, "a"), idempotency_key=None)
+                 for uid in uids}
+        # One batch at a time: at most 2 kept from before, plus the batch's own subject.
+        assert len(ledger._tails) <= 3 and len(ledger._scopes) <= 3
+        again = await ledger.revoke(
+            ConsentEntry(trace_id="b", ts=time.time_ns() // 1_000_000, user_id=uids[0],
+                         scope="gmail.read", metadata={}, action="revoke"),
+            idempotency_key=None)
+        assert again["ok"] and again["prev_hash"] == first[uids[0]]["hash"]
+        # "renewed" needs an earlier grant the writer no longer holds in memory.
+        renewed = await ledger.record(
+            ConsentEntry(trace_id="c", ts=time.time_ns() // 1_000_000, user_id=uids[1],
+                         scope="gmail.read", metadata={}, event="renewed"),
+            idempotency_key=None)
+        assert renewed["ok"] and renewed["prev_hash"] == first[uids[1]]["hash"]
+        for uid in uids:
+            assert (await ledger.verify_chain(uid))["valid"] is True
+        assert (await ledger.status(uids[0], "gmail.read"))["status"] == "revoked"
+        await ledger.aclose()
+
+
 async def test_a_retried_request_records_once(wired: Stack) -> None:
     uid = user()
     async with wired(ledger=True):

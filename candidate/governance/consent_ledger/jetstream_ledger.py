@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import itertools
 import logging
 import random
 import secrets
@@ -179,6 +180,10 @@ class LedgerOptions:
     linger_s: float = 0.005
     #: How long a worker waits for another's lease before LedgerContention.
     lease_wait_s: float = 30.0
+    #: Data subjects whose chain tail, latest records and data key the writer keeps in
+    #: memory; beyond that the oldest are forgotten (and read again if they come back), so a
+    #: long-running writer's memory does not grow with every data subject it has seen.
+    cached_subjects: int = 65_536
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> LedgerOptions:
@@ -978,6 +983,10 @@ class JetStreamConsentLedger:
     # -- one batch ------------------------------------------------------------------------
 
     async def _run_batch(self, batch: list[_Item]) -> None:
+        # Trimmed before the batch loads what it needs, never between its load and use.
+        keep = self.options.cached_subjects
+        for cache in (self._tails, self._scopes, self._data_keys):
+            _forget_oldest(cache, keep)
         await self._load_for(batch)
         prepared: list[_Prepared] = []
         index = self._range.size
@@ -1605,6 +1614,14 @@ class JetStreamConsentLedger:
 
 class _LeaseBusy(Exception):
     """Another worker holds the ledger lease."""
+
+
+def _forget_oldest(cache: dict[Any, Any], keep: int) -> None:
+    """Drop the oldest entries (insertion order) of `cache` beyond `keep`."""
+    excess = len(cache) - keep
+    if excess > 0:
+        for key in list(itertools.islice(cache, excess)):
+            del cache[key]
 
 
 def _lease_of(value: bytes) -> tuple[str, float] | None:
