@@ -35,8 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import IO, Any
 
@@ -44,9 +43,8 @@ import anyio
 import msgspec
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
-from nats.aio.client import Client
-from nats.aio.msg import Msg
 
+from workers.tools._bench_wire import RawWire
 from workers.tools.loadgen import (
     ClosedLoopResult,
     LatencyRecorder,
@@ -80,15 +78,6 @@ class GeneratorError(RuntimeError):
 # -- the child: one generator ---------------------------------------------------------------
 
 
-def _outcome(data: bytes, echo: bool) -> str:
-    if echo:
-        return "ok"
-    reply = msgspec.json.decode(data)
-    if reply.get("ok") is True:
-        return "ok"
-    return str(reply.get("reason") or (reply.get("error") or {}).get("code") or "error")
-
-
 def _share(total: int, part: int, parts: int) -> int:
     """How many of `total` items fall to `part` when dealt round robin among `parts`."""
     return len(range(part, total, parts))
@@ -100,125 +89,17 @@ async def _sleep_until(instant: float) -> None:
         await anyio.sleep(delay)
 
 
-class _Wire:
-    """Requests on one connection without a task, future or timer each.
-
-    nats-py's `request()` costs a task-free future, a muxed-inbox lookup and an
-    `asyncio.wait_for` timer per request: about 50 µs of CPU here, which is what made one
-    generator process fall behind its schedule. A load generator needs less: requests go
-    out as plain publishes with a reply subject `<inbox>.<token>` on one subscription, the
-    reply's token finds its send times, and one sweep every few milliseconds times out
-    the oldest (requests are sent in time order, so the sweep stops at the first that is
-    not due). A `503` status reply (no responders) is an error, as `request()` raises.
-    """
-
-    def __init__(self, client: Client, subject: str, payload: bytes, *, echo: bool,
-                 timeout_s: float) -> None:
-        self._client, self._subject, self._payload = client, subject, payload
-        self._echo, self._timeout_s = echo, timeout_s
-        self._prefix = ""
-        self._token = 0
-        #: token -> (origin for latency, when it left), in sending order.
-        self._pending: dict[int, tuple[float, float]] = {}
-        self._drained = anyio.Event()
-        self.reset()
-        #: Called after each answered or timed-out request (a closed loop sends its next).
-        self.refill: Callable[[], Awaitable[None]] | None = None
-
-    def reset(self) -> None:
-        self.latency = LatencyRecorder()
-        self.from_send = LatencyRecorder()
-        self.by_outcome: dict[str, LatencyRecorder] = {}
-        self.errors: Counter[str] = Counter()
-        self.completed = 0
-        self.last_done = 0.0
-
-    async def open(self) -> None:
-        self._prefix = self._client.new_inbox() + "."
-        await self._client.subscribe(self._prefix + "*", cb=self._reply,
-                                     pending_msgs_limit=1 << 20,
-                                     pending_bytes_limit=256 * 1024 * 1024)
-        await self._client.flush()
-
-    @property
-    def outstanding(self) -> int:
-        return len(self._pending)
-
-    async def send(self, scheduled: float | None = None) -> float:
-        """Publish one request; its latency counts from `scheduled` if that was earlier."""
-        left = _clock()
-        token = self._token
-        self._token += 1
-        self._pending[token] = (left if scheduled is None else min(left, scheduled), left)
-        await self._client.publish(self._subject, self._payload,
-                                   reply=f"{self._prefix}{token}")
-        return left
-
-    async def _reply(self, msg: Msg) -> None:
-        try:
-            entry = self._pending.pop(int(msg.subject[len(self._prefix):]))
-        except (KeyError, ValueError):
-            return  # a reply after its request timed out, or not ours
-        now = _clock()
-        self.last_done = now
-        if msg.headers and msg.headers.get("Status") == "503":
-            self.errors["NoRespondersError"] += 1
-        else:
-            origin, left = entry
-            try:
-                outcome = _outcome(msg.data, self._echo)
-            except (msgspec.DecodeError, AttributeError):
-                self.errors["UndecodableReply"] += 1
-            else:
-                self.latency.record(now - origin)
-                self.from_send.record(now - left)
-                recorder = self.by_outcome.get(outcome)
-                if recorder is None:
-                    recorder = self.by_outcome[outcome] = LatencyRecorder()
-                recorder.record(now - origin)
-                self.completed += 1
-        if not self._pending:
-            self._drained.set()
-        if self.refill is not None:
-            await self.refill()
-
-    async def expire(self) -> None:
-        """Time out every request older than the timeout (oldest first)."""
-        cutoff = _clock() - self._timeout_s
-        expired = []
-        for token, (_origin, left) in self._pending.items():
-            if left > cutoff:
-                break
-            expired.append(token)
-        for token in expired:
-            del self._pending[token]
-            self.errors["TimeoutError"] += 1
-        if expired and not self._pending:
-            self._drained.set()
-        for _ in expired:
-            if self.refill is not None:
-                await self.refill()
-
-    async def drain(self) -> None:
-        """Wait until every request sent was answered or timed out."""
-        while self._pending:
-            self._drained = anyio.Event()
-            with anyio.move_on_after(_SWEEP_S):
-                await self._drained.wait()
-            await self.expire()
-
-
-async def _sweeping(wire: _Wire, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+async def _sweeping(wire: RawWire, *, task_status: anyio.abc.TaskStatus[None]) -> None:
     task_status.started()
     while True:
         await anyio.sleep(_SWEEP_S)
-        await wire.expire()
+        wire.expire()
 
 
-async def _open_run(wire: _Wire, *, rate: float, duration_s: float, total: int,
+async def _open_run(wire: RawWire, *, rate: float, duration_s: float, total: int,
                     start_at: float, late_after_s: float = 0.001,
                     timer_slack_s: float = 0.001) -> OpenLoopResult:
-    """`loadgen.open_loop`'s schedule and accounting, on `_Wire`'s cheap requests."""
+    """`loadgen.open_loop`'s schedule and accounting, on `RawWire`'s cheap requests."""
     wire.reset()
     send_lag = LatencyRecorder()
     interval = 1.0 / rate
@@ -232,7 +113,7 @@ async def _open_run(wire: _Wire, *, rate: float, duration_s: float, total: int,
             delay = scheduled - timer_slack_s - _clock()
             if delay > 0:
                 await anyio.sleep(delay)
-            last_send = await wire.send(scheduled)
+            last_send = wire.send_nowait(scheduled)
             lag = last_send - scheduled
             send_lag.record(lag)
             if lag > late_after_s:
@@ -253,7 +134,7 @@ async def _open_run(wire: _Wire, *, rate: float, duration_s: float, total: int,
     )
 
 
-async def _closed_run(wire: _Wire, *, concurrency: int, duration_s: float | None = None,
+async def _closed_run(wire: RawWire, *, concurrency: int, duration_s: float | None = None,
                       total: int | None = None) -> ClosedLoopResult:
     """Keep `concurrency` requests in flight until `total` were sent or `duration_s` passed."""
     wire.reset()
@@ -262,18 +143,18 @@ async def _closed_run(wire: _Wire, *, concurrency: int, duration_s: float | None
     limit = math.inf if total is None else total
     sent = 0
 
-    async def refill() -> None:
+    def refill() -> None:
         nonlocal sent
         if sent < limit and _clock() < deadline:
             sent += 1
-            await wire.send()
+            wire.send_nowait()
 
     wire.refill = refill
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(_sweeping, wire)
             for _ in range(concurrency):
-                await refill()
+                refill()
             while sent < limit and _clock() < deadline:
                 with anyio.move_on_after(min(0.05, max(0.0, deadline - _clock()))):
                     await anyio.sleep_forever()
@@ -300,17 +181,13 @@ async def _generate() -> None:
     print("ready", flush=True)
     while (command := await _read_line()) is not None:
         job, part, parts = command["job"], int(command["part"]), int(command["parts"])
-        client = Client()
-        # nats-py keeps retrying a refused first connect: bound it.
-        with anyio.fail_after(float(job.get("connect_timeout_s", 10.0))):
-            await client.connect(job["url"], name=f"lukhas-bench-load-{part}",
-                                 max_reconnect_attempts=0, allow_reconnect=False,
-                                 pending_size=8 * 1024 * 1024)
-        timeout_s = float(job.get("timeout_s", 2.0))
-        wire = _Wire(client, job["subject"], msgspec.json.encode(job["body"]),
-                     echo=bool(job.get("echo", False)), timeout_s=timeout_s)
+        wire = RawWire(job["url"], job["subject"], msgspec.json.encode(job["body"]),
+                       echo=bool(job.get("echo", False)),
+                       timeout_s=float(job.get("timeout_s", 2.0)),
+                       name=f"lukhas-bench-load-{part}")
         try:
-            await wire.open()
+            with anyio.fail_after(float(job.get("connect_timeout_s", 10.0))):
+                await wire.open()
             warmup = _share(int(job.get("warmup", 200)), part, parts)
             if warmup:
                 await _closed_run(wire, concurrency=16, total=warmup)
@@ -333,7 +210,7 @@ async def _generate() -> None:
                     start_at=start_at + part / rate, total=_share(total, part, parts),
                 )
         finally:
-            await client.close()
+            await wire.close()
         print(json.dumps({"result": result.to_wire()}), flush=True)
 
 
