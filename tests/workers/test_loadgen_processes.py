@@ -160,3 +160,24 @@ async def test_merging_closed_loops_sums_counts_and_keeps_the_longest_elapsed() 
     assert merged.elapsed_s == max(p.elapsed_s for p in parts)
     with pytest.raises(ValueError):
         merge_closed([])
+
+
+def test_the_summary_counts_late_answers_by_outcome() -> None:
+    """Which answers came past the SLA: served late (`ok`) or refused late (`overloaded`)."""
+    from workers.tools._bench_client import summarize_open
+
+    by_outcome = {"ok": LatencyRecorder(), "overloaded": LatencyRecorder()}
+    for seconds in (0.005, 0.029, 0.031, 0.2):
+        by_outcome["ok"].record(seconds)
+    for seconds in (0.010, 0.045):
+        by_outcome["overloaded"].record(seconds)
+    latency = LatencyRecorder.merged(by_outcome.values())
+    result = OpenLoopResult(
+        rate=6.0, duration_s=1.0, sent=6, completed=6, errors=0, incomplete=0,
+        latency=latency, achieved_rate=6.0, late_starts=0, max_start_lag_ms=0.0,
+        elapsed_s=1.0, by_outcome=by_outcome, latency_from_send=latency,
+    )
+    summary = summarize_open(result, sla_ms=30.0)
+    assert summary["late_by_outcome"] == {"ok": 2, "overloaded": 1}
+    assert summary["answered_within_sla"] == 3
+    assert summary["ok_within_sla"] == 2

@@ -521,7 +521,9 @@ def summarize_open(
     `outcomes` counts replies by outcome (`ok`, `overloaded`, other reasons); `timeouts`
     the requests that got none in time; `answered_within_sla` / `ok_within_sla` count from
     the scheduled send, `answered_within_sla_from_send` from the actual send (what the
-    service and network took, without the generators' lateness). `generators_behind` is
+    service and network took, without the generators' lateness); `late_by_outcome` counts
+    the answers past the SLA by outcome (late `ok` replies were served too late; late
+    `overloaded` ones were refused too late). `generators_behind` is
     true when a generator's p99 send lag passed `behind_limit_ms(sla_ms)` or the
     generators together sent under 97% of the offered rate: the latency then measures the
     generators as much as the service.
@@ -547,6 +549,9 @@ def summarize_open(
         "answered_within_sla": result.latency.count_within(sla_s),
         "answered_within_sla_from_send": result.latency_from_send.count_within(sla_s),
         "ok_within_sla": 0 if ok is None else ok.count_within(sla_s),
+        "late_by_outcome": {
+            k: v.count - v.count_within(sla_s) for k, v in result.by_outcome.items()
+        },
         "generators": lags,
         "generators_behind": behind,
         "behind_limit_ms": limit,
