@@ -23,14 +23,15 @@ MS = 1_000_000
 
 
 @pytest.mark.parametrize(("budget_ms", "share_ms"), [
-    (30, 10.0),     # the passkey's SLA: 20 ms left for what the service cannot see
+    (30, 7.5),      # the passkey's SLA: a quarter (half would leave 15 ms for the unseen)
+    (40, 15.0),     # 25 ms left for what the service cannot see
     (50, 25.0),     # consent.record's: half, and still 25 ms left
     (250, 125.0),   # the handoff's: half
     (1000, 500.0),  # no SLA stated
     (10, 2.5),      # a tight client deadline: never under a quarter
     (1, 0.25),
 ])
-def test_the_service_keeps_half_the_budget_and_always_20_ms_for_the_unseen(
+def test_the_service_keeps_half_the_budget_and_25_ms_for_the_unseen_but_never_under_a_quarter(
     budget_ms: int, share_ms: float
 ) -> None:
     assert service_budget_ns(budget_ms * MS) == share_ms * MS
@@ -39,19 +40,19 @@ def test_the_service_keeps_half_the_budget_and_always_20_ms_for_the_unseen(
 def test_admission_counts_the_queue_ahead_and_the_request_s_own_service() -> None:
     lane = Lane(budget_ns=30 * MS, queued=4, interval_ns=1.0 * MS)
     now = 1_000 * MS
-    # 4.5 ms waited + 4 ahead + itself at 1 ms each = 9.5 ms: within the 10 ms share.
-    assert lane.admits(now - 4_500_000, 30 * MS, now)
-    # 5.5 ms waited: answered at 10.5 ms, past it (the queue alone, 9.5 ms, would fit).
-    assert not lane.admits(now - 5_500_000, 30 * MS, now)
-    # A client's 40 ms deadline leaves the service 20 ms: admitted.
-    assert lane.admits(now - 5_500_000, 40 * MS, now)
+    # 2.5 ms waited + 4 ahead + itself at 1 ms each = 7.5 ms: within the 7.5 ms share.
+    assert lane.admits(now - 2_500_000, 30 * MS, now)
+    # 3 ms waited: answered at 8 ms, past it (the queue alone, 7 ms, would fit).
+    assert not lane.admits(now - 3 * MS, 30 * MS, now)
+    # A client's 40 ms deadline leaves the service 15 ms: admitted.
+    assert lane.admits(now - 3 * MS, 40 * MS, now)
 
 
 def test_at_the_front_a_request_is_refused_once_its_service_would_end_past_the_share() -> None:
     lane = Lane(budget_ns=30 * MS, interval_ns=1.0 * MS)
     now = 1_000 * MS
-    assert not lane.expired(now - 9 * MS, 30 * MS, now)  # answered at 10 ms: in time
-    assert lane.expired(now - 9_100_000, 30 * MS, now)   # at 10.1 ms: refused
+    assert not lane.expired(now - 6_500_000, 30 * MS, now)  # answered at 7.5 ms: in time
+    assert lane.expired(now - 6_600_000, 30 * MS, now)      # at 7.6 ms: refused
 
 
 def _cycles(lane: Lane, count: int, *, in_slice: int, gap_ns: int, pass_ns: int) -> int:
@@ -100,8 +101,8 @@ def test_the_first_estimate_waits_for_a_whole_window_and_idle_gaps_never_count()
 async def test_a_request_read_12_ms_late_is_refused_on_a_30_ms_budget_and_served_on_40(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Half of 30 ms (15 ms) would have let it wait; with 20 ms kept for what the service
-    cannot see it gets `overloaded` at once, while a 40 ms deadline is still served."""
+    """Half of 30 ms (15 ms) would have let it wait; the service keeps only a quarter
+    (7.5 ms), so it gets `overloaded`, while a 40 ms deadline (15 ms share) is served."""
     clock = FakeClock()
     replies: dict[str, Envelope] = {}
     async with (
