@@ -77,15 +77,16 @@ def test_the_service_interval_is_the_mean_over_whole_loop_cycles() -> None:
     assert lane.interval_ns == pytest.approx(mean, rel=0.1)
 
 
-def test_the_first_estimate_waits_for_a_whole_window_and_idle_gaps_never_count() -> None:
+def test_until_a_whole_window_the_partial_mean_is_used_and_idle_gaps_never_count() -> None:
     lane = Lane(budget_ns=30 * MS)
     lane.queued = 1
     now = 1_000 * MS
     lane.took(now)
-    for _ in range(100):  # 10 ms of service: not yet a window
+    for _ in range(100):  # 10 ms of service: not yet a window...
         now += 100_000
         lane.took(now)
     assert lane.interval_ns == 0.0
+    assert lane.interval() == pytest.approx(100_000)  # ...but planned with what it has
     lane.queued = 0
     now += 100_000
     lane.took(now)          # the queue is empty now...

@@ -136,12 +136,19 @@ class Lane:
         """Whether a request stamped `stamp_ns`, joining the queue now, can be answered
         within the service's share of its budget: what it waited, the queue ahead of it,
         and its own service."""
-        expected = now_ns - stamp_ns + (self.queued + 1) * self.interval_ns
+        expected = now_ns - stamp_ns + (self.queued + 1) * self.interval()
         return expected <= service_budget_ns(budget_ns)
 
     def expired(self, stamp_ns: int, budget_ns: int, now_ns: int) -> bool:
         """Whether a request at the front can no longer be answered within that share."""
-        return now_ns - stamp_ns + self.interval_ns > service_budget_ns(budget_ns)
+        return now_ns - stamp_ns + self.interval() > service_budget_ns(budget_ns)
+
+    def interval(self) -> float:
+        """The service interval to plan with (ns): the estimate, or before the first whole
+        window the mean of the window so far (a worker's first burst is planned too)."""
+        if self.interval_ns or not self.window_takes:
+            return self.interval_ns
+        return self.window_ns / self.window_takes
 
     def took(self, now_ns: int) -> None:
         """A request left the queue at `now_ns` (`queued` already counts it out)."""
@@ -159,4 +166,4 @@ class Lane:
 
     def retry_after_ms(self) -> int:
         """An honest wait before retrying: the time the queue ahead needs to clear."""
-        return max(1, math.ceil(self.queued * self.interval_ns / 1e6))
+        return max(1, math.ceil(self.queued * self.interval() / 1e6))

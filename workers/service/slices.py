@@ -554,7 +554,7 @@ class SliceService:
             "pending": stats.pending, "max_pending": stats.max_pending,
             "dropped": stats.dropped, "queued": lane.queued,
             "budget_ms": lane.budget_ns / 1e6,
-            "service_interval_us": round(lane.interval_ns / 1e3, 1),
+            "service_interval_us": round(lane.interval() / 1e3, 1),
         }
         if subject in self._unawaited:
             data["unawaited"] = self._unawaited[subject]
