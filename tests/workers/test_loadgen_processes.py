@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 
 import anyio
 import msgspec
@@ -181,3 +182,42 @@ def test_the_summary_counts_late_answers_by_outcome() -> None:
     assert summary["late_by_outcome"] == {"ok": 2, "overloaded": 1}
     assert summary["answered_within_sla"] == 3
     assert summary["ok_within_sla"] == 2
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_the_wire_matches_every_reply_on_both_paths(nats_url: str, fast: bool) -> None:
+    """The fast path (pre-encoded PUBs, replies from the parser) counts exactly what the
+    public one does: each reply to its request, outcomes from headered replies too, a
+    subject nobody serves as no responders."""
+    from workers.tools._bench_client import _closed_run, _fast_path, _open_run, _Wire
+
+    async def headered(msg: Msg) -> None:  # as the slice service refuses: with headers
+        await responder.publish(msg.reply, OVERLOADED, headers={
+            "Nats-Service-Error": "overloaded", "Nats-Service-Error-Code": "503"})
+
+    responder = Client()
+    await responder.connect(nats_url, allow_reconnect=False)
+    await responder.subscribe("test.wire", cb=headered)
+    await responder.flush()
+    client = Client()
+    await client.connect(nats_url, allow_reconnect=False)
+    try:
+        assert _fast_path(client)
+        wire = _Wire(client, "test.wire", b"{}", echo=False, timeout_s=5.0, fast=fast)
+        await wire.open()
+        assert (wire._command is not None) is fast
+        closed = await _closed_run(wire, concurrency=8, total=300)
+        assert closed.completed == 300 and closed.errors == 0
+        assert closed.by_outcome == {"overloaded": 300}
+        opened = await _open_run(wire, rate=2000, duration_s=0.1, total=200,
+                                 start_at=time.perf_counter() + 0.01)
+        assert opened.completed == 200 and opened.latency.count == 200
+        assert opened.by_outcome["overloaded"].count == 200
+        assert wire.outstanding == 0
+        nobody = _Wire(client, "test.nobody", b"{}", echo=False, timeout_s=5.0, fast=fast)
+        await nobody.open()
+        missed = await _closed_run(nobody, concurrency=4, total=20)
+        assert missed.errors == 20 and missed.error_types == {"NoRespondersError": 20}
+    finally:
+        await client.close()
+        await responder.close()

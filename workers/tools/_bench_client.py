@@ -100,6 +100,18 @@ async def _sleep_until(instant: float) -> None:
         await anyio.sleep(delay)
 
 
+_NO_RESPONDERS = b"NATS/1.0 503"
+#: nats-py `Client` internals the fast path of `_Wire` uses (checked before it is taken).
+_INTERNALS = ("_process_msg", "_pending", "_pending_data_size", "_max_pending_size",
+              "_flush_queue", "_flush_pending")
+
+
+def _fast_path(client: Client) -> bool:
+    """Whether `client` has what `_Wire`'s fast path uses (else it uses the public API)."""
+    return (all(hasattr(client, name) for name in _INTERNALS)
+            and isinstance(getattr(client, "_pending"), list))  # noqa: B009
+
+
 class _Wire:
     """Requests on one connection without a task, future or timer each.
 
@@ -110,14 +122,26 @@ class _Wire:
     reply's token finds its send times, and one sweep every few milliseconds times out
     the oldest (requests are sent in time order, so the sweep stops at the first that is
     not due). A `503` status reply (no responders) is an error, as `request()` raises.
+
+    Where nats-py's client has the internals it is known to have (`_fast_path`), the wire
+    goes further: a request is one pre-encoded `PUB` command added to the client's pending
+    buffer (the same buffer and flusher `publish()` uses, without its checks and encoding
+    per call), and its reply is taken from the protocol parser (`Client._process_msg`, for
+    this subscription's id only) as subject, payload and raw headers, without a `Msg`
+    object, a queue and a callback task each. Reply matching, timeouts and latency from the
+    scheduled send are the same either way.
     """
 
     def __init__(self, client: Client, subject: str, payload: bytes, *, echo: bool,
-                 timeout_s: float) -> None:
+                 timeout_s: float, fast: bool = True) -> None:
         self._client, self._subject, self._payload = client, subject, payload
+        self._fast = fast
         self._echo, self._timeout_s = echo, timeout_s
         self._prefix = ""
         self._token = 0
+        #: The pre-encoded `PUB <subject> <prefix>` and ` <size>\r\n<payload>\r\n` around
+        #: each token, when the fast path is taken.
+        self._command: tuple[bytes, bytes] | None = None
         #: token -> (origin for latency, when it left), in sending order.
         self._pending: dict[int, tuple[float, float]] = {}
         self._drained = anyio.Event()
@@ -140,10 +164,30 @@ class _Wire:
 
     async def open(self) -> None:
         self._prefix = self._client.new_inbox() + "."
-        await self._client.subscribe(self._prefix + "*", cb=self._reply,
-                                     pending_msgs_limit=1 << 20,
-                                     pending_bytes_limit=256 * 1024 * 1024)
+        sub = await self._client.subscribe(self._prefix + "*", cb=self._reply,
+                                           pending_msgs_limit=1 << 20,
+                                           pending_bytes_limit=256 * 1024 * 1024)
+        if self._fast and _fast_path(self._client):
+            self._fast_receive(getattr(sub, "_id"))  # noqa: B009 (nats-py internals)
+            self._command = (f"PUB {self._subject} {self._prefix}".encode(),
+                             f" {len(self._payload)}\r\n".encode() + self._payload + b"\r\n")
         await self._client.flush()
+
+    def _fast_receive(self, sid: int) -> None:
+        """Take this subscription's messages from nats-py's parser as they are parsed."""
+        client = self._client
+        parsed = client._process_msg
+        skip = len(self._prefix)
+
+        async def process(msg_sid: int, subject: bytes, reply: bytes, data: bytes,
+                          headers: bytes | None) -> None:
+            if msg_sid != sid:
+                await parsed(msg_sid, subject, reply, data, headers)
+                return
+            await self._answered(subject[skip:], data,
+                                 headers is not None and headers.startswith(_NO_RESPONDERS))
+
+        client._process_msg = process  # type: ignore[method-assign]
 
     @property
     def outstanding(self) -> int:
@@ -175,23 +219,38 @@ class _Wire:
         token = self._token
         self._token += 1
         self._pending[token] = (left if scheduled is None else min(left, scheduled), left)
-        await self._client.publish(self._subject, self._payload,
-                                   reply=f"{self._prefix}{token}")
+        if self._command is None:
+            await self._client.publish(self._subject, self._payload,
+                                       reply=f"{self._prefix}{token}")
+            return left
+        head, tail = self._command
+        command = b"%b%d%b" % (head, token, tail)
+        client = self._client
+        client._pending.append(command)
+        client._pending_data_size += len(command)
+        if client._pending_data_size > client._max_pending_size:
+            await client._flush_pending(force_flush=True)
+        elif client._flush_queue.empty():
+            await client._flush_pending()
         return left
 
     async def _reply(self, msg: Msg) -> None:
+        await self._answered(msg.subject[len(self._prefix):], msg.data,
+                             bool(msg.headers) and msg.headers.get("Status") == "503")
+
+    async def _answered(self, token: str | bytes, data: bytes, no_responders: bool) -> None:
         try:
-            entry = self._pending.pop(int(msg.subject[len(self._prefix):]))
+            entry = self._pending.pop(int(token))
         except (KeyError, ValueError):
             return  # a reply after its request timed out, or not ours
         now = _clock()
         self.last_done = now
-        if msg.headers and msg.headers.get("Status") == "503":
+        if no_responders:
             self.errors["NoRespondersError"] += 1
         else:
             origin, left = entry
             try:
-                outcome = _outcome(msg.data, self._echo)
+                outcome = _outcome(data, self._echo)
             except (msgspec.DecodeError, AttributeError):
                 self.errors["UndecodableReply"] += 1
             else:
