@@ -68,6 +68,21 @@ def test_recorder_clamps_and_merges() -> None:
         a.percentile_ms(101)
 
 
+def test_recording_all_at_once_equals_recording_one_by_one() -> None:
+    values = [0.0, 2e-7, 0.000123, 0.000123, 0.0123456, 0.0123456, 0.5, 2.0, 7.0, 0.03]
+    values += [0.001 * (i % 53) + 1e-7 * i for i in range(2000)]
+    one_by_one, at_once = LatencyRecorder(max_seconds=5.0), LatencyRecorder(max_seconds=5.0)
+    for seconds in values:
+        one_by_one.record(seconds)
+    at_once.record_all(values)
+    assert at_once.count == one_by_one.count == len(values)
+    assert at_once.clamped == one_by_one.clamped == 1
+    for p in (0, 1, 25, 50, 90, 99, 99.9, 100):
+        assert at_once.percentile_ms(p) == one_by_one.percentile_ms(p)
+    assert at_once.count_within(0.03) == one_by_one.count_within(0.03)
+    assert at_once.to_wire() == one_by_one.to_wire()
+
+
 async def test_open_loop_sends_exactly_rate_times_duration() -> None:
     call = FakeCall()
     result = await open_loop(call, rate=2000, duration_s=0.05)

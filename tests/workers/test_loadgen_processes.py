@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 
 import anyio
 import msgspec
@@ -160,3 +161,60 @@ async def test_merging_closed_loops_sums_counts_and_keeps_the_longest_elapsed() 
     assert merged.elapsed_s == max(p.elapsed_s for p in parts)
     with pytest.raises(ValueError):
         merge_closed([])
+
+
+def test_the_summary_counts_late_answers_by_outcome() -> None:
+    """Which answers came past the SLA: served late (`ok`) or refused late (`overloaded`)."""
+    from workers.tools._bench_client import summarize_open
+
+    by_outcome = {"ok": LatencyRecorder(), "overloaded": LatencyRecorder()}
+    for seconds in (0.005, 0.029, 0.031, 0.2):
+        by_outcome["ok"].record(seconds)
+    for seconds in (0.010, 0.045):
+        by_outcome["overloaded"].record(seconds)
+    latency = LatencyRecorder.merged(by_outcome.values())
+    result = OpenLoopResult(
+        rate=6.0, duration_s=1.0, sent=6, completed=6, errors=0, incomplete=0,
+        latency=latency, achieved_rate=6.0, late_starts=0, max_start_lag_ms=0.0,
+        elapsed_s=1.0, by_outcome=by_outcome, latency_from_send=latency,
+    )
+    summary = summarize_open(result, sla_ms=30.0)
+    assert summary["late_by_outcome"] == {"ok": 2, "overloaded": 1}
+    assert summary["answered_within_sla"] == 3
+    assert summary["ok_within_sla"] == 2
+
+
+async def test_the_runs_match_every_reply_through_the_wire(nats_url: str) -> None:
+    """The generator's closed and open runs on `RawWire`: each reply to its request,
+    outcomes from headered replies too, a subject nobody serves as no responders."""
+    from workers.tools._bench_client import _closed_run, _open_run
+    from workers.tools._bench_wire import RawWire
+
+    async def headered(msg: Msg) -> None:  # as the slice service refuses: with headers
+        await responder.publish(msg.reply, OVERLOADED, headers={
+            "Nats-Service-Error": "overloaded", "Nats-Service-Error-Code": "503"})
+
+    responder = Client()
+    await responder.connect(nats_url, allow_reconnect=False)
+    await responder.subscribe("test.wire", cb=headered)
+    await responder.flush()
+    wire = RawWire(nats_url, "test.wire", b"{}", echo=False, timeout_s=5.0)
+    nobody = RawWire(nats_url, "test.nobody", b"{}", echo=False, timeout_s=5.0)
+    try:
+        await wire.open()
+        closed = await _closed_run(wire, concurrency=8, total=300)
+        assert closed.completed == 300 and closed.errors == 0
+        assert closed.by_outcome == {"overloaded": 300}
+        opened = await _open_run(wire, rate=2000, duration_s=0.1, total=200,
+                                 start_at=time.perf_counter() + 0.01)
+        assert opened.completed == 200 and opened.latency.count == 200
+        assert opened.by_outcome["overloaded"].count == 200
+        assert opened.send_lag is not None and opened.send_lag.count == 200
+        assert wire.outstanding == 0
+        await nobody.open()
+        missed = await _closed_run(nobody, concurrency=4, total=20)
+        assert missed.errors == 20 and missed.error_types == {"NoRespondersError": 20}
+    finally:
+        await wire.close()
+        await nobody.close()
+        await responder.close()

@@ -3,10 +3,11 @@
 Each endpoint has a lane: a FIFO of requests stamped when the reader took them off the
 subscription. The reader drains everything nats-py has buffered at once, so the queue the
 service can see is where the waiting happens; a request is refused at once (`overloaded`)
-when the time it has already waited plus the queue ahead of it (measured in this lane's
-recent service interval) would exceed its queue budget, and again when it reaches the front
-having waited too long anyway. The README ("Overload") explains why queue time, not a
-concurrency limit, is the signal here.
+when the time it has already waited plus the time until it would be answered (the queue
+ahead of it and its own service, in this lane's measured service interval) would exceed the
+service's share of its budget, and again when it reaches the front having waited too long
+anyway. The README ("Overload") explains why queue time, not a concurrency limit, is the
+signal here, and how the share is chosen.
 """
 
 from __future__ import annotations
@@ -21,13 +22,27 @@ from lukhas.errors import InvalidRequest
 #: answer is still useful. Overrides the endpoint's SLA as the budget (1..600000).
 DEADLINE_HEADER = "Lukhas-Deadline-Ms"
 MAX_DEADLINE_MS = 600_000
-#: Share of the budget a request may spend queued: the rest is left for serving it, for the
-#: waiting the service cannot see (socket and server buffers) and for the reply's transit.
+#: Share of the budget a request may spend in the service (queued, then served): the rest
+#: is left for the waiting the service cannot see (the client's socket, nats-server, this
+#: worker's socket before nats-py parses it) and for the reply's way back.
 QUEUE_SHARE = 0.5
+#: What the service leaves for that unseen waiting (ns) even when half the budget would be
+#: less: measured in the deployed shape at 2x capacity on a 2-core machine, request transit
+#: to the reader plus reply transit reached 15-25 ms at the 95th percentile while every
+#: process competed for the cores, whatever the endpoint's SLA.
+UNSEEN_RESERVE_NS = 25_000_000
+#: The least share of the budget the service keeps however tight the budget is.
+MIN_QUEUE_SHARE = 0.25
 #: Budget of an endpoint whose manifest states no SLA.
 DEFAULT_BUDGET_MS = 1000.0
-#: Weight of the newest sample in the service-interval estimate.
-_EWMA_ALPHA = 0.05
+#: Busy wall time one service-interval sample spans (ns). It must cover whole cycles of the
+#: worker's loop (a server's slice, then the readers' and nats-py's turns): sampled per
+#: request, the estimate decays to the in-slice gaps just before every reader pass, the
+#: very moment the reader consults it, and queues were predicted to drain several times
+#: faster than they did.
+_WINDOW_NS = 20_000_000
+#: Weight of the newest window in the service-interval estimate.
+_EWMA_ALPHA = 0.25
 #: Intervals longer than this are idle gaps, not service (ns).
 _MAX_INTERVAL_NS = 50_000_000
 
@@ -75,6 +90,17 @@ def deadline_ns(headers: Mapping[str, str], default_ns: int) -> int:
     return ms * 1_000_000
 
 
+def service_budget_ns(budget_ns: int) -> float:
+    """The part of a request's budget it may spend in the service, read to answered.
+
+    Half the budget, but never so much that less than `UNSEEN_RESERVE_NS` is left for the
+    waiting the service cannot see, and never under a quarter of it: 30 ms gives 7.5 ms,
+    40 ms gives 15 ms, 50 ms gives 25 ms, 250 ms gives 125 ms, 10 ms gives 2.5 ms.
+    """
+    share = min(budget_ns * QUEUE_SHARE, budget_ns - UNSEEN_RESERVE_NS)
+    return max(budget_ns * MIN_QUEUE_SHARE, share)
+
+
 @dataclass(slots=True)
 class Lane:
     """One endpoint's queue accounting: how many wait, how fast they leave, what was shed."""
@@ -82,11 +108,15 @@ class Lane:
     #: The endpoint's budget (ns): its manifest p95 SLA, or DEFAULT_BUDGET_MS.
     budget_ns: int
     queued: int = 0
-    #: Estimated wall time between two requests leaving the queue while it is busy (ns).
+    #: Estimated wall time between two requests leaving the queue while it is busy (ns),
+    #: from windows of `_WINDOW_NS` busy time.
     interval_ns: float = 0.0
     last_take_ns: int = 0
     #: Whether requests were still waiting when the last one left (so the next gap is service).
     busy: bool = False
+    #: The window being measured: busy time so far and requests that left in it.
+    window_ns: int = 0
+    window_takes: int = 0
     overloaded: int = 0
     #: Refusals not yet shown in MATRIZ, and when the last node for them went out.
     unreported: int = 0
@@ -102,25 +132,38 @@ class Lane:
         count, self.unreported, self.reported_ns = self.unreported, 0, now_ns
         return count
 
-    def queue_budget(self, budget_ns: int) -> float:
-        return budget_ns * QUEUE_SHARE
-
     def admits(self, stamp_ns: int, budget_ns: int, now_ns: int) -> bool:
-        """Whether a request stamped `stamp_ns` can leave the queue within its budget."""
-        expected = now_ns - stamp_ns + self.queued * self.interval_ns
-        return expected <= self.queue_budget(budget_ns)
+        """Whether a request stamped `stamp_ns`, joining the queue now, can be answered
+        within the service's share of its budget: what it waited, the queue ahead of it,
+        and its own service."""
+        expected = now_ns - stamp_ns + (self.queued + 1) * self.interval()
+        return expected <= service_budget_ns(budget_ns)
 
     def expired(self, stamp_ns: int, budget_ns: int, now_ns: int) -> bool:
-        return now_ns - stamp_ns > self.queue_budget(budget_ns)
+        """Whether a request at the front can no longer be answered within that share."""
+        return now_ns - stamp_ns + self.interval() > service_budget_ns(budget_ns)
+
+    def interval(self) -> float:
+        """The service interval to plan with (ns): the estimate, or before the first whole
+        window the mean of the window so far (a worker's first burst is planned too)."""
+        if self.interval_ns or not self.window_takes:
+            return self.interval_ns
+        return self.window_ns / self.window_takes
 
     def took(self, now_ns: int) -> None:
         """A request left the queue at `now_ns` (`queued` already counts it out)."""
         gap = now_ns - self.last_take_ns
         if self.busy and 0 <= gap <= _MAX_INTERVAL_NS:
-            self.interval_ns += _EWMA_ALPHA * (gap - self.interval_ns)
+            self.window_ns += gap
+            self.window_takes += 1
+            if self.window_ns >= _WINDOW_NS:
+                sample = self.window_ns / self.window_takes
+                self.interval_ns = sample if not self.interval_ns else (
+                    self.interval_ns + _EWMA_ALPHA * (sample - self.interval_ns))
+                self.window_ns = self.window_takes = 0
         self.last_take_ns = now_ns
         self.busy = self.queued > 0
 
     def retry_after_ms(self) -> int:
         """An honest wait before retrying: the time the queue ahead needs to clear."""
-        return max(1, math.ceil(self.queued * self.interval_ns / 1e6))
+        return max(1, math.ceil(self.queued * self.interval() / 1e6))

@@ -382,7 +382,7 @@ async def run_worker(settings: Settings, name: str, *, ready: Ready) -> None:
     ) as runtime:
         service: _Service
         if name == "slices":
-            service = SliceService(runtime)
+            service = SliceService(runtime, freeze_heap=True)
         else:
             service = ObservabilityWorker(
                 runtime.bus, settings,

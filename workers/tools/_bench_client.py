@@ -101,7 +101,7 @@ async def _open_run(wire: RawWire, *, rate: float, duration_s: float, total: int
                     timer_slack_s: float = 0.001) -> OpenLoopResult:
     """`loadgen.open_loop`'s schedule and accounting, on `RawWire`'s cheap requests."""
     wire.reset()
-    send_lag = LatencyRecorder()
+    lags: list[float] = []
     interval = 1.0 / rate
     late = 0
     max_lag = 0.0
@@ -115,7 +115,7 @@ async def _open_run(wire: RawWire, *, rate: float, duration_s: float, total: int
                 await anyio.sleep(delay)
             last_send = wire.send_nowait(scheduled)
             lag = last_send - scheduled
-            send_lag.record(lag)
+            lags.append(lag)
             if lag > late_after_s:
                 late += 1
             max_lag = max(max_lag, lag)
@@ -123,6 +123,8 @@ async def _open_run(wire: RawWire, *, rate: float, duration_s: float, total: int
         tg.cancel_scope.cancel()
     span = max(duration_s, last_send - start_at)
     errors = sum(wire.errors.values())
+    send_lag = LatencyRecorder()
+    send_lag.record_all(lags)
     return OpenLoopResult(
         rate=rate, duration_s=duration_s, sent=total, completed=wire.completed, errors=errors,
         incomplete=total - wire.completed - errors, latency=wire.latency,
@@ -398,7 +400,9 @@ def summarize_open(
     `outcomes` counts replies by outcome (`ok`, `overloaded`, other reasons); `timeouts`
     the requests that got none in time; `answered_within_sla` / `ok_within_sla` count from
     the scheduled send, `answered_within_sla_from_send` from the actual send (what the
-    service and network took, without the generators' lateness). `generators_behind` is
+    service and network took, without the generators' lateness); `late_by_outcome` counts
+    the answers past the SLA by outcome (late `ok` replies were served too late; late
+    `overloaded` ones were refused too late). `generators_behind` is
     true when a generator's p99 send lag passed `behind_limit_ms(sla_ms)` or the
     generators together sent under 97% of the offered rate: the latency then measures the
     generators as much as the service.
@@ -424,6 +428,9 @@ def summarize_open(
         "answered_within_sla": result.latency.count_within(sla_s),
         "answered_within_sla_from_send": result.latency_from_send.count_within(sla_s),
         "ok_within_sla": 0 if ok is None else ok.count_within(sla_s),
+        "late_by_outcome": {
+            k: v.count - v.count_within(sla_s) for k, v in result.by_outcome.items()
+        },
         "generators": lags,
         "generators_behind": behind,
         "behind_limit_ms": limit,

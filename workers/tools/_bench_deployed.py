@@ -302,6 +302,7 @@ def _overload_row(r: dict[str, Any], capacity: float, bound: str, seconds: float
         if sent else None,
         "answered_within_sla_from_send_pct":
             round(100 * r["answered_within_sla_from_send"] / sent, 2) if sent else None,
+        "late_by_outcome": r["late_by_outcome"],
         "goodput_rps": round(goodput, 1),
         "goodput_vs_capacity": round(goodput / capacity, 3),
         "p95_ms": r["latency"]["p95_ms"],

@@ -310,6 +310,5 @@ class RawWire:
 
 def _recorder(values: list[float]) -> LatencyRecorder:
     recorder = LatencyRecorder()
-    for value in values:
-        recorder.record(value)
+    recorder.record_all(values)
     return recorder

@@ -1,0 +1,165 @@
+"""Admission rules of the slice service's load shedding, driven by explicit stamps and clocks.
+
+No timing: every time here is a number handed to the code (a stamp, a fake clock), so the
+rules are checked exactly; what they do under real load is measured by `lukhas bench`.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import anyio
+import msgspec
+import pytest
+
+from bus import Envelope
+from lukhas import subjects
+from lukhas.testing import open_test_runtime
+from tests.workers.test_slices import FakeClock, call, held_passkey_verify
+from workers.service._overload import Lane, service_budget_ns
+from workers.service.slices import SliceService, freeze_heap
+
+MS = 1_000_000
+
+
+@pytest.mark.parametrize(("budget_ms", "share_ms"), [
+    (30, 7.5),      # the passkey's SLA: a quarter (half would leave 15 ms for the unseen)
+    (40, 15.0),     # 25 ms left for what the service cannot see
+    (50, 25.0),     # consent.record's: half, and still 25 ms left
+    (250, 125.0),   # the handoff's: half
+    (1000, 500.0),  # no SLA stated
+    (10, 2.5),      # a tight client deadline: never under a quarter
+    (1, 0.25),
+])
+def test_the_service_keeps_half_the_budget_and_25_ms_for_the_unseen_but_never_under_a_quarter(
+    budget_ms: int, share_ms: float
+) -> None:
+    assert service_budget_ns(budget_ms * MS) == share_ms * MS
+
+
+def test_admission_counts_the_queue_ahead_and_the_request_s_own_service() -> None:
+    lane = Lane(budget_ns=30 * MS, queued=4, interval_ns=1.0 * MS)
+    now = 1_000 * MS
+    # 2.5 ms waited + 4 ahead + itself at 1 ms each = 7.5 ms: within the 7.5 ms share.
+    assert lane.admits(now - 2_500_000, 30 * MS, now)
+    # 3 ms waited: answered at 8 ms, past it (the queue alone, 7 ms, would fit).
+    assert not lane.admits(now - 3 * MS, 30 * MS, now)
+    # A client's 40 ms deadline leaves the service 15 ms: admitted.
+    assert lane.admits(now - 3 * MS, 40 * MS, now)
+
+
+def test_at_the_front_a_request_is_refused_once_its_service_would_end_past_the_share() -> None:
+    lane = Lane(budget_ns=30 * MS, interval_ns=1.0 * MS)
+    now = 1_000 * MS
+    assert not lane.expired(now - 6_500_000, 30 * MS, now)  # answered at 7.5 ms: in time
+    assert lane.expired(now - 6_600_000, 30 * MS, now)      # at 7.6 ms: refused
+
+
+def _cycles(lane: Lane, count: int, *, in_slice: int, gap_ns: int, pass_ns: int) -> int:
+    """`count` cycles of the worker's loop: `in_slice` requests leave `gap_ns` apart while a
+    server runs, then a reader pass holds the loop `pass_ns`. Returns the time, just before
+    the next pass: when the reader consults the estimate."""
+    now = 1_000 * MS
+    lane.queued = 1  # someone always waits: every gap is service
+    for _ in range(count):
+        for i in range(in_slice):
+            now += pass_ns if i == 0 else gap_ns
+            lane.took(now)
+    return now
+
+
+def test_the_service_interval_is_the_mean_over_whole_loop_cycles() -> None:
+    """Sampled per request, the estimate decayed to the in-slice gaps by the time the reader
+    looked, so queues were predicted to drain several times faster than they did."""
+    lane = Lane(budget_ns=30 * MS)
+    _cycles(lane, 40, in_slice=25, gap_ns=40_000, pass_ns=9 * MS)
+    mean = (24 * 40_000 + 9 * MS) / 25  # 398.4 µs of wall time per request, all told
+    assert lane.interval_ns == pytest.approx(mean, rel=0.1)
+
+
+def test_until_a_whole_window_the_partial_mean_is_used_and_idle_gaps_never_count() -> None:
+    lane = Lane(budget_ns=30 * MS)
+    lane.queued = 1
+    now = 1_000 * MS
+    lane.took(now)
+    for _ in range(100):  # 10 ms of service: not yet a window...
+        now += 100_000
+        lane.took(now)
+    assert lane.interval_ns == 0.0
+    assert lane.interval() == pytest.approx(100_000)  # ...but planned with what it has
+    lane.queued = 0
+    now += 100_000
+    lane.took(now)          # the queue is empty now...
+    now += 40 * MS
+    lane.took(now)          # ...so this 40 ms gap was idle, not service
+    lane.queued = 1
+    for _ in range(100):
+        now += 100_000
+        lane.took(now)
+    assert lane.interval_ns == pytest.approx(100_000)
+
+
+async def test_a_request_read_12_ms_late_is_refused_on_a_30_ms_budget_and_served_on_40(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Half of 30 ms (15 ms) would have let it wait; the service keeps only a quarter
+    (7.5 ms), so it gets `overloaded`, while a 40 ms deadline (15 ms share) is served."""
+    clock = FakeClock()
+    replies: dict[str, Envelope] = {}
+    async with (
+        held_passkey_verify(monkeypatch) as release,
+        open_test_runtime() as (runtime, _),
+    ):
+        bus = runtime.bus
+        service = SliceService(runtime, concurrency=2, clock=clock)
+        async with anyio.create_task_group() as tg:
+            await tg.start(service.run)
+
+            async def client(name: str, deadline_ms: str | None = None) -> None:
+                headers = None if deadline_ms is None else {"Lukhas-Deadline-Ms": deadline_ms}
+                replies[name] = await bus.request(
+                    subjects.PASSKEY_VERIFY, b'{"challenge":"c"}', headers=headers, timeout=10
+                )
+
+            async with anyio.create_task_group() as clients:
+                clients.start_soon(client, "held")  # holds the handler
+                await anyio.wait_all_tasks_blocked()
+                clients.start_soon(client, "tight", "30")
+                clients.start_soon(client, "looser", "40")
+                await anyio.wait_all_tasks_blocked()
+                clock.now += 12 * MS
+                release.set()
+            await service.stop()
+    tight = replies["tight"]
+    assert msgspec.json.decode(tight.data)["reason"] == "overloaded"
+    assert tight.headers["Nats-Service-Error-Code"] == "503"
+    assert msgspec.json.decode(replies["looser"].data)["ok"] is True
+    assert msgspec.json.decode(replies["held"].data)["ok"] is True
+    assert service.statistics().overloaded == 1
+
+
+@pytest.fixture
+def unfrozen() -> object:
+    yield None
+    gc.unfreeze()
+
+
+@pytest.mark.usefixtures("unfrozen")
+def test_freeze_heap_leaves_what_lives_now_out_of_later_collections() -> None:
+    gc.unfreeze()
+    kept = [[i] for i in range(1000)]  # tracked containers, alive at the freeze
+    freeze_heap()
+    assert gc.get_freeze_count() >= len(kept)
+
+
+@pytest.mark.usefixtures("unfrozen")
+async def test_a_worker_freezes_its_heap_once_it_serves_and_still_answers() -> None:
+    gc.unfreeze()
+    async with open_test_runtime() as (runtime, _):
+        service = SliceService(runtime, freeze_heap=True)
+        async with anyio.create_task_group() as tg:
+            await tg.start(service.run)
+            assert gc.get_freeze_count() > 0
+            reply = await call(runtime.bus, subjects.PASSKEY_VERIFY, {"challenge": "c"})
+            await service.stop()
+    assert reply["ok"] is True
