@@ -35,7 +35,7 @@ import logging
 from typing import Protocol
 
 import nats.errors
-from nats.aio.client import Client
+from nats.aio.client import PING_PROTO, Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
@@ -81,6 +81,19 @@ class NatsPyInternals(Protocol):
         ...
 
 
+class _Pong(asyncio.Future[bool]):
+    """The PONG a round trip waits for, awaited directly (one wake-up, not `wait_for`'s two).
+
+    A wait that is cancelled (a timeout) cancels this future; nats-py's reader then finds
+    it done when the PONG arrives, and `set_result` on a done future must not raise there:
+    it would end nats-py's read loop.
+    """
+
+    def set_result(self, result: bool) -> None:
+        if not self.done():
+            super().set_result(result)
+
+
 class PrivateInternals:
     """nats-py's internals, as `missing_internals()` found them."""
 
@@ -110,11 +123,27 @@ class PrivateInternals:
 
     async def round_trip(self, client: Client) -> None:
         # `Client.flush()` writes its PING straight to the socket, ahead of commands still
-        # queued for the flusher task: first let the flusher write them (no network wait),
-        # then one PING follows them all.
-        if client._pending_data_size:
-            await client._flush_pending(force_flush=True)
-        await client.flush()
+        # queued for the flusher task, and waits through `wait_for`. Instead write the queue
+        # and the PING together, now (what the flusher would write, in the same order: no
+        # task hop, one send), and wait on the PONG directly. While not connected the
+        # queue is kept for the next connection: nats-py's own flush then.
+        transport = client._transport
+        if not client.is_connected or transport is None:
+            if client._pending_data_size:
+                await client._flush_pending(force_flush=True)
+            await client.flush()
+            return
+        pong = _Pong(loop=asyncio.get_running_loop())
+        pending = client._pending
+        if pending:
+            client._pending = []
+            client._pending_data_size = 0
+            pending.append(PING_PROTO)
+            transport.writelines(pending)
+        else:
+            transport.write(PING_PROTO)
+        client._pongs.append(pong)  # PONGs come back in order: this one answers our PING
+        await pong
 
 
 class PublicInternals:
@@ -160,10 +189,18 @@ def missing_internals() -> list[str]:
     for step in ("self._pending_size -= len(msg.data)", "self._pending_queue.task_done()"):
         if step not in next_msg:
             missing.append(f"Subscription.next_msg doing `{step}`")
-    # `round_trip` lets the flusher write what is queued before its single PING.
+    # `round_trip` writes what is queued for the flusher, then its PING, and queues the
+    # future nats-py's reader answers at the matching PONG.
     client_init = inspect.getsource(Client.__init__)
-    if "self._pending_data_size" not in client_init:
-        missing.append("Client._pending_data_size")
+    for attr in ("_pending", "_pending_data_size", "_pongs", "_transport"):
+        if f"self.{attr}:" not in client_init and f"self.{attr} " not in client_init:
+            missing.append(f"Client.{attr}")
+    flusher = inspect.getsource(Client._flusher)
+    if "self._transport.writelines(self._pending[:])" not in flusher:
+        missing.append("Client._flusher writing `_pending` to `_transport`")
+    process_pong = inspect.getsource(Client._process_pong)
+    if "self._pongs.pop(0)" not in process_pong or ".set_result(" not in process_pong:
+        missing.append("Client._process_pong answering `_pongs` in order")
     flush_pending = getattr(Client, "_flush_pending", None)
     if not inspect.iscoroutinefunction(flush_pending) or "force_flush" not in inspect.signature(
             flush_pending).parameters:

@@ -165,34 +165,34 @@ Confirmed = Callable[[Exception | None], Awaitable[None]]
 class ParkedConfirmations:
     """Calls parked until a flush covers their publish, confirmed in groups.
 
-    `park(done)` records a call whose publish is already made; an idle confirming task
-    (`run()` keeps `max_flushes` of them) flushes once for everything parked so far, then
-    awaits each covered call's `done` in order. While a flush is in flight, calls gather
-    for the next one; once `spread_at` have gathered, another task flushes for them at
-    once (PINGs are answered in order), up to `max_flushes` at a time. So under light load
-    there are few flushes (each PING round trip costs every waiter some CPU and latency),
-    and under heavy load the worker is never idle with everything parked on one flush. A
-    parked call costs no task and no wake-up of its own, and every flush covers every call
-    it confirms. `close()` lets `run()` return once nothing is parked or in
-    flight. Bound the number parked upstream (the in-flight gate).
+    `park(done)` records a call whose publish is already made and wakes an idle confirming
+    task (`run()` keeps `max_flushes` of them), unless one is already on its way: that task
+    flushes once for everything parked by the time it runs, then awaits each covered call's
+    `done` in order. A flush in flight does not hold back the calls parked after it
+    started: the next idle task flushes for them at once (PINGs are answered in order, so
+    the flushes pipeline on the connection), up to `max_flushes` at a time; with every task
+    busy, calls gather for the first to come free. So a call waits one round trip, not the
+    rest of another call's first; everything parked in one pass of the event loop shares a
+    flush, and under heavy load the groups grow instead of the flushes. A parked call
+    costs no task and no wake-up of its own, and every flush covers every call it
+    confirms. `close()` lets `run()` return once nothing is parked or in flight. Bound the
+    number parked upstream (the in-flight gate).
     """
 
     __slots__ = (
-        "_busy", "_closed", "_flush", "_idle", "_max_flushes", "_parked", "_spread_at", "flushes",
+        "_closed", "_flush", "_idle", "_max_flushes", "_parked", "_waking", "flushes",
     )
 
     def __init__(
         self, flush: Callable[[], Awaitable[object]], *, max_flushes: int = 4,
-        spread_at: int = 32,
     ) -> None:
         self._flush = flush
         self._max_flushes = max_flushes
-        self._spread_at = spread_at
-        #: Confirming tasks flushing or answering now.
-        self._busy = 0
         self._parked: list[Confirmed] = []
         #: The wake-up events of the confirming tasks waiting for work.
         self._idle: list[anyio.Event] = []
+        #: An idle task was woken and has not yet looked at what is parked.
+        self._waking = False
         self._closed = False
         #: Flushes made, for tests and benches (calls / flushes = the grouping factor).
         self.flushes = 0
@@ -204,7 +204,8 @@ class ParkedConfirmations:
 
     def park(self, done: Confirmed) -> None:
         self._parked.append(done)
-        if self._idle and (not self._busy or len(self._parked) >= self._spread_at):
+        if not self._waking and self._idle:
+            self._waking = True
             self._idle.pop().set()
 
     def close(self) -> None:
@@ -226,17 +227,14 @@ class ParkedConfirmations:
                 wake = anyio.Event()
                 self._idle.append(wake)
                 await wake.wait()
+                self._waking = False
                 continue
             batch, self._parked = self._parked, []
             self.flushes += 1
-            self._busy += 1
+            error: Exception | None = None
             try:
-                error: Exception | None = None
-                try:
-                    await self._flush()
-                except Exception as exc:  # each parked call answers with it
-                    error = exc
-                for done in batch:
-                    await done(error)
-            finally:
-                self._busy -= 1
+                await self._flush()
+            except Exception as exc:  # each parked call answers with it
+                error = exc
+            for done in batch:
+                await done(error)
