@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -269,19 +270,31 @@ class NatsBus:
             raise pending.denied
         raise BusClosed()  # only reached when `close()` cancelled the scope
 
-    async def flush(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    def flush(self, timeout: float = 5.0) -> Coroutine[Any, Any, None]:
         """Wait until everything published so far has reached the server (a PING/PONG).
+
+        The round trip starts at the call: its PING is sent then, behind everything
+        published so far, and awaiting the result waits for its PONG. So a caller can
+        start a flush at once and leave the wait to another task.
 
         Raises:
             BusClosed: the bus is closed.
             RequestTimeout: no PONG within `timeout` seconds.
             PermissionDenied: the server refused a publish made on this connection since
-                the previous flush (its -ERR arrives before the PONG).
+                the previous flush, or since this call (its -ERR arrives before the PONG).
         """
         self._check_open()
         refused = self._refusals.publishes
+        return self._flushed(refused, self._internals.ping(self._client), timeout)
+
+    async def _flushed(
+        self, refused: int, pong: asyncio.Future[bool] | None, timeout: float  # noqa: ASYNC109
+    ) -> None:
         with anyio.move_on_after(timeout) as scope, translated("flush", timeout):
-            await self.round_trip()
+            if pong is None:
+                await self.round_trip()
+            else:
+                await pong
         last = self._refusals.last_publish
         if self._refusals.publishes != refused and last is not None:
             raise last

@@ -80,6 +80,14 @@ class NatsPyInternals(Protocol):
         """A PING/PONG behind everything published on `client` so far."""
         ...
 
+    def ping(self, client: Client) -> asyncio.Future[bool] | None:
+        """Send a PING behind everything published on `client` so far, now, and return
+        what its PONG completes; None when it cannot be sent now (then `round_trip`).
+
+        Cancelling a wait on the returned future is safe (nats-py still answers it).
+        """
+        ...
+
 
 class _Pong(asyncio.Future[bool]):
     """The PONG a round trip waits for, awaited directly (one wake-up, not `wait_for`'s two).
@@ -121,18 +129,15 @@ class PrivateInternals:
     async def stop_interest(self, client: Client, sub: Subscription) -> None:
         await client._send_unsubscribe(sub._id)
 
-    async def round_trip(self, client: Client) -> None:
+    def ping(self, client: Client) -> asyncio.Future[bool] | None:
         # `Client.flush()` writes its PING straight to the socket, ahead of commands still
         # queued for the flusher task, and waits through `wait_for`. Instead write the queue
         # and the PING together, now (what the flusher would write, in the same order: no
-        # task hop, one send), and wait on the PONG directly. While not connected the
-        # queue is kept for the next connection: nats-py's own flush then.
+        # task hop, one send), and let the caller wait on the PONG directly. While not
+        # connected the queue is kept for the next connection: no PING now.
         transport = client._transport
         if not client.is_connected or transport is None:
-            if client._pending_data_size:
-                await client._flush_pending(force_flush=True)
-            await client.flush()
-            return
+            return None
         pong = _Pong(loop=asyncio.get_running_loop())
         pending = client._pending
         if pending:
@@ -143,7 +148,16 @@ class PrivateInternals:
         else:
             transport.write(PING_PROTO)
         client._pongs.append(pong)  # PONGs come back in order: this one answers our PING
-        await pong
+        return pong
+
+    async def round_trip(self, client: Client) -> None:
+        pong = self.ping(client)
+        if pong is not None:
+            await pong
+            return
+        if client._pending_data_size:
+            await client._flush_pending(force_flush=True)
+        await client.flush()
 
 
 class PublicInternals:
@@ -166,6 +180,9 @@ class PublicInternals:
         # No public call stops interest yet keeps routing; `NatsSubscription.drain` makes a
         # round trip, takes what is buffered and then unsubscribes.
         return None
+
+    def ping(self, client: Client) -> asyncio.Future[bool] | None:
+        return None  # nothing public sends a PING without waiting for it
 
     async def round_trip(self, client: Client) -> None:
         # `Client.flush()` writes its PING ahead of commands still queued for the flusher
