@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -24,7 +25,13 @@ from bus._types import (
     Envelope,
     Headers,
 )
-from bus.errors import BusClosed, BusConnectError, PayloadTooLarge, RequestTimeout
+from bus.errors import (
+    BusClosed,
+    BusConnectError,
+    PayloadTooLarge,
+    PermissionDenied,
+    RequestTimeout,
+)
 from bus.nats import _compat
 from bus.nats._errors import describe, raise_translated, translated
 from bus.nats._options import DEFAULT_INBOX_PREFIX, redact
@@ -32,6 +39,17 @@ from bus.nats._refusals import PendingRequest, Refusals
 from bus.nats._subscription import NatsSubscription, envelope
 
 __all__ = ["NatsBus"]
+
+
+class _Flight:
+    """A flush begun: the PONG it waits for (None: nats-py's own flush) and what it failed."""
+
+    __slots__ = ("pong", "refused")
+
+    def __init__(self, pong: asyncio.Future[bool] | None, refused: PermissionDenied | None
+                 ) -> None:
+        self.pong = pong
+        self.refused = refused
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +105,10 @@ class NatsBus:
         self._closing = False
         self._draining = False
         self._published = 0
+        #: Flushes begun and not yet ended, oldest first, and the refused publish no flush
+        #: has claimed yet (its -ERR came in while none was in flight): see `_refused`.
+        self._flights: deque[_Flight] = deque()
+        self._unclaimed: PermissionDenied | None = None
         self._dropped = 0
         self._reconnects = 0
         self._connect_errors: list[Exception] = []
@@ -280,24 +302,29 @@ class NatsBus:
         Raises:
             BusClosed: the bus is closed.
             RequestTimeout: no PONG within `timeout` seconds.
-            PermissionDenied: the server refused a publish made on this connection since
-                the previous flush, or since this call (its -ERR arrives before the PONG).
+            PermissionDenied: the server refused a publish this flush covers and no earlier
+                flush reported (its -ERR arrives before the PONG; see `_refused`).
         """
         self._check_open()
-        refused = self._refusals.publishes
-        return self._flushed(refused, self._internals.ping(self._client), timeout)
+        flight = _Flight(self._internals.ping(self._client), self._unclaimed)
+        self._unclaimed = None
+        self._flights.append(flight)
+        return self._flushed(flight, timeout)
 
-    async def _flushed(
-        self, refused: int, pong: asyncio.Future[bool] | None, timeout: float  # noqa: ASYNC109
-    ) -> None:
-        with anyio.move_on_after(timeout) as scope, translated("flush", timeout):
-            if pong is None:
-                await self.round_trip()
-            else:
-                await pong
-        last = self._refusals.last_publish
-        if self._refusals.publishes != refused and last is not None:
-            raise last
+    async def _flushed(self, flight: _Flight, timeout: float) -> None:  # noqa: ASYNC109
+        try:
+            with anyio.move_on_after(timeout) as scope, translated("flush", timeout):
+                if flight.pong is None:
+                    await self.round_trip()
+                else:
+                    await flight.pong
+        finally:
+            try:
+                self._flights.remove(flight)
+            except ValueError:
+                pass  # `_refused` already dropped it once its PONG was in
+        if flight.refused is not None:
+            raise flight.refused
         if scope.cancelled_caught:
             raise RequestTimeout("flush", timeout)
 
@@ -442,7 +469,13 @@ class NatsBus:
                     sub.dropped if sub is not None else 1,
                 )
             return
-        if self._connected_once and self._refusals.note(str(exc), list(self._subs.values())):
+        refused = self._refusals.publishes
+        handed = self._connected_once and self._refusals.note(
+            str(exc), list(self._subs.values())
+        )
+        if self._refusals.publishes != refused and self._refusals.last_publish is not None:
+            self._refused(self._refusals.last_publish)
+        if handed:
             # Raised to the caller that made the refused subscription or request.
             logger.debug("NATS error: %s", describe(exc))
             return
@@ -451,6 +484,27 @@ class NatsBus:
             logger.debug("connect attempt to %s failed: %s", redact(self.url), describe(exc))
         elif self._error_log.allow(type(exc).__name__):
             logger.warning("NATS error: %s", describe(exc))
+
+    def _refused(self, denied: PermissionDenied) -> None:
+        """Hand a refused publish to the flush that covers it.
+
+        The server answers a connection's commands in order: an -ERR that comes in while
+        the oldest flush in flight has no PONG yet is for a publish made before that
+        flush's PING and after the previous one's, so it is that flush's; with no flush in
+        flight it is the next one's. A flush whose PONG cannot be watched (nats-py's own
+        flush, when the PING could not be sent at once) fails for any refusal that comes
+        in while it runs, as every flush did before PONGs were watched.
+        """
+        flights = self._flights
+        while flights and flights[0].pong is not None and flights[0].pong.done():
+            flights.popleft()
+        if not flights:
+            self._unclaimed = denied
+        elif flights[0].pong is not None:
+            flights[0].refused = denied
+        else:
+            for flight in flights:
+                flight.refused = denied
 
     async def _on_disconnected(self) -> None:
         if not self._closing and self._connected_once:
