@@ -28,6 +28,7 @@ from bus._types import (
 from bus.errors import (
     BusClosed,
     BusConnectError,
+    BusError,
     PayloadTooLarge,
     PermissionDenied,
     RequestTimeout,
@@ -507,6 +508,14 @@ class NatsBus:
                 flight.refused = denied
 
     async def _on_disconnected(self) -> None:
+        # The PONGs these flushes wait for will not come (nats-py forgets the PINGs it sent
+        # on a lost connection): fail them now, not at their timeout, and so that no
+        # refusal on the next connection is handed to them.
+        for flight in list(self._flights):
+            pong = flight.pong
+            if pong is not None and not pong.done():
+                self._flights.remove(flight)
+                pong.set_exception(BusError("the connection to NATS dropped before the PONG"))
         if not self._closing and self._connected_once:
             logger.warning("disconnected from NATS at %s; reconnecting", redact(self.url))
 
