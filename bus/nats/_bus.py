@@ -42,6 +42,11 @@ from bus.nats._subscription import NatsSubscription, envelope
 __all__ = ["NatsBus"]
 
 
+def _expire(pong: asyncio.Future[bool], timeout: float) -> None:
+    if not pong.done():
+        pong.set_exception(RequestTimeout("flush", timeout))
+
+
 class _Flight:
     """A flush begun: the PONG it waits for (None: nats-py's own flush) and what it failed."""
 
@@ -313,12 +318,25 @@ class NatsBus:
         return self._flushed(flight, timeout)
 
     async def _flushed(self, flight: _Flight, timeout: float) -> None:  # noqa: ASYNC109
+        pong = flight.pong
         try:
-            with anyio.move_on_after(timeout) as scope, translated("flush", timeout):
-                if flight.pong is None:
+            if pong is None:
+                with anyio.move_on_after(timeout) as scope, translated("flush", timeout):
                     await self.round_trip()
-                else:
-                    await flight.pong
+                if scope.cancelled_caught:
+                    raise RequestTimeout("flush", timeout)
+            else:
+                # The PONG future directly, its timeout a timer: an anyio cancel scope costs
+                # more than the rest of the wait, and every handoff waits here.
+                expiry = pong.get_loop().call_later(timeout, _expire, pong, timeout)
+                try:
+                    await pong
+                finally:
+                    expiry.cancel()
+        except RequestTimeout:
+            if flight.refused is not None:  # the refusal is what to report
+                raise flight.refused from None
+            raise
         finally:
             try:
                 self._flights.remove(flight)
@@ -326,8 +344,6 @@ class NatsBus:
                 pass  # `_refused` already dropped it once its PONG was in
         if flight.refused is not None:
             raise flight.refused
-        if scope.cancelled_caught:
-            raise RequestTimeout("flush", timeout)
 
     async def round_trip(self) -> None:
         """PING/PONG after everything written so far, so the server has processed it all

@@ -15,9 +15,11 @@ the README's bus section gives the figures):
 
 - **Confirming publishes.** `Client.flush()` writes its PING straight to the socket, ahead of
   publishes still queued for nats-py's flusher task, so a PONG can come back before they were
-  even sent; the public way to be sure is a second PING (two round trips). Letting the
-  flusher write the queue first (`Client._flush_pending(force_flush=True)`, no network wait)
-  and then sending one PING halves the wait of every flush, and every handoff waits on one.
+  even sent; the public way to be sure is a second PING (two round trips). `ping()` instead
+  writes the queue and one PING together, at once (what the flusher would write, in order,
+  then the PING: one send, no task hop), and queues a future on `Client._pongs`, which
+  nats-py's reader completes at the matching PONG; the caller awaits it directly (one
+  wake-up, where `flush()`'s `wait_for` takes two). Every handoff waits on one.
 
 Publishing needs no internals: `publish_batch` calls the public `Client.publish` once per
 message (nats-py coalesces the writes in its flusher task).

@@ -38,3 +38,32 @@ async def test_a_flush_whose_connection_drops_fails_at_once() -> None:
             assert bus._flights == type(bus._flights)()  # nothing left to hand refusals to
     finally:
         server.stop()
+
+
+async def test_a_flush_past_its_timeout_fails_and_its_late_pong_harms_nothing() -> None:
+    """A flush whose PONG is late raises `RequestTimeout`; the PONG, when it comes, finds
+    its future already done, which must not end nats-py's reader: later flushes and
+    messages still go through the same connection."""
+    server = NatsServer(jetstream=False)
+    server.start()
+    try:
+        async with open_nats_bus(server.url) as bus, bus.subscribe("lukhas.context.late") as sub:
+            pid = server.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(RequestTimeout):
+                    await bus.flush(timeout=0.2)
+                cancelled = bus.flush(timeout=60)
+                with anyio.move_on_after(0.2):  # a wait cancelled from outside, too
+                    await cancelled
+            finally:
+                os.kill(pid, signal.SIGCONT)  # both PONGs now come back, late
+            await bus.publish("lukhas.context.late", b"after")
+            await bus.flush()
+            with anyio.fail_after(10):
+                env = await anext(aiter(sub))
+            assert env.data == b"after"
+            await bus.flush()
+    finally:
+        server.stop()
