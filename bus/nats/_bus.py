@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections import deque
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,7 +25,14 @@ from bus._types import (
     Envelope,
     Headers,
 )
-from bus.errors import BusClosed, BusConnectError, PayloadTooLarge, RequestTimeout
+from bus.errors import (
+    BusClosed,
+    BusConnectError,
+    BusError,
+    PayloadTooLarge,
+    PermissionDenied,
+    RequestTimeout,
+)
 from bus.nats import _compat
 from bus.nats._errors import describe, raise_translated, translated
 from bus.nats._options import DEFAULT_INBOX_PREFIX, redact
@@ -31,6 +40,22 @@ from bus.nats._refusals import PendingRequest, Refusals
 from bus.nats._subscription import NatsSubscription, envelope
 
 __all__ = ["NatsBus"]
+
+
+def _expire(pong: asyncio.Future[bool], timeout: float) -> None:
+    if not pong.done():
+        pong.set_exception(RequestTimeout("flush", timeout))
+
+
+class _Flight:
+    """A flush begun: the PONG it waits for (None: nats-py's own flush) and what it failed."""
+
+    __slots__ = ("pong", "refused")
+
+    def __init__(self, pong: asyncio.Future[bool] | None, refused: PermissionDenied | None
+                 ) -> None:
+        self.pong = pong
+        self.refused = refused
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +111,10 @@ class NatsBus:
         self._closing = False
         self._draining = False
         self._published = 0
+        #: Flushes begun and not yet ended, oldest first, and the refused publish no flush
+        #: has claimed yet (its -ERR came in while none was in flight): see `_refused`.
+        self._flights: deque[_Flight] = deque()
+        self._unclaimed: PermissionDenied | None = None
         self._dropped = 0
         self._reconnects = 0
         self._connect_errors: list[Exception] = []
@@ -269,24 +298,52 @@ class NatsBus:
             raise pending.denied
         raise BusClosed()  # only reached when `close()` cancelled the scope
 
-    async def flush(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    def flush(self, timeout: float = 5.0) -> Coroutine[Any, Any, None]:
         """Wait until everything published so far has reached the server (a PING/PONG).
+
+        The round trip starts at the call: its PING is sent then, behind everything
+        published so far, and awaiting the result waits for its PONG. So a caller can
+        start a flush at once and leave the wait to another task.
 
         Raises:
             BusClosed: the bus is closed.
             RequestTimeout: no PONG within `timeout` seconds.
-            PermissionDenied: the server refused a publish made on this connection since
-                the previous flush (its -ERR arrives before the PONG).
+            PermissionDenied: the server refused a publish this flush covers and no earlier
+                flush reported (its -ERR arrives before the PONG; see `_refused`).
         """
         self._check_open()
-        refused = self._refusals.publishes
-        with anyio.move_on_after(timeout) as scope, translated("flush", timeout):
-            await self.round_trip()
-        last = self._refusals.last_publish
-        if self._refusals.publishes != refused and last is not None:
-            raise last
-        if scope.cancelled_caught:
-            raise RequestTimeout("flush", timeout)
+        flight = _Flight(self._internals.ping(self._client), self._unclaimed)
+        self._unclaimed = None
+        self._flights.append(flight)
+        return self._flushed(flight, timeout)
+
+    async def _flushed(self, flight: _Flight, timeout: float) -> None:  # noqa: ASYNC109
+        pong = flight.pong
+        try:
+            if pong is None:
+                with anyio.move_on_after(timeout) as scope, translated("flush", timeout):
+                    await self.round_trip()
+                if scope.cancelled_caught:
+                    raise RequestTimeout("flush", timeout)
+            else:
+                # The PONG future directly, its timeout a timer: an anyio cancel scope costs
+                # more than the rest of the wait, and every handoff waits here.
+                expiry = pong.get_loop().call_later(timeout, _expire, pong, timeout)
+                try:
+                    await pong
+                finally:
+                    expiry.cancel()
+        except RequestTimeout:
+            if flight.refused is not None:  # the refusal is what to report
+                raise flight.refused from None
+            raise
+        finally:
+            try:
+                self._flights.remove(flight)
+            except ValueError:
+                pass  # `_refused` already dropped it once its PONG was in
+        if flight.refused is not None:
+            raise flight.refused
 
     async def round_trip(self) -> None:
         """PING/PONG after everything written so far, so the server has processed it all
@@ -429,7 +486,13 @@ class NatsBus:
                     sub.dropped if sub is not None else 1,
                 )
             return
-        if self._connected_once and self._refusals.note(str(exc), list(self._subs.values())):
+        refused = self._refusals.publishes
+        handed = self._connected_once and self._refusals.note(
+            str(exc), list(self._subs.values())
+        )
+        if self._refusals.publishes != refused and self._refusals.last_publish is not None:
+            self._refused(self._refusals.last_publish)
+        if handed:
             # Raised to the caller that made the refused subscription or request.
             logger.debug("NATS error: %s", describe(exc))
             return
@@ -439,7 +502,36 @@ class NatsBus:
         elif self._error_log.allow(type(exc).__name__):
             logger.warning("NATS error: %s", describe(exc))
 
+    def _refused(self, denied: PermissionDenied) -> None:
+        """Hand a refused publish to the flush that covers it.
+
+        The server answers a connection's commands in order: an -ERR that comes in while
+        the oldest flush in flight has no PONG yet is for a publish made before that
+        flush's PING and after the previous one's, so it is that flush's; with no flush in
+        flight it is the next one's. A flush whose PONG cannot be watched (nats-py's own
+        flush, when the PING could not be sent at once) fails for any refusal that comes
+        in while it runs, as every flush did before PONGs were watched.
+        """
+        flights = self._flights
+        while flights and flights[0].pong is not None and flights[0].pong.done():
+            flights.popleft()
+        if not flights:
+            self._unclaimed = denied
+        elif flights[0].pong is not None:
+            flights[0].refused = denied
+        else:
+            for flight in flights:
+                flight.refused = denied
+
     async def _on_disconnected(self) -> None:
+        # The PONGs these flushes wait for will not come (nats-py forgets the PINGs it sent
+        # on a lost connection): fail them now, not at their timeout, and so that no
+        # refusal on the next connection is handed to them.
+        for flight in list(self._flights):
+            pong = flight.pong
+            if pong is not None and not pong.done():
+                self._flights.remove(flight)
+                pong.set_exception(BusError("the connection to NATS dropped before the PONG"))
         if not self._closing and self._connected_once:
             logger.warning("disconnected from NATS at %s; reconnecting", redact(self.url))
 

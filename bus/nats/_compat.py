@@ -15,9 +15,11 @@ the README's bus section gives the figures):
 
 - **Confirming publishes.** `Client.flush()` writes its PING straight to the socket, ahead of
   publishes still queued for nats-py's flusher task, so a PONG can come back before they were
-  even sent; the public way to be sure is a second PING (two round trips). Letting the
-  flusher write the queue first (`Client._flush_pending(force_flush=True)`, no network wait)
-  and then sending one PING halves the wait of every flush, and every handoff waits on one.
+  even sent; the public way to be sure is a second PING (two round trips). `ping()` instead
+  writes the queue and one PING together, at once (what the flusher would write, in order,
+  then the PING: one send, no task hop), and queues a future on `Client._pongs`, which
+  nats-py's reader completes at the matching PONG; the caller awaits it directly (one
+  wake-up, where `flush()`'s `wait_for` takes two). Every handoff waits on one.
 
 Publishing needs no internals: `publish_batch` calls the public `Client.publish` once per
 message (nats-py coalesces the writes in its flusher task).
@@ -35,7 +37,7 @@ import logging
 from typing import Protocol
 
 import nats.errors
-from nats.aio.client import Client
+from nats.aio.client import PING_PROTO, Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
@@ -80,6 +82,27 @@ class NatsPyInternals(Protocol):
         """A PING/PONG behind everything published on `client` so far."""
         ...
 
+    def ping(self, client: Client) -> asyncio.Future[bool] | None:
+        """Send a PING behind everything published on `client` so far, now, and return
+        what its PONG completes; None when it cannot be sent now (then `round_trip`).
+
+        Cancelling a wait on the returned future is safe (nats-py still answers it).
+        """
+        ...
+
+
+class _Pong(asyncio.Future[bool]):
+    """The PONG a round trip waits for, awaited directly (one wake-up, not `wait_for`'s two).
+
+    A wait that is cancelled (a timeout) cancels this future; nats-py's reader then finds
+    it done when the PONG arrives, and `set_result` on a done future must not raise there:
+    it would end nats-py's read loop.
+    """
+
+    def set_result(self, result: bool) -> None:
+        if not self.done():
+            super().set_result(result)
+
 
 class PrivateInternals:
     """nats-py's internals, as `missing_internals()` found them."""
@@ -108,10 +131,32 @@ class PrivateInternals:
     async def stop_interest(self, client: Client, sub: Subscription) -> None:
         await client._send_unsubscribe(sub._id)
 
-    async def round_trip(self, client: Client) -> None:
+    def ping(self, client: Client) -> asyncio.Future[bool] | None:
         # `Client.flush()` writes its PING straight to the socket, ahead of commands still
-        # queued for the flusher task: first let the flusher write them (no network wait),
-        # then one PING follows them all.
+        # queued for the flusher task, and waits through `wait_for`. Instead write the queue
+        # and the PING together, now (what the flusher would write, in the same order: no
+        # task hop, one send), and let the caller wait on the PONG directly. While not
+        # connected the queue is kept for the next connection: no PING now.
+        transport = client._transport
+        if not client.is_connected or transport is None:
+            return None
+        pong = _Pong(loop=asyncio.get_running_loop())
+        pending = client._pending
+        if pending:
+            client._pending = []
+            client._pending_data_size = 0
+            pending.append(PING_PROTO)
+            transport.writelines(pending)
+        else:
+            transport.write(PING_PROTO)
+        client._pongs.append(pong)  # PONGs come back in order: this one answers our PING
+        return pong
+
+    async def round_trip(self, client: Client) -> None:
+        pong = self.ping(client)
+        if pong is not None:
+            await pong
+            return
         if client._pending_data_size:
             await client._flush_pending(force_flush=True)
         await client.flush()
@@ -138,6 +183,9 @@ class PublicInternals:
         # round trip, takes what is buffered and then unsubscribes.
         return None
 
+    def ping(self, client: Client) -> asyncio.Future[bool] | None:
+        return None  # nothing public sends a PING without waiting for it
+
     async def round_trip(self, client: Client) -> None:
         # `Client.flush()` writes its PING ahead of commands still queued for the flusher
         # task; the flusher runs before that first PONG can be read, so a second PING
@@ -160,10 +208,18 @@ def missing_internals() -> list[str]:
     for step in ("self._pending_size -= len(msg.data)", "self._pending_queue.task_done()"):
         if step not in next_msg:
             missing.append(f"Subscription.next_msg doing `{step}`")
-    # `round_trip` lets the flusher write what is queued before its single PING.
+    # `round_trip` writes what is queued for the flusher, then its PING, and queues the
+    # future nats-py's reader answers at the matching PONG.
     client_init = inspect.getsource(Client.__init__)
-    if "self._pending_data_size" not in client_init:
-        missing.append("Client._pending_data_size")
+    for attr in ("_pending", "_pending_data_size", "_pongs", "_transport"):
+        if f"self.{attr}:" not in client_init and f"self.{attr} " not in client_init:
+            missing.append(f"Client.{attr}")
+    flusher = inspect.getsource(Client._flusher)
+    if "self._transport.writelines(self._pending[:])" not in flusher:
+        missing.append("Client._flusher writing `_pending` to `_transport`")
+    process_pong = inspect.getsource(Client._process_pong)
+    if "self._pongs.pop(0)" not in process_pong or ".set_result(" not in process_pong:
+        missing.append("Client._process_pong answering `_pongs` in order")
     flush_pending = getattr(Client, "_flush_pending", None)
     if not inspect.iscoroutinefunction(flush_pending) or "force_flush" not in inspect.signature(
             flush_pending).parameters:

@@ -175,9 +175,9 @@ class HandoffDeferral:
 
     `begin` runs the steps of `handoff` up to the core publish, refusing at once where
     `handoff` would (an in-flight slot is not waited for: there is no task to wait in), and
-    parks the call; `confirm` flushes once for everything parked and answers each handoff
-    it covered. The same reply, the same MATRIZ node, and `ok: true` still means the
-    server has the context.
+    parks the call, which starts the flush covering it (see `ParkedConfirmations`);
+    `confirm` awaits the flushes and answers each handoff they covered. The same reply,
+    the same MATRIZ node, and `ok: true` still means the server has the context.
     """
 
     def __init__(self, runtime: Runtime) -> None:

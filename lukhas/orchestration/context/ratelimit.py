@@ -10,6 +10,7 @@ for callers awaiting it (`FlushConfirmer`) and for calls parked without a task o
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
@@ -165,31 +166,34 @@ Confirmed = Callable[[Exception | None], Awaitable[None]]
 class ParkedConfirmations:
     """Calls parked until a flush covers their publish, confirmed in groups.
 
-    `park(done)` records a call whose publish is already made; an idle confirming task
-    (`run()` keeps `max_flushes` of them) flushes once for everything parked so far, then
-    awaits each covered call's `done` in order. While a flush is in flight, calls gather
-    for the next one; once `spread_at` have gathered, another task flushes for them at
-    once (PINGs are answered in order), up to `max_flushes` at a time. So under light load
-    there are few flushes (each PING round trip costs every waiter some CPU and latency),
-    and under heavy load the worker is never idle with everything parked on one flush. A
-    parked call costs no task and no wake-up of its own, and every flush covers every call
-    it confirms. `close()` lets `run()` return once nothing is parked or in
-    flight. Bound the number parked upstream (the in-flight gate).
+    `park(done)` records a call whose publish is already made. While fewer than
+    `max_flushes` flushes are running it starts one for the call at once: a flush that
+    sends its PING when called (`NatsBus.flush`) has it on the wire before `park` returns,
+    so the call waits one round trip, no task hop and no other call's flush. PINGs are
+    answered in order, so the flushes pipeline on the connection. At the bound, calls
+    gather and the first flush to end starts one for all of them: under heavy load the
+    groups grow instead of the flushes. An idle confirming task (`run()` keeps
+    `max_flushes` of them) awaits each flush started and then each covered call's `done`
+    in order, so a parked call costs no task of its own and every flush covers every call
+    it confirms. `close()` lets `run()` return once nothing is parked or in flight. Bound
+    the number parked upstream (the in-flight gate).
     """
 
     __slots__ = (
-        "_busy", "_closed", "_flush", "_idle", "_max_flushes", "_parked", "_spread_at", "flushes",
+        "_closed", "_flush", "_flushing", "_idle", "_max_flushes", "_parked", "_started",
+        "flushes",
     )
 
     def __init__(
         self, flush: Callable[[], Awaitable[object]], *, max_flushes: int = 4,
-        spread_at: int = 32,
     ) -> None:
         self._flush = flush
         self._max_flushes = max_flushes
-        self._spread_at = spread_at
-        #: Confirming tasks flushing or answering now.
-        self._busy = 0
+        #: Flushes started and not yet ended.
+        self._flushing = 0
+        #: Flushes started, each with the calls it covers, not yet taken by a task.
+        self._started: deque[tuple[list[Confirmed], Awaitable[object] | Exception]] = deque()
+        #: Calls waiting for a flush to start (every flush slot was taken).
         self._parked: list[Confirmed] = []
         #: The wake-up events of the confirming tasks waiting for work.
         self._idle: list[anyio.Event] = []
@@ -199,12 +203,24 @@ class ParkedConfirmations:
 
     @property
     def parked(self) -> int:
-        """Calls parked and not yet taken into a flush."""
+        """Calls parked and not yet covered by a flush."""
         return len(self._parked)
 
     def park(self, done: Confirmed) -> None:
-        self._parked.append(done)
-        if self._idle and (not self._busy or len(self._parked) >= self._spread_at):
+        if self._flushing < self._max_flushes:
+            self._start([done])
+        else:
+            self._parked.append(done)
+
+    def _start(self, batch: list[Confirmed]) -> None:
+        self._flushing += 1
+        self.flushes += 1
+        try:
+            flushed: Awaitable[object] | Exception = self._flush()
+        except Exception as exc:  # e.g. the bus is closed: its calls answer with it
+            flushed = exc
+        self._started.append((batch, flushed))
+        if self._idle:
             self._idle.pop().set()
 
     def close(self) -> None:
@@ -220,23 +236,27 @@ class ParkedConfirmations:
 
     async def _confirm(self) -> None:
         while True:
-            if not self._parked:
-                if self._closed:
+            if not self._started:
+                if self._closed and not self._flushing:
                     return
                 wake = anyio.Event()
                 self._idle.append(wake)
                 await wake.wait()
                 continue
-            batch, self._parked = self._parked, []
-            self.flushes += 1
-            self._busy += 1
+            batch, flushed = self._started.popleft()
+            error: Exception | None = None
             try:
-                error: Exception | None = None
-                try:
-                    await self._flush()
-                except Exception as exc:  # each parked call answers with it
-                    error = exc
-                for done in batch:
-                    await done(error)
+                if isinstance(flushed, Exception):
+                    raise flushed
+                await flushed
+            except Exception as exc:  # each call it covered answers with it
+                error = exc
             finally:
-                self._busy -= 1
+                self._flushing -= 1
+                if self._parked:  # gathered while every flush slot was taken
+                    gathered, self._parked = self._parked, []
+                    self._start(gathered)
+                elif self._closed and not self._flushing:
+                    self.close()  # wake the idle tasks: nothing more will come
+            for done in batch:
+                await done(error)

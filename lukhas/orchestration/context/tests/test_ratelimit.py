@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 import anyio
 import anyio.lowlevel
 import pytest
 
+from bus import BusClosed
 from lukhas.orchestration.context.ratelimit import (
     FlushConfirmer,
     HandoffLimiter,
@@ -194,21 +197,25 @@ async def test_a_publish_during_a_flush_waits_for_the_next_flush() -> None:
 
 
 async def test_parked_calls_are_confirmed_in_groups_without_a_task_each() -> None:
-    """While a flush runs, calls gather until `spread_at` of them start another flush;
-    with every confirming task busy they gather for the next free one; a failed flush
-    answers exactly the calls it covered with its error; `close()` ends `run()`."""
+    """A call parked while a flush slot is free gets its flush started in `park` itself
+    (pipelined behind any running one, not held back until it ends); with every slot
+    taken calls gather, and the first flush to end starts one for all of them; a failed
+    flush answers exactly the calls it covered with its error; `close()` ends `run()`."""
     gates: list[anyio.Event] = []
     outcomes = [None, RuntimeError("flush refused"), None]
 
-    async def flush() -> None:
+    def flush() -> Awaitable[None]:  # starts when called, as `NatsBus.flush` sends its PING
         gate = anyio.Event()
         gates.append(gate)
-        await gate.wait()
         outcome = outcomes[len(gates) - 1]
-        if outcome is not None:
-            raise outcome
 
-    parked = ParkedConfirmations(flush, max_flushes=2, spread_at=2)
+        async def ended() -> None:
+            await gate.wait()
+            if outcome is not None:
+                raise outcome
+        return ended()
+
+    parked = ParkedConfirmations(flush, max_flushes=2)
     answered: dict[int, Exception | None] = {}
 
     def done(n: int):  # type: ignore[no-untyped-def]
@@ -220,27 +227,42 @@ async def test_parked_calls_are_confirmed_in_groups_without_a_task_each() -> Non
         tg.start_soon(parked.run)
         await anyio.wait_all_tasks_blocked()
         parked.park(done(0))
-        await anyio.wait_all_tasks_blocked()
-        parked.park(done(1))  # one gathers while the first flush runs
-        await anyio.wait_all_tasks_blocked()
-        assert len(gates) == 1 and parked.parked == 1
-        parked.park(done(2))  # two have gathered: the second task flushes for them at once
-        await anyio.wait_all_tasks_blocked()
+        assert len(gates) == 1  # started by `park`, before any task ran
+        parked.park(done(1))  # parked while the first flush runs: its own flush, at once
         assert len(gates) == 2 and parked.parked == 0
-        for n in range(3, 7):  # both busy: these four gather for the next free one
+        for n in range(2, 6):  # both slots taken: these four gather
             parked.park(done(n))
         await anyio.wait_all_tasks_blocked()
         assert len(gates) == 2 and answered == {} and parked.parked == 4
         gates[1].set()  # the second flush fails
         await anyio.wait_all_tasks_blocked()
-        assert isinstance(answered.pop(1), RuntimeError)
-        assert isinstance(answered.pop(2), RuntimeError) and answered == {}
-        assert len(gates) == 3 and parked.parked == 0  # its task took the four
+        assert isinstance(answered.pop(1), RuntimeError) and answered == {}
+        assert len(gates) == 3 and parked.parked == 0  # one flush for the four
         gates[0].set()
         gates[2].set()
         parked.close()
-    assert answered == {0: None, 3: None, 4: None, 5: None, 6: None}
+    assert answered == {0: None, 2: None, 3: None, 4: None, 5: None}
     assert parked.flushes == 3
+
+
+async def test_a_flush_that_cannot_start_answers_its_calls_with_the_error() -> None:
+    """`flush()` raising at the call (a closed bus) answers the call parked with it."""
+
+    def flush() -> Awaitable[None]:
+        raise BusClosed("closed")
+
+    parked = ParkedConfirmations(flush)
+    answered: list[Exception | None] = []
+
+    async def record(error: Exception | None) -> None:
+        answered.append(error)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(parked.run)
+        parked.park(record)
+        await anyio.wait_all_tasks_blocked()
+        parked.close()
+    assert len(answered) == 1 and isinstance(answered[0], BusClosed)
 
 
 # -- the shared limiter (buckets in a lease store every worker draws from) ------------------
