@@ -72,7 +72,8 @@ def deployed_plan(*, quick: bool) -> DeployedPlan:
         return DeployedPlan(rates=(200.0,), step_s=0.3, closed_s=0.3, overload_s=0.3,
                             warmup=50, generators=2, worker_rounds=1)
     return DeployedPlan(
-        rates=(500.0, 1000.0, 2000.0, 3000.0, 4000.0, 5000.0, 6000.0, 8000.0, 10000.0),
+        rates=(500.0, 1000.0, 2000.0, 4000.0, 6000.0, 8000.0, 10000.0, 12000.0, 14000.0,
+               16000.0),
         step_s=2.0, closed_s=3.0, overload_s=3.0, warmup=500, generators=default_generators(),
         worker_rounds=3,
     )
