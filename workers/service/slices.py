@@ -221,6 +221,8 @@ class SliceService:
         self._by_subject: dict[str, Subscription] = {}
         self._in_flight = 0
         self._handled = 0
+        #: Requests a reader served itself (its endpoint's server idle, nothing queued).
+        self._served_by_readers = 0
         self._errors = 0
 
     @property
@@ -337,6 +339,7 @@ class SliceService:
                 if direct and len(batch) == 1 and not sub.statistics().pending and _idle(send):
                     item = await self._admit(served, lane, batch[0], int(since + step), now, None)
                     if item is not None:
+                        self._served_by_readers += 1
                         await self._serve_item(item, now)
                         away = True
                     batch = []

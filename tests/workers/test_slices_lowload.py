@@ -1,0 +1,147 @@
+"""The low-load path: a reader serving a lone request itself, and the MATRIZ emitter's wake-ups.
+
+Neither may change what is answered, in what order, or which nodes are published.
+"""
+
+from __future__ import annotations
+
+import anyio
+import msgspec
+
+from bus import open_nats_bus
+from lukhas import subjects
+from lukhas.observability.matriz_emit import MatrizEmitter, make_node
+from lukhas.orchestration.context.endpoints import HandoffDeferral
+from lukhas.ratelimit import Grant, MemoryLeaseStore, use_lease_store
+from lukhas.testing import dry_run_settings, open_test_runtime
+from workers.service.slices import SliceService
+
+GOOD = b'{"user_id":"usr_1","scope":"s"}'
+BAD = b'{"scope":"s"}'
+
+
+async def test_requests_one_at_a_time_and_in_bursts_are_answered_in_order(
+    nats_url: str,
+) -> None:
+    """Alone (served by the reader) or in a burst (queued for the server), every request
+    is answered in the order sent, a bad one with its error, each with its MATRIZ node."""
+    async with (
+        open_nats_bus(nats_url) as service_bus,
+        open_nats_bus(nats_url) as client,
+        open_test_runtime(dry_run_settings(), bus=service_bus) as (runtime, matriz),
+    ):
+        service = SliceService(runtime, concurrency=2)
+        async with anyio.create_task_group() as tg:
+            await tg.start(service.run)
+            inbox = client.new_inbox()
+            async with client.subscribe(f"{inbox}.*") as replies:
+                bodies = [GOOD, BAD, GOOD, GOOD]
+                for i, body in enumerate(bodies):  # one at a time
+                    await client.publish(subjects.CONSENT_RECORD, body, reply=f"{inbox}.{i}")
+                    await client.flush()
+                    env = await anext(aiter(replies))
+                    assert env.subject == f"{inbox}.{i}"
+                lone = service._served_by_readers
+                burst = [GOOD if i % 3 else BAD for i in range(40)]
+                for i, body in enumerate(burst, start=len(bodies)):
+                    await client.publish(subjects.CONSENT_RECORD, body, reply=f"{inbox}.{i}")
+                await client.flush()
+                got = []
+                with anyio.fail_after(10):
+                    async for env in replies:
+                        got.append(env)
+                        if len(got) == len(burst):
+                            break
+            await service.stop()
+        nodes = await matriz.take(len(bodies) + len(burst))
+    assert lone == len(bodies)  # each lone request was served by its reader
+    assert [e.subject for e in got] == [
+        f"{inbox}.{i}" for i in range(len(bodies), len(bodies) + len(burst))]
+    for env, body in zip(got, burst, strict=True):
+        reply = msgspec.json.decode(env.data)
+        if body is BAD:
+            assert reply["ok"] is False and reply["error"]["code"] == "invalid_request"
+            assert env.headers["Nats-Service-Error-Code"] == "400"
+        else:
+            assert reply["ok"] is True
+    outcomes = sorted(n["state"]["outcome"] for n in nodes)
+    errors = 1 + sum(body is BAD for body in burst)
+    assert outcomes == ["error"] * errors + ["ok"] * (len(nodes) - errors)
+
+
+class _SharedStore(MemoryLeaseStore):
+    """Stands for a store the workers share (NATS KV): its lease calls may wait."""
+
+    async def lease(self, key: str, rate: float, burst: int, want: int) -> Grant:
+        await anyio.lowlevel.checkpoint()
+        return await super().lease(key, rate, burst, want)
+
+
+async def test_a_handoff_is_served_by_its_reader_only_while_admission_cannot_wait(
+    nats_url: str,
+) -> None:
+    """With the store in memory the handoff's `begin` never waits, so a reader may run it;
+    with a shared store (a lease refill is a round trip) it is always left to the server."""
+    body = msgspec.json.encode({"ctx": {"a": 1}, "target": "planner"})
+    for shared in (False, True):
+        async with (
+            open_nats_bus(nats_url) as service_bus,
+            open_nats_bus(nats_url) as client,
+            open_test_runtime(dry_run_settings(), bus=service_bus) as (runtime, _),
+        ):
+            if shared:
+                use_lease_store(runtime, _SharedStore())
+            service = SliceService(runtime, concurrency=2)
+            found = service._deferrals[subjects.CONTEXT_HANDOFF]
+            assert isinstance(found, HandoffDeferral)
+            assert found.waits_on_io is shared
+            async with anyio.create_task_group() as tg:
+                await tg.start(service.run)
+                for _ in range(3):
+                    reply = await client.request(subjects.CONTEXT_HANDOFF, body, timeout=5)
+                    assert msgspec.json.decode(reply.data)["ok"] is True
+                await service.stop()
+            assert service._served_by_readers == (0 if shared else 3)
+
+
+async def test_the_emitter_publishes_nodes_emitted_while_it_sleeps_in_order(
+    nats_url: str,
+) -> None:
+    """Nodes emitted one by one (the emitter asleep each time) or more than a batch at once
+    are all published, in order; closing wakes a sleeping emitter; later nodes are drops."""
+    async with (
+        open_nats_bus(nats_url) as bus,
+        open_nats_bus(nats_url) as watcher,
+        watcher.subscribe("matriz.>") as published,
+    ):
+        await watcher.flush()
+        emitter = MatrizEmitter(bus, producer="test", batch=4)
+
+        def node(i: int) -> bytes:
+            made = make_node("CONSENT", "governance:record", outcome="ok", latency_ms=1.0,
+                             trace_id=f"{i:032x}", producer="test", capability="c")
+            emitter.emit(made)
+            return made.provenance.trace_id.encode()
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(emitter.run)
+            sent = []
+            for i in range(3):  # one by one, the emitter asleep before each
+                await anyio.wait_all_tasks_blocked()
+                sent.append(node(i))
+                await emitter.flush()
+            sent += [node(i) for i in range(3, 14)]  # more than a batch at once
+            await emitter.flush()
+            await anyio.wait_all_tasks_blocked()
+            with anyio.fail_after(5):
+                await emitter.aclose()  # the emitter was asleep: closing wakes it
+        node(99)
+        got = []
+        with anyio.fail_after(5):
+            async for env in published:
+                got.append(env.data)
+                if len(got) == len(sent):
+                    break
+    assert all(trace in data for trace, data in zip(sent, got, strict=True))
+    stats = emitter.statistics()
+    assert (stats.emitted, stats.published, stats.dropped) == (15, 14, 1)
