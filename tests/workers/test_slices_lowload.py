@@ -5,10 +5,14 @@ Neither may change what is answered, in what order, or which nodes are published
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
+
 import anyio
 import msgspec
+import pytest
 
-from bus import open_nats_bus
+from bus import BusClosed, InvalidSubject, open_memory_bus, open_nats_bus
+from bus.nats._compat import use_public_api
 from lukhas import subjects
 from lukhas.observability.matriz_emit import MatrizEmitter, make_node
 from lukhas.orchestration.context.endpoints import HandoffDeferral
@@ -104,16 +108,19 @@ async def test_a_handoff_is_served_by_its_reader_only_while_admission_cannot_wai
             assert service._served_by_readers == (0 if shared else 3)
 
 
-async def test_the_emitter_publishes_nodes_emitted_while_it_sleeps_in_order(
-    nats_url: str,
-) -> None:
+@pytest.mark.parametrize("backend", ["nats", "memory"])
+async def test_the_emitter_publishes_every_node_in_order(nats_url: str, backend: str) -> None:
     """Nodes emitted one by one (the emitter asleep each time) or more than a batch at once
-    are all published, in order; closing wakes a sleeping emitter; later nodes are drops."""
-    async with (
-        open_nats_bus(nats_url) as bus,
-        open_nats_bus(nats_url) as watcher,
-        watcher.subscribe("matriz.>") as published,
-    ):
+    are all published, in order: on NATS in place (`publish_nowait`), on the memory bus
+    through the emitter's task in batches. Closing wakes a sleeping emitter; later nodes
+    are drops."""
+    async with AsyncExitStack() as stack:
+        if backend == "nats":
+            bus = await stack.enter_async_context(open_nats_bus(nats_url))
+            watcher = await stack.enter_async_context(open_nats_bus(nats_url))
+        else:
+            bus = watcher = await stack.enter_async_context(open_memory_bus())
+        published = await stack.enter_async_context(watcher.subscribe("matriz.>"))
         await watcher.flush()
         emitter = MatrizEmitter(bus, producer="test", batch=4)
 
@@ -145,3 +152,35 @@ async def test_the_emitter_publishes_nodes_emitted_while_it_sleeps_in_order(
     assert all(trace in data for trace, data in zip(sent, got, strict=True))
     stats = emitter.statistics()
     assert (stats.emitted, stats.published, stats.dropped) == (15, 14, 1)
+
+
+async def test_publish_nowait_keeps_order_with_publish_and_declines_without_internals(
+    nats_url: str,
+) -> None:
+    """`publish_nowait` queues behind earlier publishes and ahead of later ones; on a closed
+    bus it raises; on nats-py's public API only it declines (False), sending nothing."""
+    async with open_nats_bus(nats_url) as bus, bus.subscribe("lukhas.lowload.>") as sub:
+        await bus.publish("lukhas.lowload.a", b"1")
+        assert bus.publish_nowait("lukhas.lowload.b", b"2") is True
+        await bus.publish("lukhas.lowload.c", b"3")
+        assert bus.publish_nowait("lukhas.lowload.d", b"4") is True
+        await bus.flush()
+        got = []
+        with anyio.fail_after(5):
+            async for env in sub:
+                got.append((env.subject, env.data))
+                if len(got) == 4:
+                    break
+        assert got == [("lukhas.lowload.a", b"1"), ("lukhas.lowload.b", b"2"),
+                       ("lukhas.lowload.c", b"3"), ("lukhas.lowload.d", b"4")]
+        with pytest.raises(InvalidSubject):
+            bus.publish_nowait("lukhas.lowload.*", b"x")
+    with pytest.raises(BusClosed):
+        bus.publish_nowait("lukhas.lowload.e", b"5")
+    previous = use_public_api(True)
+    try:
+        async with open_nats_bus(nats_url) as public:
+            assert public.publish_nowait("lukhas.lowload.f", b"6") is False
+            assert public.statistics().published == 0
+    finally:
+        use_public_api(previous.name == "public")
