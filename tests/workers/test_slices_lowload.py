@@ -6,6 +6,7 @@ Neither may change what is answered, in what order, or which nodes are published
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
+from typing import Any
 
 import anyio
 import msgspec
@@ -14,6 +15,7 @@ import pytest
 from bus import BusClosed, InvalidSubject, open_memory_bus, open_nats_bus
 from bus.nats._compat import use_public_api
 from lukhas import subjects
+from lukhas.identity.passkey.providers.null_webauthn import NullWebAuthnProvider
 from lukhas.observability.matriz_emit import MatrizEmitter, make_node
 from lukhas.orchestration.context.endpoints import HandoffDeferral
 from lukhas.ratelimit import Grant, MemoryLeaseStore, use_lease_store
@@ -184,3 +186,52 @@ async def test_publish_nowait_keeps_order_with_publish_and_declines_without_inte
             assert public.statistics().published == 0
     finally:
         use_public_api(previous.name == "public")
+
+
+async def test_a_reader_never_serves_while_its_server_has_a_request_in_hand(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server holds a request (its queue empty): a lone request arriving then is queued
+    behind it, not served by the reader beside it, and all are answered in order."""
+    holds = {"a": anyio.Event(), "b": anyio.Event()}
+    original = NullWebAuthnProvider.verify
+
+    async def held(self: NullWebAuthnProvider, assertion: Any) -> Any:
+        hold = holds.get(assertion["challenge"])
+        if hold is not None:
+            await hold.wait()
+        return await original(self, assertion)
+
+    monkeypatch.setattr(NullWebAuthnProvider, "verify", held)
+    order: list[str] = []
+    async with open_test_runtime() as (runtime, _):
+        bus = runtime.bus
+        service = SliceService(runtime, concurrency=2)
+        lane = service._lanes[subjects.PASSKEY_VERIFY]
+        async with anyio.create_task_group() as tg:
+            await tg.start(service.run)
+
+            async def client(challenge: str, deadline: str | None = None) -> None:
+                headers = None if deadline is None else {"Lukhas-Deadline-Ms": deadline}
+                body = msgspec.json.encode({"challenge": challenge})
+                reply = await bus.request(subjects.PASSKEY_VERIFY, body, headers=headers,
+                                          timeout=10)
+                order.append(f"{challenge}:{msgspec.json.decode(reply.data)['ok']}")
+
+            async with anyio.create_task_group() as clients:
+                clients.start_soon(client, "a")  # alone: the reader serves it, held
+                await anyio.wait_all_tasks_blocked()
+                assert service._served_by_readers == 1
+                clients.start_soon(client, "bad", "soon")
+                clients.start_soon(client, "b")
+                await anyio.wait_all_tasks_blocked()
+                holds["a"].set()  # the reader takes both: answers "bad", queues "b"
+                await anyio.wait_all_tasks_blocked()  # the server holds "b"; none queued
+                assert order == ["a:True", "bad:False"] and lane.queued == 0
+                clients.start_soon(client, "c")
+                await anyio.wait_all_tasks_blocked()
+                assert lane.queued == 1  # "c" waits behind "b" instead of passing it
+                holds["b"].set()
+            await service.stop()
+    assert order == ["a:True", "bad:False", "b:True", "c:True"]
+    assert service._served_by_readers == 1

@@ -125,10 +125,17 @@ class ServiceStatistics(NamedTuple):
     refused_replies: int = 0
 
 
-def _idle(send: MemoryObjectSendStream[Any]) -> bool:
-    """Whether the server behind `send` is waiting for a request with none queued."""
-    stats = send.statistics()
-    return not stats.current_buffer_used and stats.tasks_waiting_receive > 0
+class _ServerState:
+    """Whether a server is in the middle of a request (so a reader must not serve one)."""
+
+    __slots__ = ("handling",)
+
+    def __init__(self) -> None:
+        self.handling = False
+
+    def idle(self, send: MemoryObjectSendStream[Any]) -> bool:
+        """Whether the server behind `send` has nothing queued and no request in hand."""
+        return not self.handling and not send.statistics().current_buffer_used
 
 
 class _Queued(NamedTuple):
@@ -251,20 +258,21 @@ class SliceService:
             async with anyio.create_task_group() as tg:
                 with pool_receive:
                     for _ in range(self._concurrency):
-                        tg.start_soon(self._serve, pool_receive.clone())
+                        tg.start_soon(self._serve, pool_receive.clone(), _ServerState())
                 async with pool_send:
                     for ep, sub in requests:
                         deferral = self._deferrals.get(ep.subject)
+                        server = _ServerState()
                         if ep.pooled and deferral is None:
                             send = pool_send.clone()
                         else:
                             send, receive = anyio.create_memory_object_stream[_Queued](
                                 self._max_pending
                             )
-                            tg.start_soon(self._serve, receive, deferral)
+                            tg.start_soon(self._serve, receive, server, deferral)
                             if deferral is not None:
                                 tg.start_soon(deferral.confirm)
-                        tg.start_soon(self._read, ep, sub, send)
+                        tg.start_soon(self._read, ep, sub, send, server)
                 for sub in control:
                     tg.start_soon(self._serve_control, sub)
                 tg.start_soon(_canary.follow_rollbacks, rollbacks, SLICE_REGISTRIES)
@@ -294,17 +302,19 @@ class SliceService:
         )
 
     async def _read(
-        self, served: Served, sub: Subscription, send: MemoryObjectSendStream[_Queued]
+        self, served: Served, sub: Subscription, send: MemoryObjectSendStream[_Queued],
+        server: _ServerState,
     ) -> None:
         """Take what is buffered in bulk, stamp it, and queue or refuse each request.
 
         Requests found already waiting arrived while this reader was away: their stamps are
         spread over that time, so waiting the service could not see still counts.
 
-        A lone request for an endpoint that never waits on I/O, found while its server is
-        idle with nothing queued, is served here at once (`_serve_item`, as the server would
-        serve it next): handing it over cost two task switches and a loop iteration on
-        every request at low load, for no change in order or outcome.
+        A lone request (none other waiting) for an endpoint that never waits on I/O, found
+        while its server has nothing queued and no request in hand, is served here at once
+        (`_serve_item`, as the server would serve it next): handing it over cost two task
+        switches and a loop iteration on every request at low load, for no change in order
+        or outcome.
         """
         lane = self._lanes[served.subject]
         clock = self._clock
@@ -336,7 +346,8 @@ class SliceService:
                     # microseconds unless a handler suspended, e.g. held by a test.)
                     step = 0
                 away = False
-                if direct and len(batch) == 1 and not sub.statistics().pending and _idle(send):
+                if (direct and len(batch) == 1 and not sub.statistics().pending
+                        and server.idle(send)):
                     item = await self._admit(served, lane, batch[0], int(since + step), now, None)
                     if item is not None:
                         self._served_by_readers += 1
@@ -407,15 +418,18 @@ class SliceService:
         return None
 
     async def _serve(
-        self, receive: MemoryObjectReceiveStream[_Queued], deferral: Deferral | None = None
+        self, receive: MemoryObjectReceiveStream[_Queued], server: _ServerState,
+        deferral: Deferral | None = None,
     ) -> None:
         try:
-            await self._serve_queue(receive)
+            await self._serve_queue(receive, server)
         finally:
             if deferral is not None:
                 deferral.close()  # its last calls are parked: answer them, then end
 
-    async def _serve_queue(self, receive: MemoryObjectReceiveStream[_Queued]) -> None:
+    async def _serve_queue(
+        self, receive: MemoryObjectReceiveStream[_Queued], server: _ServerState
+    ) -> None:
         clock = self._clock
         async with receive:
             awake = clock()
@@ -431,7 +445,11 @@ class SliceService:
                 except anyio.EndOfStream:
                     return
                 item.lane.queued -= 1
-                await self._serve_item(item, clock())
+                server.handling = True
+                try:
+                    await self._serve_item(item, clock())
+                finally:
+                    server.handling = False
                 if clock() - awake > _SLICE_NS:
                     await checkpoint()
                     awake = clock()
