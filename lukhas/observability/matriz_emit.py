@@ -183,7 +183,7 @@ class MatrizEmitter:
                 if self._publish_nowait(node.subject, self._encoder.encode(node)):
                     self._published += 1
                     return
-            except BusError:
+            except (BusError, RuntimeError):  # e.g. closed; RuntimeError: no running loop
                 pass  # the task publishes it, and counts and reports a failure
         try:
             self._send.send_nowait(node)
