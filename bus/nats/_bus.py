@@ -179,6 +179,26 @@ class NatsBus:
             raise_translated(exc, subject)
         self._published += 1
 
+    def publish_nowait(self, subject: str, data: bytes) -> bool:
+        """Queue one header-less message for nats-py's flusher without waiting.
+
+        Returns False, having sent nothing, when it cannot be done at once (disconnected,
+        the outgoing buffer at its bound, or nats-py without the internals: see `_compat`);
+        then use `publish`. What is queued goes out in order with every other publish.
+
+        Raises:
+            BusClosed: the bus is closed.
+            InvalidSubject: `subject` is not a literal subject.
+            PayloadTooLarge: `data` is larger than the server's `max_payload`.
+        """
+        self._check_open()
+        self._check_subject(subject)
+        self._check_payload(data)
+        if not self._internals.queue_publish(self._client, subject, data):
+            return False
+        self._published += 1
+        return True
+
     async def publish_batch(self, messages: Iterable[tuple[str, bytes]]) -> None:
         """Send several header-less messages in order.
 

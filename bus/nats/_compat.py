@@ -21,8 +21,15 @@ the README's bus section gives the figures):
   nats-py's reader completes at the matching PONG; the caller awaits it directly (one
   wake-up, where `flush()`'s `wait_for` takes two). Every handoff waits on one.
 
-Publishing needs no internals: `publish_batch` calls the public `Client.publish` once per
-message (nats-py coalesces the writes in its flusher task).
+- **Publishing without waiting.** `Client.publish` is a coroutine; `queue_publish()` queues the
+  same PUB command for nats-py's flusher task synchronously (and wakes the flusher as
+  `publish` does), so a caller that must not wait, the MATRIZ emitter's `emit()`, can publish
+  in place instead of handing the node to a task of its own (a task switch per node at low
+  load). Only while connected and under the pending-buffer bound: else it declines and the
+  caller publishes the ordinary way.
+
+`publish_batch` calls the public `Client.publish` once per message (nats-py coalesces the
+writes in its flusher task).
 
 `INTERNALS` is chosen once, at import: `PrivateInternals` when every attribute it uses exists
 with the expected shape, else `PublicInternals` (and a warning). pyproject bounds nats-py to
@@ -40,6 +47,7 @@ import nats.errors
 from nats.aio.client import PING_PROTO, Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.protocol.command import pub_cmd
 
 __all__ = [
     "INTERNALS",
@@ -80,6 +88,12 @@ class NatsPyInternals(Protocol):
 
     async def round_trip(self, client: Client) -> None:
         """A PING/PONG behind everything published on `client` so far."""
+        ...
+
+    def queue_publish(self, client: Client, subject: str, payload: bytes) -> bool:
+        """Queue a header-less publish behind everything published so far, for nats-py's
+        flusher to write, without waiting; False (nothing queued) when that cannot be done
+        now: then `Client.publish`. The caller has checked the subject and the size."""
         ...
 
     def ping(self, client: Client) -> asyncio.Future[bool] | None:
@@ -131,6 +145,28 @@ class PrivateInternals:
     async def stop_interest(self, client: Client, sub: Subscription) -> None:
         await client._send_unsubscribe(sub._id)
 
+    def queue_publish(self, client: Client, subject: str, payload: bytes) -> bool:
+        # What `Client.publish` does for a header-less message, minus the await: append the
+        # PUB to `_pending` and, if the flusher has no wake-up queued, queue one (a future it
+        # completes). Declined while not connected (reconnect buffering has its own rules),
+        # past the pending bound (`publish` would wait for a flush) or without a flusher.
+        queue = client._flush_queue
+        flusher = client._flusher_task
+        if (not client.is_connected or client.is_draining_pubs or queue is None
+                or flusher is None or flusher.done()):
+            return False
+        command = pub_cmd(subject, "", payload)
+        limit = client._max_pending_size
+        if limit > 0 and client._pending_data_size + len(command) > limit:
+            return False
+        client._pending.append(command)
+        client._pending_data_size += len(command)
+        client.stats["out_msgs"] += 1
+        client.stats["out_bytes"] += len(payload)
+        if queue.empty():
+            queue.put_nowait(asyncio.get_running_loop().create_future())
+        return True
+
     def ping(self, client: Client) -> asyncio.Future[bool] | None:
         # `Client.flush()` writes its PING straight to the socket, ahead of commands still
         # queued for the flusher task, and waits through `wait_for`. Instead write the queue
@@ -178,6 +214,9 @@ class PublicInternals:
             # Also what `next_msg` turns a cancellation into once the client has closed.
             return None
 
+    def queue_publish(self, client: Client, subject: str, payload: bytes) -> bool:
+        return False  # nothing public publishes without waiting
+
     async def stop_interest(self, client: Client, sub: Subscription) -> None:
         # No public call stops interest yet keeps routing; `NatsSubscription.drain` makes a
         # round trip, takes what is buffered and then unsubscribes.
@@ -211,12 +250,19 @@ def missing_internals() -> list[str]:
     # `round_trip` writes what is queued for the flusher, then its PING, and queues the
     # future nats-py's reader answers at the matching PONG.
     client_init = inspect.getsource(Client.__init__)
-    for attr in ("_pending", "_pending_data_size", "_pongs", "_transport"):
+    for attr in ("_pending", "_pending_data_size", "_pongs", "_transport", "_flush_queue",
+                 "_flusher_task", "_max_pending_size", "stats"):
         if f"self.{attr}:" not in client_init and f"self.{attr} " not in client_init:
             missing.append(f"Client.{attr}")
     flusher = inspect.getsource(Client._flusher)
     if "self._transport.writelines(self._pending[:])" not in flusher:
         missing.append("Client._flusher writing `_pending` to `_transport`")
+    # `queue_publish` does what `publish` does for a header-less message, minus the await.
+    send_publish = inspect.getsource(Client._send_publish)
+    for step in ("prot_command.pub_cmd(subject, reply, payload)", 'self.stats["out_msgs"] += 1',
+                 "await self._send_command(pub_cmd)", "self._flush_queue.empty()"):
+        if step not in send_publish:
+            missing.append(f"Client._send_publish doing `{step}`")
     process_pong = inspect.getsource(Client._process_pong)
     if "self._pongs.pop(0)" not in process_pong or ".set_result(" not in process_pong:
         missing.append("Client._process_pong answering `_pongs` in order")

@@ -125,6 +125,19 @@ class ServiceStatistics(NamedTuple):
     refused_replies: int = 0
 
 
+class _ServerState:
+    """Whether a server is in the middle of a request (so a reader must not serve one)."""
+
+    __slots__ = ("handling",)
+
+    def __init__(self) -> None:
+        self.handling = False
+
+    def idle(self, send: MemoryObjectSendStream[Any]) -> bool:
+        """Whether the server behind `send` has nothing queued and no request in hand."""
+        return not self.handling and not send.statistics().current_buffer_used
+
+
 class _Queued(NamedTuple):
     served: Served
     lane: Lane
@@ -215,6 +228,8 @@ class SliceService:
         self._by_subject: dict[str, Subscription] = {}
         self._in_flight = 0
         self._handled = 0
+        #: Requests a reader served itself (its endpoint's server idle, nothing queued).
+        self._served_by_readers = 0
         self._errors = 0
 
     @property
@@ -243,20 +258,21 @@ class SliceService:
             async with anyio.create_task_group() as tg:
                 with pool_receive:
                     for _ in range(self._concurrency):
-                        tg.start_soon(self._serve, pool_receive.clone())
+                        tg.start_soon(self._serve, pool_receive.clone(), _ServerState())
                 async with pool_send:
                     for ep, sub in requests:
                         deferral = self._deferrals.get(ep.subject)
+                        server = _ServerState()
                         if ep.pooled and deferral is None:
                             send = pool_send.clone()
                         else:
                             send, receive = anyio.create_memory_object_stream[_Queued](
                                 self._max_pending
                             )
-                            tg.start_soon(self._serve, receive, deferral)
+                            tg.start_soon(self._serve, receive, server, deferral)
                             if deferral is not None:
                                 tg.start_soon(deferral.confirm)
-                        tg.start_soon(self._read, ep, sub, send)
+                        tg.start_soon(self._read, ep, sub, send, server)
                 for sub in control:
                     tg.start_soon(self._serve_control, sub)
                 tg.start_soon(_canary.follow_rollbacks, rollbacks, SLICE_REGISTRIES)
@@ -286,18 +302,30 @@ class SliceService:
         )
 
     async def _read(
-        self, served: Served, sub: Subscription, send: MemoryObjectSendStream[_Queued]
+        self, served: Served, sub: Subscription, send: MemoryObjectSendStream[_Queued],
+        server: _ServerState,
     ) -> None:
         """Take what is buffered in bulk, stamp it, and queue or refuse each request.
 
         Requests found already waiting arrived while this reader was away: their stamps are
         spread over that time, so waiting the service could not see still counts.
+
+        A lone request (none other waiting) for an endpoint that never waits on I/O, found
+        while its server has nothing queued and no request in hand, is served here at once
+        (`_serve_item`, as the server would serve it next): handing it over cost two task
+        switches and a loop iteration on every request at low load, for no change in order
+        or outcome.
         """
         lane = self._lanes[served.subject]
         clock = self._clock
         iterator = aiter(sub)
+        # Only what never waits on I/O is served in a reader (a reader held on I/O would
+        # stamp nothing meanwhile): inline endpoints, and deferrals whose `begin` cannot wait.
+        deferral = self._deferrals.get(served.subject)
+        direct = not served.pooled if deferral is None else not deferral.waits_on_io
         async with send:
             looked = clock()
+            away = False
             while True:
                 waiting = min(sub.statistics().pending, _READ_BATCH)
                 batch = []
@@ -312,6 +340,20 @@ class SliceService:
                 now = clock()
                 since = looked if waiting else now
                 step = (now - since) / len(batch) if batch else 0
+                if away and waiting:
+                    # This reader served the last request itself, and none was waiting when
+                    # it began: each found now waited at most that long. (Serving takes
+                    # microseconds unless a handler suspended, e.g. held by a test.)
+                    step = 0
+                away = False
+                if (direct and len(batch) == 1 and not sub.statistics().pending
+                        and server.idle(send)):
+                    item = await self._admit(served, lane, batch[0], int(since + step), now, None)
+                    if item is not None:
+                        self._served_by_readers += 1
+                        await self._serve_item(item, now)
+                        away = True
+                    batch = []
                 at = turn = now
                 for i, env in enumerate(batch):
                     await self._admit(served, lane, env, int(since + step * (i + 1)), at, send)
@@ -326,7 +368,10 @@ class SliceService:
                 if ended:
                     return
                 looked = now
-                await checkpoint()  # let the servers, and nats-py's reader, run
+                if sub.statistics().pending:
+                    # More came in meanwhile: let the servers, and nats-py's reader, run
+                    # first. (With nothing pending, waiting for the next request does.)
+                    await checkpoint()
 
     async def _admit(
         self,
@@ -335,8 +380,10 @@ class SliceService:
         env: Envelope,
         stamp: int,
         now: int,
-        send: MemoryObjectSendStream[_Queued],
-    ) -> None:
+        send: MemoryObjectSendStream[_Queued] | None,
+    ) -> _Queued | None:
+        """Refuse `env`, or queue it on `send`; with `send` None, return it to be served
+        now instead (None: it was answered or dropped)."""
         if env.reply is not None and not reply_allowed(env.reply, self._refused_inboxes):
             self._refused_replies += 1
             self._counters[served.subject].refused_replies += 1
@@ -346,7 +393,7 @@ class SliceService:
                     "refused a request on %s whose reply subject is not an inbox "
                     "(%d refused so far)", served.subject, self._refused_replies,
                 )
-            return
+            return None
         try:
             budget = deadline_ns(env.headers, lane.budget_ns)
         except LukhasError as exc:
@@ -355,27 +402,34 @@ class SliceService:
             await self._respond(env, reply, {
                 ERROR_HEADER: exc.message, ERROR_CODE_HEADER: _HTTP_LIKE_CODES[code],
             })
-            return
+            return None
         if not lane.admits(stamp, budget, now):
             await self._refuse(served, lane, env, stamp, now)
-            return
+            return None
+        item = _Queued(served, lane, stamp, budget, env)
+        if send is None:
+            return item
         try:
-            send.send_nowait(_Queued(served, lane, stamp, budget, env))
+            send.send_nowait(item)
         except anyio.WouldBlock:  # the queue is full: as overloaded as it gets
             await self._refuse(served, lane, env, stamp, now)
-            return
+            return None
         lane.queued += 1
+        return None
 
     async def _serve(
-        self, receive: MemoryObjectReceiveStream[_Queued], deferral: Deferral | None = None
+        self, receive: MemoryObjectReceiveStream[_Queued], server: _ServerState,
+        deferral: Deferral | None = None,
     ) -> None:
         try:
-            await self._serve_queue(receive)
+            await self._serve_queue(receive, server)
         finally:
             if deferral is not None:
                 deferral.close()  # its last calls are parked: answer them, then end
 
-    async def _serve_queue(self, receive: MemoryObjectReceiveStream[_Queued]) -> None:
+    async def _serve_queue(
+        self, receive: MemoryObjectReceiveStream[_Queued], server: _ServerState
+    ) -> None:
         clock = self._clock
         async with receive:
             awake = clock()
@@ -390,17 +444,24 @@ class SliceService:
                     awake = clock()
                 except anyio.EndOfStream:
                     return
-                lane = item.lane
-                lane.queued -= 1
-                now = clock()
-                lane.took(now)
-                if lane.expired(item.stamp_ns, item.budget_ns, now):
-                    await self._refuse(item.served, lane, item.env, item.stamp_ns, now)
-                else:
-                    await self._handle(item.served, item.env)
+                item.lane.queued -= 1
+                server.handling = True
+                try:
+                    await self._serve_item(item, clock())
+                finally:
+                    server.handling = False
                 if clock() - awake > _SLICE_NS:
                     await checkpoint()
                     awake = clock()
+
+    async def _serve_item(self, item: _Queued, now: int) -> None:
+        """Serve a request taken at `now`, or refuse it if it can no longer be in time."""
+        lane = item.lane
+        lane.took(now)
+        if lane.expired(item.stamp_ns, item.budget_ns, now):
+            await self._refuse(item.served, lane, item.env, item.stamp_ns, now)
+        else:
+            await self._handle(item.served, item.env)
 
     async def _refuse(
         self, served: Served, lane: Lane, env: Envelope, stamp: int, now: int

@@ -42,7 +42,7 @@ from lukhas.orchestration.context.messages import (
 from lukhas.orchestration.context.providers.bus_publisher import DELIVERED
 from lukhas.orchestration.context.ratelimit import InflightGate, ParkedConfirmations
 from lukhas.orchestration.context.registry import REGISTRY
-from lukhas.ratelimit import SharedLimiter, lease_store
+from lukhas.ratelimit import MemoryLeaseStore, SharedLimiter, lease_store
 from lukhas.runtime import Runtime, current_runtime
 from lukhas.subjects import context_target
 
@@ -194,6 +194,12 @@ class HandoffDeferral:
     @property
     def flushes(self) -> int:
         return self._parked.flushes
+
+    @property
+    def waits_on_io(self) -> bool:
+        """Whether `begin` may wait on I/O: only the rate limiter's lease store can (a
+        shared KV store refilling a lease); the builtin one in memory never does."""
+        return type(lease_store(self._runtime)) is not MemoryLeaseStore
 
     async def begin(self, message: HandoffContext, answer: Answer) -> Reply | None:
         started = time.perf_counter()
