@@ -19,6 +19,23 @@ from bus import BusError, NatsServer, RequestTimeout, open_nats_bus
 pytestmark = pytest.mark.nats
 
 
+async def _stop(pid: int) -> None:
+    """SIGSTOP the server and return once every thread of it is stopped: the signal is
+    only queued when kill() returns, and a server thread still running on the other core
+    could answer a PING sent in that window."""
+    os.kill(pid, signal.SIGSTOP)
+    with anyio.fail_after(10):
+        # A process state has no event to wait on: poll /proc until the stop has landed.
+        while not all(_state(pid, tid) in ("T", "t")  # noqa: ASYNC110
+                      for tid in os.listdir(f"/proc/{pid}/task")):
+            await anyio.sleep(0.001)
+
+
+def _state(pid: int, tid: str) -> str:
+    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 async def test_a_flush_whose_connection_drops_fails_at_once() -> None:
     server = NatsServer(jetstream=False)
     server.start()
@@ -29,7 +46,7 @@ async def test_a_flush_whose_connection_drops_fails_at_once() -> None:
             await bus.publish("lukhas.context.lost", b"{}")
             pid = server.pid
             assert pid is not None
-            os.kill(pid, signal.SIGSTOP)  # the server reads nothing more: no PONG
+            await _stop(pid)  # the server reads nothing more: no PONG
             flushed = bus.flush(timeout=60)  # its PING is on the wire now
             os.kill(pid, signal.SIGKILL)  # and the connection drops with it unanswered
             with anyio.fail_after(20), pytest.raises(BusError) as raised:
@@ -50,7 +67,7 @@ async def test_a_flush_past_its_timeout_fails_and_its_late_pong_harms_nothing() 
         async with open_nats_bus(server.url) as bus, bus.subscribe("lukhas.context.late") as sub:
             pid = server.pid
             assert pid is not None
-            os.kill(pid, signal.SIGSTOP)
+            await _stop(pid)
             try:
                 with pytest.raises(RequestTimeout):
                     await bus.flush(timeout=0.2)
