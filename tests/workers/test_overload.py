@@ -15,7 +15,12 @@ import pytest
 from bus import Envelope
 from lukhas import subjects
 from lukhas.testing import open_test_runtime
-from tests.workers.test_slices import FakeClock, call, held_passkey_verify
+from tests.workers.test_slices import (
+    FakeClock,
+    call,
+    held_passkey_verify,
+    verify_with_deadline,
+)
 from workers.service._overload import Lane, service_budget_ns
 from workers.service.slices import SliceService, freeze_heap
 
@@ -116,10 +121,7 @@ async def test_a_request_read_12_ms_late_is_refused_on_a_30_ms_budget_and_served
             await tg.start(service.run)
 
             async def client(name: str, deadline_ms: str | None = None) -> None:
-                headers = None if deadline_ms is None else {"Lukhas-Deadline-Ms": deadline_ms}
-                replies[name] = await bus.request(
-                    subjects.PASSKEY_VERIFY, b'{"challenge":"c"}', headers=headers, timeout=10
-                )
+                replies[name] = await verify_with_deadline(bus, deadline_ms)
 
             async with anyio.create_task_group() as clients:
                 clients.start_soon(client, "held")  # holds the handler

@@ -267,6 +267,14 @@ async def held_passkey_verify(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
         release.set()
 
 
+async def verify_with_deadline(bus: Bus, deadline_ms: str | None = None) -> Envelope:
+    """A passkey verify request, with a `Lukhas-Deadline-Ms` header when given one."""
+    headers = None if deadline_ms is None else {"Lukhas-Deadline-Ms": deadline_ms}
+    return await bus.request(
+        subjects.PASSKEY_VERIFY, b'{"challenge":"c"}', headers=headers, timeout=10
+    )
+
+
 async def test_a_request_past_its_queue_budget_is_refused_overloaded_not_silence(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -283,10 +291,7 @@ async def test_a_request_past_its_queue_budget_is_refused_overloaded_not_silence
             await tg.start(service.run)
 
             async def client(name: str, deadline_ms: str | None = None) -> None:
-                headers = None if deadline_ms is None else {"Lukhas-Deadline-Ms": deadline_ms}
-                replies[name] = await bus.request(
-                    subjects.PASSKEY_VERIFY, b'{"challenge":"c"}', headers=headers, timeout=10
-                )
+                replies[name] = await verify_with_deadline(bus, deadline_ms)
 
             async with anyio.create_task_group() as clients:
                 clients.start_soon(client, "served")  # held in the handler
