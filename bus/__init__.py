@@ -3,6 +3,7 @@
 Import names from here; each lives in the module that owns it.
 """
 
+from bus._subject import EncodedHeaders as EncodedHeaders
 from bus._types import Bus as Bus
 from bus._types import BusStatistics as BusStatistics
 from bus._types import Envelope as Envelope

@@ -104,3 +104,21 @@ def normalize_headers(headers: Headers | None) -> dict[str, str]:
             raise InvalidHeader(key)
         out[name] = value.strip().translate(_HEADER_VALUE_NEWLINES)
     return out
+
+
+class EncodedHeaders:
+    """Headers validated and laid out once, for a message sent again and again (a refusal).
+
+    `mapping` is what `normalize_headers` makes of them; `block` the header block as nats-py
+    writes it on the wire (`NATS/1.0`, a `Name: value` line each, a blank line).
+
+    Raises:
+        InvalidHeader: a key holds characters a header name cannot have.
+    """
+
+    __slots__ = ("block", "mapping")
+
+    def __init__(self, headers: Headers) -> None:
+        self.mapping = normalize_headers(headers)
+        lines = [f"{name}: {value}\r\n" for name, value in self.mapping.items()]
+        self.block = ("NATS/1.0\r\n" + "".join(lines) + "\r\n").encode()

@@ -16,7 +16,13 @@ from nats.aio.client import Client
 from nats.aio.subscription import Subscription as RawSubscription
 from nats.js import JetStreamContext
 
-from bus._subject import normalize_headers, validate_pattern, validate_queue, validate_subject
+from bus._subject import (
+    EncodedHeaders,
+    normalize_headers,
+    validate_pattern,
+    validate_queue,
+    validate_subject,
+)
 from bus._throttle import LogThrottle
 from bus._types import (
     DEFAULT_MAX_PENDING,
@@ -179,8 +185,11 @@ class NatsBus:
             raise_translated(exc, subject)
         self._published += 1
 
-    def publish_nowait(self, subject: str, data: bytes) -> bool:
-        """Queue one header-less message for nats-py's flusher without waiting.
+    def publish_nowait(
+        self, subject: str, data: bytes, *, headers: EncodedHeaders | None = None
+    ) -> bool:
+        """Queue one message (headers, if any, already encoded) for nats-py's flusher
+        without waiting.
 
         Returns False, having sent nothing, when it cannot be done at once (disconnected,
         the outgoing buffer at its bound, or nats-py without the internals: see `_compat`);
@@ -194,7 +203,8 @@ class NatsBus:
         self._check_open()
         self._check_subject(subject)
         self._check_payload(data)
-        if not self._internals.queue_publish(self._client, subject, data):
+        block = None if headers is None or not headers.mapping else headers.block
+        if not self._internals.queue_publish(self._client, subject, data, block):
             return False
         self._published += 1
         return True

@@ -47,7 +47,7 @@ import nats.errors
 from nats.aio.client import PING_PROTO, Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.protocol.command import pub_cmd
+from nats.protocol.command import hpub_cmd, pub_cmd
 
 __all__ = [
     "INTERNALS",
@@ -90,10 +90,14 @@ class NatsPyInternals(Protocol):
         """A PING/PONG behind everything published on `client` so far."""
         ...
 
-    def queue_publish(self, client: Client, subject: str, payload: bytes) -> bool:
-        """Queue a header-less publish behind everything published so far, for nats-py's
-        flusher to write, without waiting; False (nothing queued) when that cannot be done
-        now: then `Client.publish`. The caller has checked the subject and the size."""
+    def queue_publish(
+        self, client: Client, subject: str, payload: bytes, header_block: bytes | None = None
+    ) -> bool:
+        """Queue a publish behind everything published so far, for nats-py's flusher to
+        write, without waiting; False (nothing queued) when that cannot be done now: then
+        `Client.publish`. `header_block` is the headers as nats-py writes them (`NATS/1.0`
+        line, `Name: value` lines, blank line; see `bus.EncodedHeaders`). The caller has
+        checked the subject and the size."""
         ...
 
     def ping(self, client: Client) -> asyncio.Future[bool] | None:
@@ -145,17 +149,21 @@ class PrivateInternals:
     async def stop_interest(self, client: Client, sub: Subscription) -> None:
         await client._send_unsubscribe(sub._id)
 
-    def queue_publish(self, client: Client, subject: str, payload: bytes) -> bool:
-        # What `Client.publish` does for a header-less message, minus the await: append the
-        # PUB to `_pending` and, if the flusher has no wake-up queued, queue one (a future it
-        # completes). Declined while not connected (reconnect buffering has its own rules),
-        # past the pending bound (`publish` would wait for a flush) or without a flusher.
+    def queue_publish(
+        self, client: Client, subject: str, payload: bytes, header_block: bytes | None = None
+    ) -> bool:
+        # What `Client.publish` does, minus the await (and, with headers already encoded,
+        # minus encoding them again): append the PUB or HPUB to `_pending` and, if the
+        # flusher has no wake-up queued, queue one (a future it completes). Declined while
+        # not connected (reconnect buffering has its own rules), past the pending bound
+        # (`publish` would wait for a flush) or without a flusher.
         queue = client._flush_queue
         flusher = client._flusher_task
         if (not client.is_connected or client.is_draining_pubs or queue is None
                 or flusher is None or flusher.done()):
             return False
-        command = pub_cmd(subject, "", payload)
+        command = (pub_cmd(subject, "", payload) if header_block is None
+                   else hpub_cmd(subject, "", header_block, payload))
         limit = client._max_pending_size
         if limit > 0 and client._pending_data_size + len(command) > limit:
             return False
@@ -214,7 +222,9 @@ class PublicInternals:
             # Also what `next_msg` turns a cancellation into once the client has closed.
             return None
 
-    def queue_publish(self, client: Client, subject: str, payload: bytes) -> bool:
+    def queue_publish(
+        self, client: Client, subject: str, payload: bytes, header_block: bytes | None = None
+    ) -> bool:
         return False  # nothing public publishes without waiting
 
     async def stop_interest(self, client: Client, sub: Subscription) -> None:
@@ -257,9 +267,13 @@ def missing_internals() -> list[str]:
     flusher = inspect.getsource(Client._flusher)
     if "self._transport.writelines(self._pending[:])" not in flusher:
         missing.append("Client._flusher writing `_pending` to `_transport`")
-    # `queue_publish` does what `publish` does for a header-less message, minus the await.
+    # `queue_publish` does what `publish` does, minus the await; `bus.EncodedHeaders` lays
+    # out a header block as nats-py does.
     send_publish = inspect.getsource(Client._send_publish)
-    for step in ("prot_command.pub_cmd(subject, reply, payload)", 'self.stats["out_msgs"] += 1',
+    for step in ("prot_command.pub_cmd(subject, reply, payload)",
+                 "prot_command.hpub_cmd(subject, reply, hdr, payload)",
+                 "hdr.extend(NATS_HDR_LINE)", 'hdr.extend(b": ")',
+                 'self.stats["out_msgs"] += 1',
                  "await self._send_command(pub_cmd)", "self._flush_queue.empty()"):
         if step not in send_publish:
             missing.append(f"Client._send_publish doing `{step}`")

@@ -220,7 +220,7 @@ async def test_a_handoff_queued_past_its_budget_is_refused_overloaded_not_silenc
         async def hand_off_late() -> None:
             reply = await client.request(subjects.CONTEXT_HANDOFF, HANDOFF, timeout=10,
                                          headers={"Lukhas-Deadline-Ms": "20"})
-            late.append(msgspec.json.decode(reply.data))
+            late.append({**msgspec.json.decode(reply.data), "_headers": reply.headers})
 
         try:
             async with anyio.create_task_group() as tg:
@@ -240,6 +240,9 @@ async def test_a_handoff_queued_past_its_budget_is_refused_overloaded_not_silenc
     assert len(late) == 5
     assert all(r["ok"] is False and r["reason"] == "overloaded" for r in late)
     assert all(r["retry_after_ms"] >= 1 for r in late)
+    # Queued on the wire in place (`publish_nowait`), with the nats.micro error headers.
+    assert all(r["_headers"] == {"Nats-Service-Error": "overloaded",
+                                 "Nats-Service-Error-Code": "503"} for r in late)
 
 
 async def test_handoffs_whose_flush_fails_are_answered_unavailable_never_ok(

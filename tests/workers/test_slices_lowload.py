@@ -12,7 +12,14 @@ import anyio
 import msgspec
 import pytest
 
-from bus import BusClosed, InvalidSubject, open_memory_bus, open_nats_bus
+from bus import (
+    BusClosed,
+    EncodedHeaders,
+    InvalidHeader,
+    InvalidSubject,
+    open_memory_bus,
+    open_nats_bus,
+)
 from bus.nats._compat import use_public_api
 from lukhas import subjects
 from lukhas.identity.passkey.providers.null_webauthn import NullWebAuthnProvider
@@ -186,6 +193,31 @@ async def test_publish_nowait_keeps_order_with_publish_and_declines_without_inte
             assert public.statistics().published == 0
     finally:
         use_public_api(previous.name == "public")
+
+
+async def test_publish_nowait_with_encoded_headers_reads_as_a_publish_with_them(
+    nats_url: str,
+) -> None:
+    """A refusal goes out through `publish_nowait` with its headers laid out once
+    (`EncodedHeaders`): a nats-py subscriber reads the same headers and body as from
+    `publish`, in order, and a bad header name is refused when the headers are made."""
+    wire = EncodedHeaders({"Nats-Service-Error": " overloaded ", "Nats-Service-Error-Code": "503"})
+    assert wire.mapping == {"Nats-Service-Error": "overloaded", "Nats-Service-Error-Code": "503"}
+    async with open_nats_bus(nats_url) as bus, bus.subscribe("lukhas.lowload.h.>") as sub:
+        assert bus.publish_nowait("lukhas.lowload.h.1", b'{"ok":false}', headers=wire)
+        await bus.publish("lukhas.lowload.h.2", b'{"ok":false}', headers=wire.mapping)
+        await bus.flush()
+        got = []
+        with anyio.fail_after(5):
+            async for env in sub:
+                got.append(env)
+                if len(got) == 2:
+                    break
+    assert [e.subject for e in got] == ["lukhas.lowload.h.1", "lukhas.lowload.h.2"]
+    assert got[0].headers == got[1].headers == wire.mapping
+    assert got[0].data == got[1].data == b'{"ok":false}'
+    with pytest.raises(InvalidHeader):
+        EncodedHeaders({"bad name": "x"})
 
 
 async def test_a_reader_never_serves_while_its_server_has_a_request_in_hand(

@@ -34,7 +34,7 @@ from anyio.lowlevel import checkpoint
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 import lukhas
-from bus import BusError, Envelope, Subscription
+from bus import BusError, EncodedHeaders, Envelope, Subscription
 from lukhas.catalog import ENDPOINTS
 from lukhas.config import Settings
 from lukhas.endpoint import Deferral, Endpoint, Reply
@@ -65,6 +65,8 @@ ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 _HTTP_LIKE_CODES = {"invalid_request": "400", "payload_too_large": "413", "internal": "500"}
 _OVERLOADED_HEADERS = {ERROR_HEADER: "overloaded", ERROR_CODE_HEADER: "503"}
+#: The same, validated and laid out once: a refusal is queued on the wire as it is.
+_OVERLOADED_WIRE = EncodedHeaders(_OVERLOADED_HEADERS)
 #: Most requests one reader pass takes before it lets the other tasks run.
 _READ_BATCH = 1024
 #: How long a server, or a reader taking in a batch, runs without suspending before it lets
@@ -189,6 +191,9 @@ class SliceService:
     ) -> None:
         self._runtime = runtime
         self._bus = runtime.bus
+        #: A bus that queues a publish without waiting (NATS): refusals go out that way.
+        self._publish_nowait: Callable[..., bool] | None = getattr(
+            runtime.bus, "publish_nowait", None)
         self._concurrency = concurrency or runtime.settings.worker_concurrency
         self._max_pending = max_pending or runtime.settings.worker_max_pending
         self._endpoints = serve_plan(runtime.settings)
@@ -483,11 +488,15 @@ class SliceService:
                 producer=f"{runtime.producer}:{point.module}", capability=endpoint.capability,
                 tenant=runtime.settings.tenant, labels=("reason:overloaded", f"overloaded:{count}"),
             ))
-        await self._respond(
-            env,
-            {"ok": False, "reason": "overloaded", "retry_after_ms": lane.retry_after_ms()},
-            _OVERLOADED_HEADERS,
-        )
+        reply = {"ok": False, "reason": "overloaded", "retry_after_ms": lane.retry_after_ms()}
+        if env.reply is not None and self._publish_nowait is not None:
+            try:
+                if self._publish_nowait(env.reply, _encoder.encode(reply),
+                                        headers=_OVERLOADED_WIRE):
+                    return
+            except BusError:
+                pass  # e.g. an inbox the bus refuses: the ordinary path says why
+        await self._respond(env, reply, _OVERLOADED_HEADERS)
 
     async def _handle(self, served: Served, env: Envelope) -> None:
         endpoint = served.endpoint
