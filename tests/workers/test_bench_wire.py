@@ -36,36 +36,33 @@ async def _responder(url: str) -> Client:
     return client
 
 
-async def test_requests_are_matched_to_their_replies_and_timed(nats_url: str) -> None:
-    responder = await _responder(nats_url)
-    wire = RawWire(nats_url, "wire.echo", b'{"ok": true}', echo=False, timeout_s=5)
+async def _answered(url: str, subject: str, payload: bytes, requests: int) -> RawWire:
+    """Send `requests` requests to `subject` (served by `_responder`) and wait for them all;
+    the wire, closed, keeps its counts and latencies."""
+    responder = await _responder(url)
+    wire = RawWire(url, subject, payload, echo=False, timeout_s=5)
     try:
         await wire.open()
-        for _ in range(500):
+        for _ in range(requests):
             wire.send_nowait()
         with anyio.fail_after(10):
             await wire.drain()
-        assert wire.completed == 500 and not wire.errors
-        assert wire.latency.count == wire.from_send.count == 500
-        assert set(wire.by_outcome) == {"ok"} and wire.by_outcome["ok"].count == 500
     finally:
         await wire.close()
         await responder.close()
+    return wire
+
+
+async def test_requests_are_matched_to_their_replies_and_timed(nats_url: str) -> None:
+    wire = await _answered(nats_url, "wire.echo", b'{"ok": true}', 500)
+    assert wire.completed == 500 and not wire.errors
+    assert wire.latency.count == wire.from_send.count == 500
+    assert set(wire.by_outcome) == {"ok"} and wire.by_outcome["ok"].count == 500
 
 
 async def test_a_refusal_with_headers_counts_under_its_reason(nats_url: str) -> None:
-    responder = await _responder(nats_url)
-    wire = RawWire(nats_url, "wire.refuse", b"{}", echo=False, timeout_s=5)
-    try:
-        await wire.open()
-        for _ in range(20):
-            wire.send_nowait()
-        with anyio.fail_after(10):
-            await wire.drain()
-        assert wire.by_outcome["overloaded"].count == 20 and wire.completed == 20
-    finally:
-        await wire.close()
-        await responder.close()
+    wire = await _answered(nats_url, "wire.refuse", b"{}", 20)
+    assert wire.by_outcome["overloaded"].count == 20 and wire.completed == 20
 
 
 async def test_no_responders_is_an_error_and_unanswered_requests_time_out(

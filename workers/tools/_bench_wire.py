@@ -15,7 +15,7 @@ PING/PONG), on one asyncio protocol object:
   socket buffer, matched by token, and timed where they are parsed;
 * `PING` is answered, `PONG` ends a round trip, `-ERR` ends the connection.
 
-It keeps `_Wire`'s interface and accounting (latency from the scheduled send, from the
+It keeps the accounting of the nats-py wire it replaced (latency from the scheduled send, from the
 actual send, by outcome; timeouts swept oldest first). The service and the echo baseline
 keep using nats-py: only the measuring side is this lean.
 """
@@ -180,9 +180,6 @@ class RawWire:
         self._pending[token] = (left if scheduled is None else min(left, scheduled), left)
         self._write(self._pub_head + str(token).encode() + self._pub_tail)
         return left
-
-    async def send(self, scheduled: float | None = None) -> float:
-        return self.send_nowait(scheduled)
 
     def _write(self, data: bytes) -> None:
         self._out += data
