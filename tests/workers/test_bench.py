@@ -98,6 +98,10 @@ async def test_quick_bench_reports_every_section(nats_binary: None) -> None:
     assert positive(workers["echo_one_rps"]) and positive(workers["echo_two_rps"])
     assert workers["errors"] == 0
     assert workers["rounds"] and all(positive(r["ratio"]) for r in workers["rounds"])
+    for per_request in workers["service_per_request"]:  # /proc may read 0 jiffies in 0.3 s
+        assert per_request["cpu_us"] is None or per_request["cpu_us"] >= 0
+        cut = per_request["requests_per_preemption"]
+        assert cut is None or positive(cut)
     assert deployed["generators"] >= 2
     for name in SLICES:
         over = deployed["overload"][name]
@@ -114,6 +118,7 @@ async def test_quick_bench_reports_every_section(nats_binary: None) -> None:
     table = render(results)
     for label in (*SLICES, "MATRIZ emitter", "MATRIZ dropped", "handoff limiter",
                   "ledger appends", "deployed: consent_record ok/s", "deployed: ceiling",
+                  "requests per worker preemption",
                   "targets:"):
         assert label in table
 

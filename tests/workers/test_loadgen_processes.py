@@ -83,7 +83,8 @@ async def test_open_loop_split_over_processes_merges_exactly(
     assert result["ok_within_sla"] <= result["outcomes"].get("ok", 0)
     assert result["answered_within_sla"] <= result["completed"]
     assert isinstance(result["generators_behind"], bool)
-    assert set(result["cpu_s"]) == {"generator"}
+    assert set(result["cpu_s"]) == set(result["preemptions"]) == {"generator"}
+    assert result["preemptions"]["generator"] >= 0  # counted from /proc, never negative
 
 
 async def test_closed_loop_split_over_processes_counts_every_call(

@@ -53,7 +53,7 @@ from workers.tools.loadgen import (
     merge_open,
 )
 
-__all__ = ["LoadGenerators", "cpu_seconds", "summarize_open"]
+__all__ = ["LoadGenerators", "cpu_seconds", "preemptions", "summarize_open"]
 
 #: The longest line a generator may answer with (a result with its histograms encoded).
 _MAX_LINE = 64 * 1024 * 1024
@@ -232,6 +232,22 @@ def cpu_seconds(pids: Sequence[int]) -> float | None:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def preemptions(pids: Sequence[int]) -> int | None:
+    """Times the kernel has taken the CPU from the main threads of `pids` so far (their
+    involuntary context switches); None where /proc cannot say. Past a machine's cores,
+    every process is cut short every few requests, and a worker that would batch hundreds
+    of requests per wake-up serves a few at a time instead."""
+    total = 0
+    try:
+        for pid in pids:
+            with open(f"/proc/{pid}/status", encoding="ascii") as status:
+                total += next(int(line.split()[1]) for line in status
+                              if line.startswith("nonvoluntary_ctxt_switches:"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return total
+
+
 def machine_jiffies() -> tuple[int, int] | None:
     """(busy, total) CPU jiffies of the whole machine so far (/proc/stat); None elsewhere."""
     try:
@@ -351,6 +367,7 @@ class LoadGenerators:
                 raise GeneratorError(f"expected warm, got {warm!r}")
         pids = {**job.get("cpu_pids", {}), "generator": self.pids}
         before = {name: cpu_seconds(p) for name, p in pids.items()}
+        cut_before = {name: preemptions(p) for name, p in pids.items()}
         machine_before = machine_jiffies()
         began = time.perf_counter()
         start_at = began + _START_DELAY_S
@@ -365,9 +382,15 @@ class LoadGenerators:
         wall = time.perf_counter() - began
         machine = _machine_cores(machine_before, machine_jiffies(), wall)
         after = {name: cpu_seconds(p) for name, p in pids.items()}
+        cut_after = {name: preemptions(p) for name, p in pids.items()}
         cpu = {
             name: None if before[name] is None or after[name] is None
             else round(after[name] - before[name], 3)  # type: ignore[operator]
+            for name in pids
+        }
+        preempted = {
+            name: None if cut_before[name] is None or cut_after[name] is None
+            else cut_after[name] - cut_before[name]  # type: ignore[operator]
             for name in pids
         }
         if job["mode"] == "closed":
@@ -377,13 +400,15 @@ class LoadGenerators:
             return {
                 "mode": "closed", "generators": parts, **merged.as_dict(),
                 "ok_rps": round(ok / merged.elapsed_s, 1) if merged.elapsed_s > 0 else 0.0,
-                "cpu_s": cpu, "wall_s": round(wall, 3), "machine": machine,
+                "cpu_s": cpu, "preemptions": preempted, "wall_s": round(wall, 3),
+                "machine": machine,
             }
         opened = [OpenLoopResult.from_wire(w) for w in wires]
         sla_ms = float(job.get("sla_ms", 1e9))
         return {
             **summarize_open(merge_open(opened), sla_ms=sla_ms, parts=opened),
-            "cpu_s": cpu, "wall_s": round(wall, 3), "machine": machine,
+            "cpu_s": cpu, "preemptions": preempted, "wall_s": round(wall, 3),
+            "machine": machine,
         }
 
 

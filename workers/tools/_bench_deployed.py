@@ -343,10 +343,6 @@ def _combined_closed(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for r in runs:
         for name, count in r["by_outcome"].items():
             outcomes[name] = outcomes.get(name, 0) + count
-    cpu: dict[str, float | None] = {}
-    for name in runs[0]["cpu_s"]:
-        values = [r["cpu_s"].get(name) for r in runs]
-        cpu[name] = None if None in values else round(sum(values), 3)
     machine: dict[str, float] | None = None
     if wall and all(r.get("machine") for r in runs):
         machine = {
@@ -359,7 +355,28 @@ def _combined_closed(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "by_outcome": outcomes, "elapsed_s": elapsed,
         "throughput": round(completed / elapsed, 1) if elapsed else 0.0,
         "ok_rps": round(outcomes.get("ok", 0) / elapsed, 1) if elapsed else 0.0,
-        "cpu_s": cpu, "wall_s": wall, "machine": machine,
+        "cpu_s": _summed(runs, "cpu_s"), "preemptions": _summed(runs, "preemptions"),
+        "wall_s": wall, "machine": machine,
+    }
+
+
+def _summed(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Per process group, the sum over `runs` of `run[key][group]` (None if any is None)."""
+    out: dict[str, Any] = {}
+    for name in runs[0][key]:
+        values = [r[key].get(name) for r in runs]
+        out[name] = None if None in values else round(sum(values), 3)
+    return out
+
+
+def _per_request(run: dict[str, Any], who: str) -> dict[str, float | None]:
+    """`who`'s CPU µs per completed request and completed requests per preemption of its
+    processes (see `_bench_client.preemptions`) over a combined run."""
+    done = run["completed"]
+    cpu, cut = run["cpu_s"].get(who), run["preemptions"].get(who)
+    return {
+        "cpu_us": None if cpu is None or not done else round(cpu / done * 1e6, 1),
+        "requests_per_preemption": None if cut is None or not cut else round(done / cut, 1),
     }
 
 
@@ -405,6 +422,7 @@ def _workers_row(runs: dict[str, list[dict[str, Any]]], seconds: float) -> dict[
         "outcomes": [one["by_outcome"], two["by_outcome"]],
         "errors": one["errors"] + two["errors"],
         "cores": [one_cores, _accounting(two, _GROUPS)],
+        "service_per_request": [_per_request(one, "service"), _per_request(two, "service")],
         "cpu_ceiling_ratio": ceiling,
         "cpu_ceiling_ratio_without_others": alone,
         "echo_one_rps": echo1["ok_rps"], "echo_two_rps": echo2["ok_rps"],

@@ -174,6 +174,12 @@ def _deployed_rows(dep: dict[str, Any], add: Any) -> None:
         "deployed.consent_record.two_workers")
     add("deployed: ceiling, raw echo 2 processes vs 1", _num(w["echo_two_rps"]),
         f"1 process {_num(w['echo_one_rps'])}", _ratio(w["echo_ratio"]))
+    one, two = w.get("service_per_request") or ({}, {})
+    for key, label in (("cpu_us", "worker CPU µs/request"),
+                       ("requests_per_preemption", "requests per worker preemption")):
+        a, b = one.get(key), two.get(key)
+        add(f"deployed: {label}, 2 workers vs 1", _num(b, 1), f"1 worker {_num(a, 1)}",
+            _ratio(b / a if a and b is not None else None))
     c = w["cores"][0]
     add("deployed: ceiling, CPU (1 worker): cores",
         f"{_num(c['service'], 2)}+{_num(c['nats_server'], 2)}+{_num(c['generator'], 2)}",
