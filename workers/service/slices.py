@@ -359,8 +359,8 @@ class SliceService:
                     # microseconds unless a handler suspended, e.g. held by a test.)
                     step = 0
                 away = False
-                if direct and len(batch) == 1 and server.idle(send):
-                    # (Nothing else is pending: `take_ready` took all there was.)
+                if (direct and len(batch) == 1 and not sub.statistics().pending
+                        and server.idle(send)):
                     item = await self._admit(served, lane, batch[0], int(since + step), now, None)
                     if item is not None:
                         self._served_by_readers += 1
@@ -395,7 +395,7 @@ class SliceService:
         for i, env in enumerate(batch):
             stamp = int(since + step * (i + 1))
             reply = env.reply
-            if (reply is not None and not reply_allowed(reply, inboxes)
+            if ((reply is not None and not reply_allowed(reply, inboxes))
                     or DEADLINE_HEADER in env.headers):
                 await self._admit(served, lane, env, stamp, at, send)
             elif at - stamp + (lane.queued + 1) * interval <= share:  # `Lane.admits`
