@@ -155,11 +155,15 @@ class Lane:
         within the service's share of its budget: what it waited, the queue ahead of it,
         and its own service."""
         expected = now_ns - stamp_ns + (self.queued + 1) * self.interval()
-        return expected <= service_budget_ns(budget_ns)
+        return expected <= self.share(budget_ns)
 
     def expired(self, stamp_ns: int, budget_ns: int, now_ns: int) -> bool:
         """Whether a request at the front can no longer be answered within that share."""
-        return now_ns - stamp_ns + self.interval() > service_budget_ns(budget_ns)
+        return now_ns - stamp_ns + self.interval() > self.share(budget_ns)
+
+    def share(self, budget_ns: int) -> float:
+        """`service_budget_ns(budget_ns)`, kept for the lane's own budget."""
+        return self.share_ns if budget_ns == self.budget_ns else service_budget_ns(budget_ns)
 
     def interval(self) -> float:
         """The service interval to plan with (ns): the estimate, or before the first whole
