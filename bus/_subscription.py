@@ -54,7 +54,23 @@ class ConsumedSubscription:
             return envelope
         raise RequestTimeout(self.subject, deadline)
 
+    def take_ready(self, limit: int) -> list[Envelope]:
+        """Up to `limit` envelopes already buffered, oldest first, without waiting.
+
+        For a reader that looks at everything waiting in one pass: one call instead of an
+        `async for` step per message. Empty when nothing is buffered; never ends iteration
+        or raises a refusal (the next `async for` step does). What it returns counts as
+        delivered and in hand, as the last message of an `async for` step does.
+        """
+        envelopes = self._take_ready(limit) if limit > 0 else []
+        if envelopes:
+            self._in_hand = True
+        return envelopes
+
     async def _take(self) -> Envelope:
+        raise NotImplementedError
+
+    def _take_ready(self, limit: int) -> list[Envelope]:
         raise NotImplementedError
 
     def _check_settled(self) -> None:

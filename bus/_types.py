@@ -71,6 +71,11 @@ class Subscription(Protocol):
         """
         ...
 
+    def take_ready(self, limit: int) -> list[Envelope]:
+        """Up to `limit` envelopes already buffered, oldest first, without waiting (empty
+        when none); iteration's end and refusals show at the next `async for` step."""
+        ...
+
     async def unsubscribe(self) -> None:
         """Stop at once, discarding anything still buffered."""
         ...

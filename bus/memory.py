@@ -105,6 +105,19 @@ class MemorySubscription(ConsumedSubscription):
         self._delivered += 1
         return envelope
 
+    def _take_ready(self, limit: int) -> list[Envelope]:
+        envelopes: list[Envelope] = []
+        if self._state == "closed":
+            return envelopes
+        receive = self._receive
+        try:
+            while len(envelopes) < limit:
+                envelopes.append(receive.receive_nowait())
+        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+            pass
+        self._delivered += len(envelopes)
+        return envelopes
+
     def _closed(self) -> bool:
         # A method, so a type checker does not carry the narrowing above across the await.
         return self._state == "closed"

@@ -6,6 +6,8 @@ the README's bus section gives the figures):
 - **Reading a subscription.** nats-py's public `Subscription.next_msg()` and `.messages` start
   a task (and `next_msg` a `wait_for` and a uuid4) per message; reading its bounded
   `_pending_queue` directly, with the same bookkeeping, is the hot path of every consumer.
+  `take_ready()` takes everything buffered (up to a limit) in one call, for a reader that
+  looks at what waits in bulk (the slice service under overload).
 - **Stopping interest for `drain()`.** `Subscription.drain()` waits until its queue is
   consumed (a consumer draining its own subscription would hang) and writes its flush PING
   ahead of the UNSUB, so messages the server sends in between are lost. Sending the UNSUB
@@ -68,6 +70,11 @@ class NatsPyInternals(Protocol):
 
     def take_nowait(self, sub: Subscription) -> Msg | None:
         """The next buffered message, or None when the buffer is empty (never waits)."""
+        ...
+
+    def take_ready(self, sub: Subscription, limit: int) -> list[Msg]:
+        """Up to `limit` buffered messages, oldest first, in one call (never waits): what a
+        reader finds waiting when it looks, without a call per message."""
         ...
 
     async def take(self, sub: Subscription) -> Msg | None:
@@ -136,6 +143,22 @@ class PrivateInternals:
         sub._pending_size -= len(msg.data)
         queue.task_done()
         return msg
+
+    def take_ready(self, sub: Subscription, limit: int) -> list[Msg]:
+        # `take_nowait` per message, in one loop: `get_nowait`/`task_done` are asyncio's
+        # public Queue API; the pending bytes are nats-py's bookkeeping, as `next_msg` does it.
+        queue = sub._pending_queue
+        count = min(limit, queue.qsize())
+        if count <= 0:
+            return []
+        get, done = queue.get_nowait, queue.task_done
+        msgs = [get() for _ in range(count)]
+        size = 0
+        for msg in msgs:
+            size += len(msg.data)
+            done()
+        sub._pending_size -= size
+        return msgs
 
     async def take(self, sub: Subscription) -> Msg | None:
         # `Queue.get()` hands the item to the waiter only when it wakes, so a cancelled
@@ -214,6 +237,9 @@ class PublicInternals:
     def take_nowait(self, sub: Subscription) -> Msg | None:
         # `pending_msgs` is public; nothing buffered means the caller should wait.
         return None
+
+    def take_ready(self, sub: Subscription, limit: int) -> list[Msg]:
+        return []  # as `take_nowait`: the caller waits, a message at a time
 
     async def take(self, sub: Subscription) -> Msg | None:
         try:

@@ -181,6 +181,22 @@ class NatsSubscription(ConsumedSubscription):
         self._delivered += 1
         return envelope(msg)
 
+    def _take_ready(self, limit: int) -> list[Envelope]:
+        if self._denied is not None or self._phase == "closed":
+            return []
+        msgs: list[Msg] = []
+        moved = self._moved
+        while moved and len(msgs) < limit:
+            msgs.append(moved.popleft())
+        if self._phase == "active" and len(msgs) < limit:
+            # Only while active: once draining, the drain alone reads nats-py's queue.
+            msgs += self._internals.take_ready(self._raw, limit - len(msgs))
+        self._delivered += len(msgs)
+        # `envelope()` inlined: a call less per message on the hot path.
+        return [
+            Envelope(msg.subject, msg.data, msg.headers or {}, msg.reply or None) for msg in msgs
+        ]
+
     def _check_settled(self) -> None:
         if self._phase in ("active", "draining") or self._in_hand:
             return

@@ -7,6 +7,7 @@ rules are checked exactly; what they do under real load is measured by `lukhas b
 from __future__ import annotations
 
 import gc
+from typing import Any
 
 import anyio
 import msgspec
@@ -15,13 +16,14 @@ import pytest
 from bus import Envelope
 from lukhas import subjects
 from lukhas.testing import open_test_runtime
+from tests.conftest import BusFactory
 from tests.workers.test_slices import (
     FakeClock,
     call,
     held_passkey_verify,
     verify_with_deadline,
 )
-from workers.service._overload import Lane, service_budget_ns
+from workers.service._overload import Lane, overloaded_body, service_budget_ns
 from workers.service.slices import SliceService, freeze_heap
 
 MS = 1_000_000
@@ -165,3 +167,82 @@ async def test_a_worker_freezes_its_heap_once_it_serves_and_still_answers() -> N
             reply = await call(runtime.bus, subjects.PASSKEY_VERIFY, {"challenge": "c"})
             await service.stop()
     assert reply["ok"] is True
+
+
+def _request(subject: str, i: int, **headers: str) -> Envelope:
+    return Envelope(subject, b'{"challenge":"c"}', headers, f"_INBOX.batch.{i}")
+
+
+async def test_a_reader_pass_decides_each_request_as_lane_admits_would_one_by_one(
+    open_bus: BusFactory,
+) -> None:
+    """The reader's pass decides the common case inline; every decision must be the one
+    `Lane.admits` makes, request by request, with the queue growing as requests are admitted:
+    here 30 requests found waiting over 6 ms, a 1 ms service interval and a 7.5 ms share
+    (30 ms budget), a client deadline, a bad deadline, a reply subject that is no inbox, and a
+    queue that fills up."""
+    async with (
+        open_bus() as bus,
+        open_test_runtime(bus=bus) as (runtime, _),
+        bus.subscribe("_INBOX.batch.>") as inbox,
+    ):
+        clock = FakeClock()
+        service = SliceService(runtime, clock=clock)
+        served = next(ep for ep in service.endpoints if ep.subject == subjects.PASSKEY_VERIFY)
+        lane = Lane(budget_ns=30 * MS, interval_ns=1.0 * MS)
+        batch = [_request(served.subject, i) for i in range(30)]
+        batch[3] = _request(served.subject, 3, **{"Lukhas-Deadline-Ms": "40"})
+        batch[5] = _request(served.subject, 5, **{"Lukhas-Deadline-Ms": "soon"})
+        batch[7] = Envelope(served.subject, b"{}", {}, "lukhas.control.canary.rollback")
+        since, step, now = 1_000 * MS, 200_000.0, 1_006 * MS
+        clock.now = now  # what the pass reads every 16 requests
+        send, receive = anyio.create_memory_object_stream[Any](6)
+
+        reference = Lane(budget_ns=30 * MS, interval_ns=1.0 * MS)
+        expected: dict[str, Any] = {}
+        for i, env in enumerate(batch):
+            stamp = int(since + step * (i + 1))
+            if i == 7:
+                continue  # not an inbox: neither served nor answered
+            if i == 5:
+                expected[env.reply] = "invalid_request"
+                continue
+            budget = 40 * MS if i == 3 else 30 * MS
+            if reference.admits(stamp, budget, now) and reference.queued < 6:
+                reference.queued += 1
+                expected[env.reply] = ("queued", stamp, budget)
+            else:
+                expected[env.reply] = ("overloaded", reference.retry_after_ms())
+
+        await service._admit_batch(served, lane, batch, since, step, now, send)
+        send.close()
+        with receive:
+            queued = {item.env.reply: ("queued", item.stamp_ns, item.budget_ns)
+                      async for item in receive}
+        answered: dict[str, Any] = {}
+        while len(queued) + len(answered) < len(expected):
+            reply = await inbox.next(timeout=5)
+            body = msgspec.json.decode(reply.data)
+            if body.get("reason") == "overloaded":
+                assert reply.headers["Nats-Service-Error"] == "overloaded"
+                assert reply.headers["Nats-Service-Error-Code"] == "503"
+                answered[reply.subject] = ("overloaded", body["retry_after_ms"])
+            else:
+                answered[reply.subject] = body["error"]["code"]
+    assert {**queued, **answered} == expected
+    refused = sum(1 for outcome in expected.values() if outcome[0] == "overloaded")
+    assert lane.queued == reference.queued == len(queued)
+    # Some of each: admitted ones (the 40 ms deadline among them), refusals, a full queue.
+    assert expected[batch[3].reply][0] == "queued"
+    assert 0 < refused and len(queued) == 6
+    assert lane.overloaded == refused
+    assert service.statistics().refused_replies == 1
+    stats = service._counters[served.subject]
+    assert stats.overloaded == refused
+
+
+def test_an_overloaded_body_is_encoded_once_per_retry_after() -> None:
+    assert overloaded_body(7) is overloaded_body(7)
+    assert msgspec.json.decode(overloaded_body(7)) == {
+        "ok": False, "reason": "overloaded", "retry_after_ms": 7,
+    }

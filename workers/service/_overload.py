@@ -12,9 +12,12 @@ signal here, and how the share is chosen.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import msgspec
 
 from lukhas.errors import InvalidRequest
 
@@ -101,6 +104,16 @@ def service_budget_ns(budget_ns: int) -> float:
     return max(budget_ns * MIN_QUEUE_SHARE, share)
 
 
+@functools.lru_cache(maxsize=4096)
+def overloaded_body(retry_after_ms: int) -> bytes:
+    """The body of an `overloaded` refusal, encoded once per `retry_after_ms`: under overload
+    most refusals of a pass share one, and encoding it again each time cost as much as
+    deciding the refusal."""
+    return msgspec.json.encode(
+        {"ok": False, "reason": "overloaded", "retry_after_ms": retry_after_ms}
+    )
+
+
 @dataclass(slots=True)
 class Lane:
     """One endpoint's queue accounting: how many wait, how fast they leave, what was shed."""
@@ -121,6 +134,11 @@ class Lane:
     #: Refusals not yet shown in MATRIZ, and when the last node for them went out.
     unreported: int = 0
     reported_ns: int = -NODE_EVERY_NS
+    #: `service_budget_ns(budget_ns)`: the share of a request carrying no deadline of its own.
+    share_ns: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.share_ns = service_budget_ns(self.budget_ns)
 
     def refused(self, now_ns: int) -> int:
         """Count one refusal; the number of refusals a MATRIZ node should stand for now
@@ -137,11 +155,15 @@ class Lane:
         within the service's share of its budget: what it waited, the queue ahead of it,
         and its own service."""
         expected = now_ns - stamp_ns + (self.queued + 1) * self.interval()
-        return expected <= service_budget_ns(budget_ns)
+        return expected <= self.share(budget_ns)
 
     def expired(self, stamp_ns: int, budget_ns: int, now_ns: int) -> bool:
         """Whether a request at the front can no longer be answered within that share."""
-        return now_ns - stamp_ns + self.interval() > service_budget_ns(budget_ns)
+        return now_ns - stamp_ns + self.interval() > self.share(budget_ns)
+
+    def share(self, budget_ns: int) -> float:
+        """`service_budget_ns(budget_ns)`, kept for the lane's own budget."""
+        return self.share_ns if budget_ns == self.budget_ns else service_budget_ns(budget_ns)
 
     def interval(self) -> float:
         """The service interval to plan with (ns): the estimate, or before the first whole

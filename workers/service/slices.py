@@ -47,10 +47,12 @@ from lukhas.subjects import CANARY_ROLLBACK, SERVICE_NAME, SLICE_QUEUE_GROUP
 from workers.service import _canary, discovery
 from workers.service._manifests import load_manifests, sla_by_emit_point
 from workers.service._overload import (
+    DEADLINE_HEADER,
     DEFAULT_BUDGET_MS,
     SERVICE_INBOXES,
     Lane,
     deadline_ns,
+    overloaded_body,
     reply_allowed,
 )
 from workers.service.bootstrap import SLICE_REGISTRIES
@@ -147,6 +149,11 @@ class _Queued(NamedTuple):
     stamp_ns: int
     budget_ns: int
     env: Envelope
+
+
+def overloaded_reply(lane: Lane) -> Reply:
+    """The `overloaded` refusal, as `_respond` sends it when it cannot be queued in place."""
+    return {"ok": False, "reason": "overloaded", "retry_after_ms": lane.retry_after_ms()}
 
 
 def endpoint_budgets_ms(
@@ -313,7 +320,8 @@ class SliceService:
         """Take what is buffered in bulk, stamp it, and queue or refuse each request.
 
         Requests found already waiting arrived while this reader was away: their stamps are
-        spread over that time, so waiting the service could not see still counts.
+        spread over that time, so waiting the service could not see still counts. Requests
+        that arrive while it waits are stamped when it wakes.
 
         A lone request (none other waiting) for an endpoint that never waits on I/O, found
         while its server has nothing queued and no request in hand, is served here at once
@@ -324,6 +332,7 @@ class SliceService:
         lane = self._lanes[served.subject]
         clock = self._clock
         iterator = aiter(sub)
+        take_ready = sub.take_ready
         # Only what never waits on I/O is served in a reader (a reader held on I/O would
         # stamp nothing meanwhile): inline endpoints, and deferrals whose `begin` cannot wait.
         deferral = self._deferrals.get(served.subject)
@@ -332,20 +341,19 @@ class SliceService:
             looked = clock()
             away = False
             while True:
-                waiting = min(sub.statistics().pending, _READ_BATCH)
-                batch = []
-                try:
-                    batch.append(await anext(iterator))
-                    for _ in range(waiting - 1):
-                        batch.append(await anext(iterator))
-                except StopAsyncIteration:
-                    ended = True
-                else:
-                    ended = False
+                # Everything waiting, in one call; only when nothing is, wait for the next.
+                batch = take_ready(_READ_BATCH)
+                waited = not batch
+                if waited:
+                    try:
+                        batch = [await anext(iterator)]
+                    except StopAsyncIteration:
+                        return
+                    batch += take_ready(_READ_BATCH - 1)  # what arrived along with it
                 now = clock()
-                since = looked if waiting else now
-                step = (now - since) / len(batch) if batch else 0
-                if away and waiting:
+                since = now if waited else looked
+                step = (now - since) / len(batch)
+                if away and not waited:
                     # This reader served the last request itself, and none was waiting when
                     # it began: each found now waited at most that long. (Serving takes
                     # microseconds unless a handler suspended, e.g. held by a test.)
@@ -358,25 +366,58 @@ class SliceService:
                         self._served_by_readers += 1
                         await self._serve_item(item, now)
                         away = True
-                    batch = []
-                at = turn = now
-                for i, env in enumerate(batch):
-                    await self._admit(served, lane, env, int(since + step * (i + 1)), at, send)
-                    if i % _CLOCK_EVERY == _CLOCK_EVERY - 1:
-                        at = clock()
-                        if at - turn > _SLICE_NS:
-                            # A big batch (after a pause) must not hold the loop: nats-py's
-                            # flusher sends the refusals made so far, its reader takes in
-                            # what arrived meanwhile.
-                            await checkpoint()
-                            at = turn = clock()
-                if ended:
-                    return
+                else:
+                    await self._admit_batch(served, lane, batch, since, step, now, send)
                 looked = now
                 if sub.statistics().pending:
                     # More came in meanwhile: let the servers, and nats-py's reader, run
                     # first. (With nothing pending, waiting for the next request does.)
                     await checkpoint()
+
+    async def _admit_batch(
+        self, served: Served, lane: Lane, batch: list[Envelope], since: float, step: float,
+        now: int, send: MemoryObjectSendStream[_Queued],
+    ) -> None:
+        """`_admit` each request of a reader pass, the i-th stamped `since + step * (i + 1)`.
+
+        The common case (a reply subject that is an inbox, no deadline header of its own) is
+        decided here without a call per request: `Lane.admits` with the lane's own share, and
+        a refusal queued on the wire in place (`_refuse_nowait`). Under overload most of what
+        a reader takes is refused, and a refusal has to stay far cheaper than a serve.
+        """
+        clock = self._clock
+        inboxes = self._refused_inboxes
+        refuse_nowait = self._refuse_nowait
+        share = lane.share_ns
+        budget = lane.budget_ns
+        interval = lane.interval()
+        at = turn = now
+        for i, env in enumerate(batch):
+            stamp = int(since + step * (i + 1))
+            reply = env.reply
+            if ((reply is not None and not reply_allowed(reply, inboxes))
+                    or DEADLINE_HEADER in env.headers):
+                await self._admit(served, lane, env, stamp, at, send)
+            elif at - stamp + (lane.queued + 1) * interval <= share:  # `Lane.admits`
+                try:
+                    send.send_nowait(_Queued(served, lane, stamp, budget, env))
+                except anyio.WouldBlock:  # the queue is full: as overloaded as it gets
+                    await self._refuse(served, lane, env, stamp, at)
+                else:
+                    lane.queued += 1
+            else:
+                retry = max(1, math.ceil(lane.queued * interval / 1e6))  # `retry_after_ms`
+                if not refuse_nowait(served, lane, env, stamp, at, retry):
+                    await self._respond(env, overloaded_reply(lane), _OVERLOADED_HEADERS)
+            if i % _CLOCK_EVERY == _CLOCK_EVERY - 1:
+                at = clock()
+                if at - turn > _SLICE_NS:
+                    # A big batch (after a pause) must not hold the loop: nats-py's flusher
+                    # sends the refusals made so far, its reader takes in what arrived
+                    # meanwhile, the servers move the queue on.
+                    await checkpoint()
+                    at = turn = clock()
+                    interval = lane.interval()
 
     async def _admit(
         self,
@@ -471,7 +512,16 @@ class SliceService:
     async def _refuse(
         self, served: Served, lane: Lane, env: Envelope, stamp: int, now: int
     ) -> None:
-        """Answer `overloaded` at once: far cheaper than serving, and never silence.
+        """Answer `overloaded` at once: far cheaper than serving, and never silence."""
+        if not self._refuse_nowait(served, lane, env, stamp, now, lane.retry_after_ms()):
+            await self._respond(env, overloaded_reply(lane), _OVERLOADED_HEADERS)
+
+    def _refuse_nowait(
+        self, served: Served, lane: Lane, env: Envelope, stamp: int, now: int, retry_ms: int
+    ) -> bool:
+        """Count a refusal of `env` and queue its `overloaded` reply (`retry_after_ms` =
+        `retry_ms`, the lane's `retry_after_ms()`) without waiting; False when the reply could
+        not be queued so (then `_respond` sends it).
 
         MATRIZ gets one node per endpoint per `NODE_EVERY_NS` for the refusals meanwhile
         (outcome `refused`, labels `reason:overloaded` and `overloaded:<count>`).
@@ -488,15 +538,15 @@ class SliceService:
                 producer=f"{runtime.producer}:{point.module}", capability=endpoint.capability,
                 tenant=runtime.settings.tenant, labels=("reason:overloaded", f"overloaded:{count}"),
             ))
-        reply = {"ok": False, "reason": "overloaded", "retry_after_ms": lane.retry_after_ms()}
-        if env.reply is not None and self._publish_nowait is not None:
-            try:
-                if self._publish_nowait(env.reply, _encoder.encode(reply),
-                                        headers=_OVERLOADED_WIRE):
-                    return
-            except BusError:
-                pass  # e.g. an inbox the bus refuses: the ordinary path says why
-        await self._respond(env, reply, _OVERLOADED_HEADERS)
+        if env.reply is None:
+            return True  # a plain publish: nobody is waiting for the answer
+        if self._publish_nowait is None:
+            return False
+        try:
+            return self._publish_nowait(
+                env.reply, overloaded_body(retry_ms), headers=_OVERLOADED_WIRE)
+        except BusError:
+            return False  # e.g. an inbox the bus refuses: the ordinary path says why
 
     async def _handle(self, served: Served, env: Envelope) -> None:
         endpoint = served.endpoint
@@ -564,8 +614,18 @@ class SliceService:
     ) -> None:
         if env.reply is None:
             return  # a plain publish: nobody is waiting for the answer
+        data = _encoder.encode(reply)
+        if headers is None and self._publish_nowait is not None:
+            # Queued for the connection's writer in place, as `publish` would queue it, minus
+            # the coroutine; when it declines (disconnected, buffer full) or refuses, `publish`
+            # below says why.
+            try:
+                if self._publish_nowait(env.reply, data):
+                    return
+            except BusError:
+                pass
         try:
-            await self._bus.publish(env.reply, _encoder.encode(reply), headers=headers)
+            await self._bus.publish(env.reply, data, headers=headers)
         except BusError as exc:
             logger.warning("could not reply on %s: %s", env.subject, exc)
 
