@@ -25,6 +25,8 @@ import msgspec
 from nats.js.api import PubAck
 from nats.js.errors import APIError, NoStreamResponseError
 
+from bus.nats import queue_hpubs
+
 #: Statuses that end a multi-last read: 204 end of batch, 404 nothing matched.
 _END = frozenset({"204", "404"})
 
@@ -77,20 +79,36 @@ class Pipeline:
         2.12+, stream `allow_atomic`, at most 1,000 messages): the server stores them all, in
         order and with nothing between them, or none. Only the commit (the last message) is
         answered: the future ends with its ack (`seq` = the last message's) or the batch's
-        error."""
+        error.
+
+        The batch's commands are laid out in one piece and queued at once (`queue_hpubs`);
+        with nats-py's public API only, `Client.publish` each, the same headers in the same
+        order."""
         if not messages:
             raise ValueError("an atomic batch has at least one message")
         batch_id = uuid.uuid4().hex
-
-        def batch_headers(i: int) -> dict[str, str]:
-            return {**(headers[i] if headers is not None else {}),
-                    "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i + 1)}
-
-        *body, (subject, payload) = messages
-        for i, (s, p) in enumerate(body):
-            await self._nc.publish(s, p, headers=batch_headers(i))
-        commit = batch_headers(len(body)) | {"Nats-Batch-Commit": "1"}
-        return await self.publish(subject, payload, commit)
+        future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
+        reply = await self._register(future)
+        last = len(messages) - 1
+        # The header blocks as nats-py lays them out (`NATS/1.0`, `Name: value` lines, blank
+        # line), in the order `Client.publish` would write them: the message's own headers,
+        # then the batch's. Every name and value here is ours (constants, numbers, hex).
+        frames: list[tuple[str, str, bytes, bytes]] = []
+        for i, (subject, payload) in enumerate(messages):
+            own = "".join(f"{k}: {v}\r\n" for k, v in headers[i].items()) if headers else ""
+            end = "Nats-Batch-Commit: 1\r\n\r\n" if i == last else "\r\n"
+            block = (f"NATS/1.0\r\n{own}Nats-Batch-Id: {batch_id}\r\n"
+                     f"Nats-Batch-Sequence: {i + 1}\r\n{end}").encode()
+            frames.append((subject, reply if i == last else "", block, payload))
+        if not queue_hpubs(self._nc, frames):
+            for i, (subject, payload) in enumerate(messages):
+                batch = {**(headers[i] if headers is not None else {}),
+                         "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i + 1)}
+                if i == last:
+                    batch["Nats-Batch-Commit"] = "1"
+                await self._nc.publish(subject, payload, reply=reply if i == last else "",
+                                       headers=batch)
+        return future
 
     async def last_per_subject(
         self, stream: str, filters: Sequence[str], *, batch: int
