@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from nats.aio.client import Client
@@ -39,16 +39,52 @@ async def _stream(url: str) -> AsyncIterator[tuple[Client, Any, str, str]]:
         await nc.close()
 
 
+class _Frame(NamedTuple):
+    subject: str
+    reply: str
+    headers: bytes
+    payload: bytes
+
+
+def _frames(wire: bytes) -> list[_Frame]:
+    """The PUB/HPUB commands in what a client wrote (other commands skipped)."""
+    out: list[_Frame] = []
+    while wire:
+        line, _, wire = wire.partition(b"\r\n")
+        op, *args = line.decode().split()
+        if op not in ("PUB", "HPUB"):
+            continue
+        if op == "HPUB":
+            subject, *reply_, hlen, total = args
+            size, hsize = int(total), int(hlen)
+        else:
+            subject, *reply_, total = args
+            size, hsize = int(total), 0
+        body, wire = wire[:size], wire[size + 2:]
+        out.append(_Frame(subject, reply_[0] if reply_ else "", body[:hsize], body[hsize:]))
+    return out
+
+
 async def _publish_and_capture(
     url: str, headers: list[dict[str, str]], expected_last: int | None = None
-) -> tuple[list[Any], list[Any], Any]:
-    """Publish three messages as one atomic batch; what a core subscriber saw on the wire,
-    what the stream stored, and the batch's outcome (its ack or error)."""
+) -> tuple[list[_Frame], list[Any], Any]:
+    """Publish three messages as one atomic batch; the commands the client wrote, what the
+    stream stored, and the batch's outcome (its ack or error)."""
     async with _stream(url) as (nc, js, name, root):
-        watcher = Client()
-        await watcher.connect(url)
-        seen = await watcher.subscribe(f"{root}.>")
-        await watcher.flush()
+        written = bytearray()
+        transport = nc._transport
+        write, writelines = transport.write, transport.writelines
+
+        def spy_write(data: bytes) -> None:
+            written.extend(data)
+            write(data)
+
+        def spy_writelines(lines: list[bytes]) -> None:
+            for line in lines:
+                written.extend(line)
+            writelines(lines)
+
+        transport.write, transport.writelines = spy_write, spy_writelines
         messages = [(f"{root}.a.{i}", f"payload {i}".encode()) for i in range(3)]
         first = dict(headers[0])
         if expected_last is not None:
@@ -58,16 +94,30 @@ async def _publish_and_capture(
             outcome: Any = await future
         except APIError as exc:
             outcome = exc
-        wire = [await seen.next_msg(timeout=2) for _ in messages]
-        await watcher.close()
+        transport.write, transport.writelines = write, writelines
+        wire = [f for f in _frames(bytes(written)) if f.subject.startswith(root)]
         last = (await js.stream_info(name)).state.last_seq
         stored = [await js.get_msg(name, seq=s) for s in range(1, last + 1)]
         return wire, stored, outcome
 
 
+def _lines(block: bytes) -> list[tuple[str, str]]:
+    """A header block's `Name: value` lines, in order, the batch id's value blanked."""
+    status, *lines, end, after = block.decode().split("\r\n")
+    assert status == "NATS/1.0" and end == "" and after == ""
+    out = []
+    for line in lines:
+        name, _, value = line.partition(": ")
+        if name == "Nats-Batch-Id":
+            assert len(value) == 32
+            value = "*"
+        out.append((name, value))
+    return out
+
+
 def _without_batch_id(headers: dict[str, str] | None) -> dict[str, str]:
     out = dict(headers or {})
-    assert len(out.pop("Nats-Batch-Id", "")) == 32
+    out.pop("Nats-Batch-Id", None)
     return out
 
 
@@ -81,37 +131,39 @@ async def test_an_atomic_batch_carries_the_same_headers_on_both_paths(
 ) -> None:
     if internals == "public":
         monkeypatch.setattr(_compat, "INTERNALS", _compat.PublicInternals())
-    headers = [dict(h) for h in HEADERS]
-    headers[0].pop("Nats-Expected-Stream")
+    headers = [{"Nats-Msg-Id": "m1"}, {"Nats-Msg-Id": "m2"}, {}]
     wire, stored, ack = await _publish_and_capture(nats_url, headers, expected_last=0)
 
     assert not isinstance(ack, BaseException) and ack.seq == 3
-    # On the wire: each message's own headers first, then the batch's, in that order.
-    assert [list(_without_batch_id(m.headers).items()) for m in wire] == [
+    # On the wire: each message's own headers first, then the batch's, in that order; one
+    # batch id; only the commit asks for an answer.
+    assert [_lines(f.headers) for f in wire] == [
         [("Nats-Msg-Id", "m1"), ("Nats-Expected-Last-Sequence", "0"),
-         ("Nats-Batch-Sequence", "1")],
-        [("Nats-Msg-Id", "m2"), ("Nats-Batch-Sequence", "2")],
-        [("Nats-Batch-Sequence", "3"), ("Nats-Batch-Commit", "1")],
+         ("Nats-Batch-Id", "*"), ("Nats-Batch-Sequence", "1")],
+        [("Nats-Msg-Id", "m2"), ("Nats-Batch-Id", "*"), ("Nats-Batch-Sequence", "2")],
+        [("Nats-Batch-Id", "*"), ("Nats-Batch-Sequence", "3"), ("Nats-Batch-Commit", "1")],
     ]
-    assert len({m.headers["Nats-Batch-Id"] for m in wire}) == 1
-    assert [m.data for m in wire] == [b"payload 0", b"payload 1", b"payload 2"]
+    assert len({f.headers.split(b"Nats-Batch-Id: ")[1][:32] for f in wire}) == 1
+    assert [bool(f.reply) for f in wire] == [False, False, True]
+    assert [f.payload for f in wire] == [b"payload 0", b"payload 1", b"payload 2"]
     # Stored in order, with the message ids kept (what deduplication works from).
     assert [m.seq for m in stored] == [1, 2, 3]
     assert [m.data for m in stored] == [b"payload 0", b"payload 1", b"payload 2"]
     assert [(m.headers or {}).get("Nats-Msg-Id") for m in stored] == ["m1", "m2", None]
 
 
-async def test_both_paths_store_byte_identical_headers(
+async def test_both_paths_write_and_store_byte_identical_headers(
     nats_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     headers = [{"Nats-Msg-Id": "x1"}, {"Nats-Msg-Id": "x2"}, {"Nats-Msg-Id": "x3"}]
     fast = await _publish_and_capture(nats_url, headers, expected_last=0)
     monkeypatch.setattr(_compat, "INTERNALS", _compat.PublicInternals())
     slow = await _publish_and_capture(nats_url, headers, expected_last=0)
-    for ours, theirs in ((fast[0], slow[0]), (fast[1], slow[1])):
-        assert [_without_batch_id(m.headers) for m in ours] == [
-            _without_batch_id(m.headers) for m in theirs]
-        assert [m.data for m in ours] == [m.data for m in theirs]
+    assert [_lines(f.headers) for f in fast[0]] == [_lines(f.headers) for f in slow[0]]
+    assert [f.payload for f in fast[0]] == [f.payload for f in slow[0]]
+    assert [_without_batch_id(m.headers) for m in fast[1]] == [
+        _without_batch_id(m.headers) for m in slow[1]]
+    assert [m.data for m in fast[1]] == [m.data for m in slow[1]]
 
 
 @pytest.mark.parametrize("internals", ["private", "public"])
