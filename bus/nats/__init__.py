@@ -6,7 +6,7 @@
 - `_errors.py`: nats-py exceptions turned into `bus.errors`
 - `_options.py`: connect options, TLS, URLs safe to log
 - `_compat.py`: the nats-py internals still used, checked at import, with public fallbacks
-  (`queue_hpubs`: a JetStream atomic batch's HPUB commands queued in one piece)
+  (`queue_hpubs`: a JetStream batch's commands laid out and queued, or written, in one piece)
 """
 
 from __future__ import annotations

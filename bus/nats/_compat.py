@@ -250,11 +250,11 @@ def queue_hpubs(
     client: Client, messages: Sequence[tuple[str, str, bytes, bytes]], *, write: bool = False
 ) -> bool:
     """Queue HPUB commands, `(subject, reply, header block, payload)` each (an empty header
-    block: a PUB, no headers), as one piece behind
-    everything published so far, for nats-py's flusher to write; False (nothing queued) when
-    that cannot be done now (the public API is in use, not connected, past the pending bound):
-    then `Client.publish` each. One call lays out a whole JetStream atomic batch, where
-    `Client.publish` would validate, encode and await per message.
+    block makes a PUB), as one piece behind everything published so far, for nats-py's
+    flusher to write; False (nothing queued) when that cannot be done now (the public API is
+    in use, not connected, past the pending bound): then `Client.publish` each. One call lays
+    out a whole JetStream atomic batch, where `Client.publish` would validate, encode and
+    await per message.
 
     `reply` may be ""; a header block is as nats-py writes it (see `bus.EncodedHeaders`). The
     caller has checked the sizes and that the header names and values are clean. With

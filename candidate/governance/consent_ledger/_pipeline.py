@@ -117,8 +117,8 @@ class Pipeline:
         asking for an acknowledgement: the future ends with its ack or error. JetStream
         stores a stream's messages in the order they arrive, so the ack also says the server
         has processed the ones before it; their own failures (none the last would not share:
-        no conditions, one subject space, one size) are not reported. Half the server's work
-        of an atomic batch, without its all-or-none."""
+        no conditions, one subject space, one size) are not reported. About a third of the
+        server's work of an atomic batch, without its all-or-none."""
         if not messages:
             raise ValueError("nothing to publish")
         future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
