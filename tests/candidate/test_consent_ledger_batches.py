@@ -81,10 +81,12 @@ async def test_every_append_of_a_batch_leaves_its_state_value(
         ledger = JetStreamConsentLedger(bus, Pseudonymizer(PSEUDONYM_KEY), options,
                                         signer=LEDGER_SIGNER, wrapping_key=WRAPPING)
         await ledger.ensure()
-        uids = [user() for _ in range(40)]
+        # More than one part of an atomic batch (64 records a part).
+        uids = [user() for _ in range(150)]
         replies = await asyncio.gather(*(ledger.record(_entry(u, "t"), idempotency_key=None)
                                          for u in uids))
-        assert ledger.statistics().appended == 40
+        assert ledger.statistics().appended == 150
+        assert ledger.statistics().retries == 0
         for uid, reply in zip(uids, replies, strict=True):
             state = await _state_of(ledger, uid, "gmail.read")
             assert state.seq == reply["seq"] and state.hash == reply["hash"]
@@ -141,12 +143,13 @@ async def test_a_batch_that_lands_in_part_admits_only_what_landed(
 async def test_a_batch_refused_whole_leaves_no_state_values_and_the_tree_unchanged(
     nats_url: str, names: Names
 ) -> None:
-    """An insider appends between the writer's read and its publish: the atomic batch is
-    refused whole; the state values already sent for it are put back from the stream, the
-    tree worked out ahead is dropped, and the retry lands after the forgery."""
+    """An insider appends between the writer's read and its publish: the atomic batch, whose
+    first parts the server had staged already, is refused whole at its commit; the state
+    values already sent for it are put back from the stream, the tree worked out ahead is
+    dropped, and the retry lands after the forgery."""
     pseudonymize = Pseudonymizer(PSEUDONYM_KEY)
     options = LedgerOptions(**names.ledger_options())
-    uids = [user() for _ in range(8)]
+    uids = [user() for _ in range(150)]  # sent in three parts, refused at the commit
     forged: list[int] = []
 
     class Interrupted(JetStreamConsentLedger):

@@ -200,3 +200,29 @@ async def test_queue_hpubs_declines_on_the_public_api_and_when_closed(
         monkeypatch.setattr(_compat, "INTERNALS", _compat.PrivateInternals())
         assert queue_hpubs(nc, [frame]) is True
     assert queue_hpubs(nc, [frame]) is False  # closed
+
+
+@pytest.mark.parametrize("internals", ["private", "public"])
+async def test_a_batch_sent_in_parts_is_one_batch(
+    nats_url: str, internals: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if internals == "public":
+        monkeypatch.setattr(_compat, "INTERNALS", _compat.PublicInternals())
+    async with _stream(nats_url) as (nc, js, name, root):
+        messages = [(f"{root}.p.{i}", f"part {i}".encode()) for i in range(5)]
+        batch = Pipeline(nc).atomic_batch()
+        await batch.send(messages[:2], [{"Nats-Expected-Last-Sequence": "0"}, {}])
+        await batch.send(messages[2:4])
+        assert (await js.stream_info(name)).state.messages == 0  # staged, not stored
+        ack = await (await batch.commit(messages[4:]))
+        assert ack.seq == 5 and batch.sent == 5
+        stored = [await js.get_msg(name, seq=s) for s in range(1, 6)]
+        assert [m.data for m in stored] == [p for _, p in messages]
+        with pytest.raises(ValueError):
+            await batch.commit([])
+        # A batch whose first part's condition fails is refused whole at its commit.
+        refused = Pipeline(nc).atomic_batch()
+        await refused.send(messages[:2], [{"Nats-Expected-Last-Sequence": "0"}, {}])
+        with pytest.raises(APIError):
+            await (await refused.commit(messages[2:3]))
+        assert (await js.stream_info(name)).state.messages == 5

@@ -84,7 +84,12 @@ from candidate._jetstream import (
     protection_gaps,
 )
 from candidate.governance.consent_ledger import _chain, _dpv, _state, _tiles
-from candidate.governance.consent_ledger._pipeline import Pipeline, StoredMsg, TooManyResults
+from candidate.governance.consent_ledger._pipeline import (
+    AtomicBatch,
+    Pipeline,
+    StoredMsg,
+    TooManyResults,
+)
 from candidate.governance.consent_ledger.errors import (
     LedgerContention,
     LedgerStreamWeakened,
@@ -143,6 +148,8 @@ _MULTI_LAST_RESULTS = 100_000
 _READ_UNAVAILABLE_RETRIES = 50
 #: JetStream's error code for an atomic batch holding an already used `Nats-Msg-Id`.
 _ATOMIC_DUPLICATE_MSG_ID = 10201
+#: Records of an atomic batch sent as one part while the rest are made.
+_PART = 64
 _KV_REMOVED = frozenset({"DEL", "PURGE"})
 _LEASE_KEY = "lease"
 _CHECKPOINT_KEY = "checkpoint"
@@ -990,6 +997,10 @@ class JetStreamConsentLedger:
         await self._load_for(batch)
         prepared: list[_Prepared] = []
         index = self._range.size
+        # An atomic batch goes out in parts as its records are made, so the server stages
+        # them meanwhile; the last part commits it (`_append`).
+        parts = (self._publisher().atomic_batch()
+                 if self._atomic and not any(i.one_by_one for i in batch) else None)
         for item in batch:
             if item.kind == "checkpoint":
                 continue
@@ -999,11 +1010,13 @@ class JetStreamConsentLedger:
             if made is not None:
                 prepared.append(made)
                 index += 1
+                if parts is not None and len(prepared) - parts.sent > _PART:
+                    await parts.send(*self._records(prepared, parts.sent, len(prepared) - 1))
         admitted: list[_Prepared] = []
         failed_at: int | None = None  # where the rerun starts
         failure: BaseException | None = None
         if prepared:
-            results, ahead = await self._append(prepared)
+            results, ahead = await self._append(prepared, parts)
             for i, (p, result) in enumerate(zip(prepared, results, strict=True)):
                 if isinstance(result, BaseException):
                     failed_at, failure = i, result
@@ -1048,14 +1061,17 @@ class JetStreamConsentLedger:
             assert self._checkpoint is not None
             item.resolve(self._checkpoint[1])
 
-    async def _append(self, prepared: list[_Prepared]) -> tuple[list[Any], _Ahead]:
+    async def _append(
+        self, prepared: list[_Prepared], parts: AtomicBatch | None
+    ) -> tuple[list[Any], _Ahead]:
         """Publish the batch's records and, in the same round trip, the state values they
         make: one `PubAck`-like result or JetStream error per record, in order, and the work
         done while the server stored them (`_Ahead`).
 
-        Records go as one JetStream atomic batch (nats-server 2.12+, stream `allow_atomic`):
-        stored together right after the writer's last seq, or not at all, with one
-        acknowledgement; else pipelined, each conditional on the one before it. They are on
+        Records go as one JetStream atomic batch (nats-server 2.12+, stream `allow_atomic`;
+        `parts`, of which `_run_batch` sent the first records already): stored together right
+        after the writer's last seq, or not at all, with one acknowledgement; else (`parts`
+        None) pipelined, each conditional on the one before it. They are on
         the socket before the state values are made; the state values are sent without
         waiting for the records' acks (when records fail, `_run_batch` puts back the state
         the stream holds). While the server stores both, the writer works ahead: the tree
@@ -1066,16 +1082,13 @@ class JetStreamConsentLedger:
             Exception: a state value was refused.
         """
         pipeline = self._publisher()
-        subjects_ = [self._subject(p.body["pseudonym"], p.body["scope"]) for p in prepared]
-        atomic = self._atomic and not any(p.item.one_by_one for p in prepared)
-        if atomic:
-            records = [await pipeline.publish_atomic(
-                list(zip(subjects_, (p.leaf for p in prepared), strict=True)),
-                [self._headers(p, self._last_seq) if i == 0 else self._batch_headers(p)
-                 for i, p in enumerate(prepared)])]
+        atomic = parts is not None
+        if parts is not None:
+            records = [await parts.commit(*self._records(prepared, parts.sent, len(prepared)))]
         else:
-            records = [await pipeline.publish(subject, p.leaf, self._headers(p, self._last_seq + i))
-                       for i, (subject, p) in enumerate(zip(subjects_, prepared, strict=True))]
+            records = [await pipeline.publish(self._subject(p.body["pseudonym"], p.body["scope"]),
+                                              p.leaf, self._headers(p, self._last_seq + i))
+                       for i, p in enumerate(prepared)]
         # The state values are an index of the records (`status` answers from the stream
         # and reports a state value that disagrees): in order, the last one acknowledged.
         values = self._state_values([p.body for p in prepared])
@@ -1116,6 +1129,18 @@ class JetStreamConsentLedger:
             return
         for h in ahead.hashes[:landed]:
             self._range.append(h)
+
+    def _records(
+        self, prepared: list[_Prepared], start: int, stop: int
+    ) -> tuple[list[tuple[str, bytes]], list[dict[str, str]]]:
+        """The messages and headers of an atomic batch's records `start:stop`: the first
+        record's conditions cover the batch."""
+        chosen = prepared[start:stop]
+        messages = [(self._subject(p.body["pseudonym"], p.body["scope"]), p.leaf)
+                    for p in chosen]
+        headers = [self._headers(p, self._last_seq) if start + i == 0 else self._batch_headers(p)
+                   for i, p in enumerate(chosen)]
+        return messages, headers
 
     def _headers(self, p: _Prepared, expected_last_seq: int) -> dict[str, str]:
         headers = {Header.EXPECTED_STREAM.value: self.options.stream,
