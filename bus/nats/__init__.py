@@ -6,6 +6,7 @@
 - `_errors.py`: nats-py exceptions turned into `bus.errors`
 - `_options.py`: connect options, TLS, URLs safe to log
 - `_compat.py`: the nats-py internals still used, checked at import, with public fallbacks
+  (`queue_hpubs`: a JetStream batch's commands laid out and queued, or written, in one piece)
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from nats.js import JetStreamContext
 from bus._types import Bus
 from bus.errors import BusConnectError, JetStreamUnavailable
 from bus.nats._bus import NatsBus
+from bus.nats._compat import queue_hpubs
 from bus.nats._errors import describe
 from bus.nats._options import DEFAULT_INBOX_PREFIX, client_options, redact, tls_context
 from bus.nats._subscription import NatsSubscription
 
-__all__ = ["NatsBus", "NatsSubscription", "jetstream", "open_nats_bus"]
+__all__ = ["NatsBus", "NatsSubscription", "jetstream", "open_nats_bus", "queue_hpubs"]
 
 
 def jetstream(bus: Bus, **options: Any) -> JetStreamContext:

@@ -43,6 +43,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
+from collections.abc import Sequence
 from typing import Protocol
 
 import nats.errors
@@ -57,6 +59,7 @@ __all__ = [
     "PrivateInternals",
     "PublicInternals",
     "missing_internals",
+    "queue_hpubs",
     "use_public_api",
 ]
 
@@ -267,6 +270,72 @@ class PublicInternals:
         # follows everything queued before this call. Two network round trips.
         await client.flush()
         await client.flush()
+
+
+def queue_hpubs(
+    client: Client, messages: Sequence[tuple[str, str, bytes, bytes]], *, write: bool = False
+) -> bool:
+    """Queue HPUB commands, `(subject, reply, header block, payload)` each (an empty header
+    block makes a PUB), as one piece behind everything published so far, for nats-py's
+    flusher to write; False (nothing queued) when that cannot be done now (the public API is
+    in use, not connected, past the pending bound): then `Client.publish` each. One call lays
+    out a whole JetStream atomic batch, where `Client.publish` would validate, encode and
+    await per message.
+
+    `reply` may be ""; a header block is as nats-py writes it (see `bus.EncodedHeaders`). The
+    caller has checked the sizes and that the header names and values are clean. With
+    `write`, everything queued so far and these commands go to the socket now, in order (what
+    the flusher would write when it next runs), so the server has them while the caller goes
+    on working without yielding.
+
+    Raises:
+        ValueError: a subject or reply is empty or holds whitespace.
+    """
+    if not isinstance(INTERNALS, PrivateInternals):
+        return False
+    queue = client._flush_queue
+    flusher = client._flusher_task
+    if (not client.is_connected or client.is_draining_pubs or queue is None
+            or flusher is None or flusher.done()):
+        return False
+    parts: list[bytes] = []
+    payload_bytes = 0
+    for subject, reply, block, payload in messages:
+        if not subject or _UNSAFE_SUBJECT.search(subject) or (
+                reply and _UNSAFE_SUBJECT.search(reply)):
+            raise ValueError(f"not a subject to publish to: {subject!r} (reply {reply!r})")
+        size = len(block)
+        if size:
+            parts.append(f"HPUB {subject} {reply} {size} {size + len(payload)}\r\n".encode())
+            parts.append(block)
+        else:
+            parts.append(f"PUB {subject} {reply} {len(payload)}\r\n".encode())
+        parts.append(payload)
+        parts.append(b"\r\n")
+        payload_bytes += len(payload)
+    command = b"".join(parts)
+    limit = client._max_pending_size
+    if limit > 0 and client._pending_data_size + len(command) > limit:
+        return False
+    client.stats["out_msgs"] += len(messages)
+    client.stats["out_bytes"] += payload_bytes
+    transport = client._transport
+    if write and transport is not None:
+        pending = client._pending
+        client._pending = []
+        client._pending_data_size = 0
+        pending.append(command)
+        transport.writelines(pending)
+        return True
+    client._pending.append(command)
+    client._pending_data_size += len(command)
+    if queue.empty():
+        queue.put_nowait(asyncio.get_running_loop().create_future())
+    return True
+
+
+#: What a subject or reply written on the wire must not hold (it would split the command).
+_UNSAFE_SUBJECT = re.compile(r"\s")
 
 
 def missing_internals() -> list[str]:

@@ -33,7 +33,7 @@ def canonical(fields: dict[str, Any]) -> bytes:
 
 def digest(fields: dict[str, Any]) -> str:
     """SHA-256 hex over the canonical JSON of `fields` without their `hash`."""
-    unhashed = {k: v for k, v in fields.items() if k != "hash"}
+    unhashed = {k: v for k, v in fields.items() if k != "hash"} if "hash" in fields else fields
     return hashlib.sha256(canonical(unhashed)).hexdigest()
 
 

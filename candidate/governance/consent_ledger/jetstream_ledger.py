@@ -84,7 +84,12 @@ from candidate._jetstream import (
     protection_gaps,
 )
 from candidate.governance.consent_ledger import _chain, _dpv, _state, _tiles
-from candidate.governance.consent_ledger._pipeline import Pipeline, StoredMsg, TooManyResults
+from candidate.governance.consent_ledger._pipeline import (
+    AtomicBatch,
+    Pipeline,
+    StoredMsg,
+    TooManyResults,
+)
 from candidate.governance.consent_ledger.errors import (
     LedgerContention,
     LedgerStreamWeakened,
@@ -143,6 +148,8 @@ _MULTI_LAST_RESULTS = 100_000
 _READ_UNAVAILABLE_RETRIES = 50
 #: JetStream's error code for an atomic batch holding an already used `Nats-Msg-Id`.
 _ATOMIC_DUPLICATE_MSG_ID = 10201
+#: Records of an atomic batch sent as one part while the rest are made.
+_PART = 64
 _KV_REMOVED = frozenset({"DEL", "PURGE"})
 _LEASE_KEY = "lease"
 _CHECKPOINT_KEY = "checkpoint"
@@ -990,6 +997,10 @@ class JetStreamConsentLedger:
         await self._load_for(batch)
         prepared: list[_Prepared] = []
         index = self._range.size
+        # An atomic batch goes out in parts as its records are made, so the server stages
+        # them meanwhile; the last part commits it (`_append`).
+        parts = (self._publisher().atomic_batch()
+                 if self._atomic and not any(i.one_by_one for i in batch) else None)
         for item in batch:
             if item.kind == "checkpoint":
                 continue
@@ -999,12 +1010,14 @@ class JetStreamConsentLedger:
             if made is not None:
                 prepared.append(made)
                 index += 1
+                if parts is not None and len(prepared) - parts.sent > _PART:
+                    await parts.send(*self._records(prepared, parts.sent, len(prepared) - 1))
         admitted: list[_Prepared] = []
         failed_at: int | None = None  # where the rerun starts
         failure: BaseException | None = None
         if prepared:
-            for i, (p, result) in enumerate(zip(prepared, await self._append(prepared),
-                                                strict=True)):
+            results, ahead = await self._append(prepared, parts)
+            for i, (p, result) in enumerate(zip(prepared, results, strict=True)):
                 if isinstance(result, BaseException):
                     failed_at, failure = i, result
                     break
@@ -1014,11 +1027,11 @@ class JetStreamConsentLedger:
                     failed_at = i + 1
                     break
                 self._last_seq = result.seq
-                self._admit(p.leaf)
                 self._appended += 1
                 admitted.append(p)
-        for p in admitted:
-            p.item.resolve(self._reply(p, self._last_seq_of(p)))
+            self._admit_ahead(ahead, len(admitted))
+            for p, reply in zip(admitted, ahead.replies, strict=False):
+                p.item.resolve(reply)
         if failed_at is not None:
             self._retries += 1
             self._tails.clear()
@@ -1048,44 +1061,86 @@ class JetStreamConsentLedger:
             assert self._checkpoint is not None
             item.resolve(self._checkpoint[1])
 
-    async def _append(self, prepared: list[_Prepared]) -> list[Any]:
+    async def _append(
+        self, prepared: list[_Prepared], parts: AtomicBatch | None
+    ) -> tuple[list[Any], _Ahead]:
         """Publish the batch's records and, in the same round trip, the state values they
-        make: one `PubAck`-like result or JetStream error per record, in order.
+        make: one `PubAck`-like result or JetStream error per record, in order, and the work
+        done while the server stored them (`_Ahead`).
 
-        Records go as one JetStream atomic batch (nats-server 2.12+, stream `allow_atomic`):
-        stored together right after the writer's last seq, or not at all, with one
-        acknowledgement; else pipelined, each conditional on the one before it. The state
-        values are derived and sent without waiting for the records' acks: when records
-        fail, `_run_batch` puts back the state the stream holds.
+        Records go as one JetStream atomic batch (nats-server 2.12+, stream `allow_atomic`;
+        `parts`, of which `_run_batch` sent the first records already): stored together right
+        after the writer's last seq, or not at all, with one acknowledgement; else (`parts`
+        None) pipelined, each conditional on the one before it. They are on
+        the socket before the state values are made; the state values are sent without
+        waiting for the records' acks (when records fail, `_run_batch` puts back the state
+        the stream holds). While the server stores both, the writer works ahead: the tree
+        nodes and the replies the batch makes if it lands.
 
         Raises:
             TimeoutError: no answer within `timeout_s` (outcome unknown).
             Exception: a state value was refused.
         """
         pipeline = self._publisher()
-        subjects_ = [self._subject(p.body["pseudonym"], p.body["scope"]) for p in prepared]
-        atomic = self._atomic and not any(p.item.one_by_one for p in prepared)
-        if atomic:
-            records = [await pipeline.publish_atomic(
-                list(zip(subjects_, (p.leaf for p in prepared), strict=True)),
-                [self._headers(p, self._last_seq) if i == 0 else self._batch_headers(p)
-                 for i, p in enumerate(prepared)])]
+        atomic = parts is not None
+        if parts is not None:
+            records = [await parts.commit(*self._records(prepared, parts.sent, len(prepared)))]
         else:
-            records = [await pipeline.publish(subject, p.leaf, self._headers(p, self._last_seq + i))
-                       for i, (subject, p) in enumerate(zip(subjects_, prepared, strict=True))]
-        states = await self._send(self.options.state_bucket, self._state_values(
-            [p.body for p in prepared]))
+            records = [await pipeline.publish(self._subject(p.body["pseudonym"], p.body["scope"]),
+                                              p.leaf, self._headers(p, self._last_seq + i))
+                       for i, p in enumerate(prepared)]
+        # The state values are an index of the records (`status` answers from the stream
+        # and reports a state value that disagrees): in order, the last one acknowledged.
+        values = self._state_values([p.body for p in prepared])
+        states = [await pipeline.publish_in_order(
+            [(f"$KV.{self.options.state_bucket}.{k}", v) for k, v in values.items()])
+        ] if values else []
+        ahead = self._work_ahead(prepared)
         results = await pipeline.settle(records + states, self.options.timeout_s)
         for result in results[len(records):]:
             if isinstance(result, BaseException):
                 raise result
         if not atomic:
-            return results[: len(records)]
+            return results[: len(records)], ahead
         (ack,) = results[: len(records)]
         if isinstance(ack, BaseException):
-            return [ack] * len(prepared)
+            return [ack] * len(prepared), ahead
         first = ack.seq - len(prepared) + 1
-        return [_Stored(first + i) for i in range(len(prepared))]
+        return [_Stored(first + i) for i in range(len(prepared))], ahead
+
+    def _work_ahead(self, prepared: list[_Prepared]) -> _Ahead:
+        """The tree after the batch's records (on a copy) and their replies, made while the
+        server stores them; `_admit_ahead` keeps what landed."""
+        tree = CompactRange.from_hashes(self._range.size,
+                                        [h for _, h in self._range.nodes()])
+        hashes = [leaf_hash(p.leaf) for p in prepared]
+        nodes = [tree.append(h) for h in hashes]
+        replies = [self._reply(p, self._last_seq_of(p)) for p in prepared]
+        return _Ahead(tree, hashes, nodes, replies)
+
+    def _admit_ahead(self, ahead: _Ahead, landed: int) -> None:
+        """Admit the batch's first `landed` records into the tree (all of them, usually:
+        then the tree made ahead is the tree)."""
+        for completed in ahead.nodes[:landed]:
+            for node, value in completed:
+                self._tiles.add(node, value)
+        if landed == len(ahead.hashes):
+            self._range = ahead.tree
+            return
+        for h in ahead.hashes[:landed]:
+            self._range.append(h)
+
+    def _records(
+        self, prepared: list[_Prepared], start: int, stop: int
+    ) -> tuple[list[tuple[str, bytes]], list[dict[str, str]]]:
+        """The messages and headers of an atomic batch's records `start:stop`: the first
+        record's conditions cover the batch."""
+        chosen = prepared[start:stop]
+        messages = [(self._subject(p.body["pseudonym"], p.body["scope"]), p.leaf)
+                    for p in chosen]
+        headers = [self._headers(p, self._last_seq) if start + i == 0 else self._batch_headers(p)
+                   for i, p in enumerate(chosen)]
+        return messages, headers
 
     def _headers(self, p: _Prepared, expected_last_seq: int) -> dict[str, str]:
         headers = {Header.EXPECTED_STREAM.value: self.options.stream,
@@ -1120,9 +1175,9 @@ class JetStreamConsentLedger:
         for body in bodies:
             if body.get("action") == "erase":
                 continue
-            clean = {k: v for k, v in body.items() if k != "_seq"}
+            # `of_record` reads the record's own fields, never the writer's `_seq` mark.
             latest[_state.key(body["pseudonym"], body["scope"])] = _state.encode(
-                _state.of_record(body["_seq"], clean))
+                _state.of_record(body["_seq"], body))
         return latest
 
     async def _repair_state(self, bodies: Sequence[dict[str, Any]]) -> None:
@@ -1639,6 +1694,16 @@ def _is_wrong_last_sequence(exc: BaseException) -> bool:
 def _is_duplicate_in_batch(exc: BaseException | None) -> bool:
     """An atomic batch refused because one of its message ids was seen before."""
     return isinstance(exc, APIError) and exc.err_code == _ATOMIC_DUPLICATE_MSG_ID
+
+
+class _Ahead(NamedTuple):
+    """What a batch makes if it lands, worked out while the server stores it."""
+
+    tree: CompactRange
+    hashes: list[bytes]
+    #: The tree nodes each record completes (for the tiles), in order.
+    nodes: list[list[tuple[NodeId, bytes]]]
+    replies: list[dict[str, Any]]
 
 
 class _Stored(NamedTuple):
