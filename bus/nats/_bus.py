@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -56,12 +57,14 @@ def _expire(pong: asyncio.Future[bool], timeout: float) -> None:
 class _Flight:
     """A flush begun: the PONG it waits for (None: nats-py's own flush) and what it failed."""
 
-    __slots__ = ("pong", "refused")
+    __slots__ = ("expiry", "pong", "refused")
 
     def __init__(self, pong: asyncio.Future[bool] | None, refused: PermissionDenied | None
                  ) -> None:
         self.pong = pong
         self.refused = refused
+        #: The timer failing a `flush_calling` flight's PONG at its timeout.
+        self.expiry: asyncio.TimerHandle | None = None
 
 logger = logging.getLogger(__name__)
 
@@ -346,6 +349,62 @@ class NatsBus:
         self._unclaimed = None
         self._flights.append(flight)
         return self._flushed(flight, timeout)
+
+    def flush_calling(
+        self, ended: Callable[[BusError | None], None], timeout: float = 5.0
+    ) -> bool:
+        """`flush()` without a waiter: its end calls `ended` once, in place.
+
+        The PING is sent at the call, as by `flush()`. `ended(None)` is called from
+        nats-py's reader as it reads the PONG (no task is woken; anything `ended` publishes
+        with `publish_nowait` and writes with `write_queued` leaves in that same loop pass),
+        `ended(error)` with what `flush()` would raise: the `PermissionDenied` of a publish
+        it covers, a `RequestTimeout` after `timeout` seconds, a lost connection. `ended`
+        runs inside nats-py's reader: it must be quick and must not raise (it is logged).
+
+        Returns False, having started nothing, when this cannot be done now (nats-py
+        without the internals, or disconnected): then use `flush()`.
+
+        Raises:
+            BusClosed: the bus is closed.
+        """
+        self._check_open()
+        flight = _Flight(None, self._unclaimed)
+        pong = self._internals.ping_calling(
+            self._client, functools.partial(self._landed, flight, ended)
+        )
+        if pong is None:
+            return False
+        self._unclaimed = None
+        flight.pong = pong
+        flight.expiry = pong.get_loop().call_later(timeout, _expire, pong, timeout)
+        self._flights.append(flight)
+        return True
+
+    def _landed(
+        self, flight: _Flight, ended: Callable[[BusError | None], None],
+        error: BaseException | None,
+    ) -> None:
+        """A `flush_calling` flight's PONG is in (or its wait failed): tell its caller."""
+        if flight.expiry is not None:
+            flight.expiry.cancel()
+        try:
+            self._flights.remove(flight)
+        except ValueError:
+            pass  # `_refused` already dropped it once its PONG was in
+        if flight.refused is not None:  # a refusal beats a timeout, and fails a PONG
+            ended(flight.refused)
+        elif error is None or isinstance(error, BusError):
+            ended(error)
+        else:
+            ended(BusError(f"flush failed: {error}"))
+
+    def write_queued(self) -> bool:
+        """Write everything queued for nats-py's flusher task (`publish_nowait`) to the
+        socket now rather than at the flusher's next wake-up; False: the flusher will."""
+        if self._client.is_closed:
+            return False
+        return self._internals.write_queued(self._client)
 
     async def _flushed(self, flight: _Flight, timeout: float) -> None:  # noqa: ASYNC109
         pong = flight.pong

@@ -13,9 +13,10 @@ public API (and a real provider) awaits the same steps in `handoff`.
 
 from __future__ import annotations
 
-import functools
+import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,13 +27,8 @@ from lukhas import subjects
 from lukhas.config import Settings
 from lukhas.endpoint import Answer, Endpoint, Reply
 from lukhas.errors import PayloadTooLarge, Unavailable
-from lukhas.observability.matriz_decorators import (
-    EmitPoint,
-    annotate,
-    emit_call,
-    instrument,
-    outcome_of,
-)
+from lukhas.observability.matriz_decorators import EmitPoint, annotate, instrument, outcome_of
+from lukhas.observability.matriz_emit import Outcome, make_node
 from lukhas.observability.tracing import current_trace_id, make_traceparent, new_trace_id
 from lukhas.orchestration.context.messages import (
     HANDOFF_REPLY,
@@ -52,6 +48,8 @@ ENVELOPE_BYTES = 1024
 _CAPABILITY = "handoff_context"
 _SALIENCE = 0.4
 _URGENCY = 0.7
+
+logger = logging.getLogger(__name__)
 
 _encoder = msgspec.json.Encoder()
 _STATE_KEY = "orchestration.context"
@@ -163,11 +161,40 @@ async def handoff(cmd: HandoffContext) -> Reply:
 _POINT: EmitPoint = handoff.__matriz_emit_point__  # type: ignore[attr-defined]
 
 
-def _emit(outcome: Any, started: float, trace_id: str, labels: tuple[str, ...] = ()) -> None:
-    emit_call(
-        _POINT, capability=_CAPABILITY, salience=_SALIENCE, urgency=_URGENCY, outcome=outcome,
-        latency_ms=(time.perf_counter() - started) * 1000.0, trace_id=trace_id, labels=labels,
-    )
+def _emit(
+    runtime: Runtime, outcome: Outcome, started: float, trace_id: str,
+    labels: tuple[str, ...] = (), ended: float | None = None,
+) -> None:
+    """The MATRIZ node `handoff`'s `@instrument` would emit, emitted to `runtime` as named:
+    a deferred handoff may be answered from a task (nats-py's reader) with none bound."""
+    latency_ms = ((time.perf_counter() if ended is None else ended) - started) * 1000.0
+    runtime.emitter.emit(make_node(
+        _POINT.node_type, _POINT.label, outcome=outcome, latency_ms=latency_ms,
+        trace_id=trace_id, producer=f"{runtime.producer}:{_POINT.module}",
+        capability=_CAPABILITY, tenant=runtime.settings.tenant, salience=_SALIENCE,
+        urgency=_URGENCY, confidence=0.0 if outcome == "error" else 1.0, labels=labels,
+    ))
+
+
+class _Parked:
+    """A handoff published and waiting for the flush covering it."""
+
+    __slots__ = ("answer", "reply", "started", "subject", "trace_id")
+
+    def __init__(self, answer: Answer, subject: str, started: float, trace_id: str) -> None:
+        self.answer = answer
+        self.subject = subject
+        self.started = started
+        self.trace_id = trace_id
+        #: Its reply once confirmed, built while the PING is on the wire.
+        self.reply: Reply = {}
+
+    def outcome(self, error: Exception | None, ended: float) -> Reply | Exception:
+        if error is not None:
+            return _unconfirmed(self.subject, error) if isinstance(error, BusError) else error
+        reply = self.reply
+        reply["latency_ms"] = round((ended - self.started) * 1000.0, 3)
+        return reply
 
 
 class HandoffDeferral:
@@ -175,15 +202,28 @@ class HandoffDeferral:
 
     `begin` runs the steps of `handoff` up to the core publish, refusing at once where
     `handoff` would (an in-flight slot is not waited for: there is no task to wait in), and
-    parks the call, which starts the flush covering it (see `ParkedConfirmations`);
-    `confirm` awaits the flushes and answers each handoff they covered. The same reply,
-    the same MATRIZ node, and `ok: true` still means the server has the context.
+    parks the call, which sends the PING of the flush covering it (see
+    `ParkedConfirmations`); the reply is built while that round trip is under way. On the
+    NATS bus the PONG answers each handoff its flush covered in place, from nats-py's
+    reader (`NatsBus.flush_calling`): an `answer` with a `nowait(outcome) -> bool` method
+    (the slice service's) queues the reply there and then, the replies are written to the
+    socket at once (`NatsBus.write_queued`), and only then is each MATRIZ node emitted, so
+    no task switch and no node building sits between the PONG and the reply. Otherwise
+    `confirm` awaits the flushes and answers each handoff they covered. The same reply, the
+    same MATRIZ node for every call, and `ok: true` still means the server has the context:
+    a refused publish's -ERR arrives before the PONG, and fails its flush.
     """
 
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
         self._gate = handoff_controls(runtime).gate
-        self._parked = ParkedConfirmations(runtime.bus.flush)
+        bus = runtime.bus
+        flush_calling = getattr(bus, "flush_calling", None)
+        self._write_queued: Callable[[], bool] | None = getattr(bus, "write_queued", None)
+        self._parked: ParkedConfirmations[_Parked] = ParkedConfirmations(
+            bus.flush, self._settle, flush_calling=flush_calling,
+            settle_now=self._settle_now if flush_calling is not None else None,
+        )
         self._waiting = 0
 
     @property
@@ -209,7 +249,8 @@ class HandoffDeferral:
             body = _envelope(message, runtime, trace_id)
             refusal = await _admit(message, runtime, started, wait=False)
             if refusal is not None:
-                _emit(outcome_of(refusal), started, trace_id, (f"reason:{refusal['reason']}",))
+                _emit(runtime, outcome_of(refusal), started, trace_id,
+                      (f"reason:{refusal['reason']}",))
                 return refusal
             subject = context_target(message.target)
             try:
@@ -220,26 +261,55 @@ class HandoffDeferral:
                 self._gate.leave()
                 raise _unconfirmed(subject, exc) from None
         except Exception:
-            _emit("error", started, trace_id)
+            _emit(runtime, "error", started, trace_id)
             raise
         self._waiting += 1
-        self._parked.park(functools.partial(
-            self._confirmed, message, subject, body, started, trace_id, answer
-        ))
+        call = _Parked(answer, subject, started, trace_id)
+        self._parked.park(call)  # its PING is on the wire: the rest overlaps the round trip
+        call.reply = _delivered(message, DELIVERED, subject, body, started)
         return None
 
-    async def _confirmed(
-        self, message: HandoffContext, subject: str, body: bytes, started: float,
-        trace_id: str, answer: Answer, error: Exception | None,
-    ) -> None:
+    def _done(self, call: _Parked, error: Exception | None, ended: float) -> None:
         self._gate.leave()
         self._waiting -= 1
-        if error is None:
-            _emit("ok", started, trace_id)
-            await answer(_delivered(message, DELIVERED, subject, body, started))
-            return
-        _emit("error", started, trace_id)
-        await answer(_unconfirmed(subject, error) if isinstance(error, BusError) else error)
+        _emit(self._runtime, "ok" if error is None else "error", call.started, call.trace_id,
+              ended=ended)
+
+    def _settle_now(self, batch: list[_Parked], error: Exception | None) -> list[_Parked]:
+        """Answer in place what can be (called from the bus's reader at the PONG): the
+        replies first, written at once, then the MATRIZ nodes. Returns the rest (errors,
+        and replies the bus would not take now), for `_settle`. Never raises."""
+        ended = time.perf_counter()
+        answered: list[_Parked] = []
+        rest: list[_Parked] = []
+        for call in batch:
+            nowait = getattr(call.answer, "nowait", None)
+            try:
+                done = nowait is not None and nowait(call.outcome(error, ended))
+            except Exception:
+                logger.exception("answering a confirmed handoff in place failed")
+                done = False
+            (answered if done else rest).append(call)
+        if answered:
+            if self._write_queued is not None:
+                try:
+                    self._write_queued()
+                except Exception:  # the flusher task writes it
+                    logger.exception("writing handoff replies at once failed")
+            for call in answered:
+                try:
+                    self._done(call, error, ended)
+                except Exception:
+                    logger.exception("finishing a confirmed handoff failed")
+        return rest
+
+    async def _settle(self, batch: list[_Parked], error: Exception | None) -> None:
+        for call in batch:
+            ended = time.perf_counter()
+            try:
+                await call.answer(call.outcome(error, ended))
+            finally:
+                self._done(call, error, ended)
 
     async def confirm(self) -> None:
         await self._parked.run()

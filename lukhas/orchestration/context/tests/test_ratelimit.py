@@ -215,13 +215,16 @@ async def test_parked_calls_are_confirmed_in_groups_without_a_task_each() -> Non
                 raise outcome
         return ended()
 
-    parked = ParkedConfirmations(flush, max_flushes=2)
     answered: dict[int, Exception | None] = {}
 
-    def done(n: int):  # type: ignore[no-untyped-def]
-        async def record(error: Exception | None) -> None:
+    async def settle(batch: list[int], error: Exception | None) -> None:
+        for n in batch:
             answered[n] = error
-        return record
+
+    parked: ParkedConfirmations[int] = ParkedConfirmations(flush, settle, max_flushes=2)
+
+    def done(n: int) -> int:
+        return n
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(parked.run)
@@ -251,15 +254,15 @@ async def test_a_flush_that_cannot_start_answers_its_calls_with_the_error() -> N
     def flush() -> Awaitable[None]:
         raise BusClosed("closed")
 
-    parked = ParkedConfirmations(flush)
     answered: list[Exception | None] = []
 
-    async def record(error: Exception | None) -> None:
-        answered.append(error)
+    async def settle(batch: list[str], error: Exception | None) -> None:
+        answered.extend(error for _ in batch)
 
+    parked: ParkedConfirmations[str] = ParkedConfirmations(flush, settle)
     async with anyio.create_task_group() as tg:
         tg.start_soon(parked.run)
-        parked.park(record)
+        parked.park("call")
         await anyio.wait_all_tasks_blocked()
         parked.close()
     assert len(answered) == 1 and isinstance(answered[0], BusClosed)
