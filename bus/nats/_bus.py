@@ -57,14 +57,15 @@ def _expire(pong: asyncio.Future[bool], timeout: float) -> None:
 class _Flight:
     """A flush begun: the PONG it waits for (None: nats-py's own flush) and what it failed."""
 
-    __slots__ = ("expiry", "pong", "refused")
+    __slots__ = ("deadline", "pong", "refused", "timeout")
 
     def __init__(self, pong: asyncio.Future[bool] | None, refused: PermissionDenied | None
                  ) -> None:
         self.pong = pong
         self.refused = refused
-        #: The timer failing a `flush_calling` flight's PONG at its timeout.
-        self.expiry: asyncio.TimerHandle | None = None
+        #: When (loop time) a `flush_calling` flight's PONG wait fails, and its timeout.
+        self.deadline: float | None = None
+        self.timeout = 0.0
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,8 @@ class NatsBus:
         #: has claimed yet (its -ERR came in while none was in flight): see `_refused`.
         self._flights: deque[_Flight] = deque()
         self._unclaimed: PermissionDenied | None = None
+        #: The timer failing `flush_calling` flights at their deadlines (see there).
+        self._expiry: asyncio.TimerHandle | None = None
         self._dropped = 0
         self._reconnects = 0
         self._connect_errors: list[Exception] = []
@@ -377,17 +380,42 @@ class NatsBus:
             return False
         self._unclaimed = None
         flight.pong = pong
-        flight.expiry = pong.get_loop().call_later(timeout, _expire, pong, timeout)
+        loop = pong.get_loop()
+        flight.deadline = deadline = loop.time() + timeout
+        flight.timeout = timeout
         self._flights.append(flight)
+        # One timer for every such flight, not one each: a timer cancelled at each PONG
+        # stays in the loop's heap until its time, and at thousands of handoffs a second
+        # those made most of the garbage collections on the handoff path.
+        expiry = self._expiry
+        if expiry is None or deadline < expiry.when():
+            if expiry is not None:
+                expiry.cancel()
+            self._expiry = loop.call_at(deadline, self._expire_calling)
         return True
+
+    def _expire_calling(self) -> None:
+        """Fail the `flush_calling` flights past their deadline; wake again for the next."""
+        self._expiry = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        soonest: float | None = None
+        for flight in list(self._flights):
+            deadline = flight.deadline
+            if deadline is None or flight.pong is None:
+                continue
+            if deadline <= now:
+                _expire(flight.pong, flight.timeout)  # its PONG calls `_landed`
+            elif soonest is None or deadline < soonest:
+                soonest = deadline
+        if soonest is not None:
+            self._expiry = loop.call_at(soonest, self._expire_calling)
 
     def _landed(
         self, flight: _Flight, ended: Callable[[BusError | None], None],
         error: BaseException | None,
     ) -> None:
         """A `flush_calling` flight's PONG is in (or its wait failed): tell its caller."""
-        if flight.expiry is not None:
-            flight.expiry.cancel()
         try:
             self._flights.remove(flight)
         except ValueError:

@@ -170,10 +170,17 @@ class _CallingPong(_Pong):
             self._call(error if error is not None else RuntimeError("PONG wait failed"))
 
     def _call(self, error: BaseException | None) -> None:
+        # Dropped once called: the callback usually refers back to this future (the bus's
+        # flight holds it), a cycle only the garbage collector would otherwise reclaim.
+        ended, self._ended = self._ended, _ended_already
         try:
-            self._ended(error)
+            ended(error)
         except Exception:
             logger.exception("a PONG's callback failed")
+
+
+def _ended_already(error: BaseException | None) -> None:
+    return None
 
 
 class PrivateInternals:
