@@ -7,8 +7,9 @@ mode, a JetStream acknowledgement in feature mode. So `ok: true` means the serve
 
 The slice service answers handoffs deferred when the builtin bus publisher serves every
 call (`HandoffDeferral`): a handoff parked on its flush holds its in-flight slot and a
-little memory, not a task, and one task answers every handoff a flush confirmed. The
-public API (and a real provider) awaits the same steps in `handoff`.
+little memory, not a task, and on NATS the flush's PONG answers every handoff it confirmed
+in place, from nats-py's reader (else one task does). The public API (and a real provider)
+awaits the same steps in `handoff`.
 """
 
 from __future__ import annotations
