@@ -163,7 +163,7 @@ async def test_handoffs_answered_in_place_at_their_pong_keep_ok_and_matriz_hones
     server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The deferral answers a confirmed handoff in place, from nats-py's reader as it reads
-    the PONG (`NatsBus.flush_calling`), and emits its MATRIZ node after the reply. Sent one
+    the PONG (`NatsBus.flush_calling`), its MATRIZ node written with the reply. Sent one
     at a time and 24 at once, denied and allowed interleaved: a denied handoff is never
     `ok`; every `ok` one was delivered, and answered in place; and MATRIZ has exactly one
     CONTEXT node per call, `ok` for exactly the calls answered `ok`, `error` for the rest."""
