@@ -180,20 +180,27 @@ def _emit(
 class _Parked:
     """A handoff published and waiting for the flush covering it."""
 
-    __slots__ = ("answer", "reply", "started", "subject", "trace_id")
+    __slots__ = ("answer", "body", "message", "reply", "started", "subject", "trace_id")
 
-    def __init__(self, answer: Answer, subject: str, started: float, trace_id: str) -> None:
+    def __init__(self, answer: Answer, message: HandoffContext, subject: str, body: bytes,
+                 started: float, trace_id: str) -> None:
         self.answer = answer
+        self.message = message
         self.subject = subject
+        self.body = body
         self.started = started
         self.trace_id = trace_id
-        #: Its reply once confirmed, built while the PING is on the wire.
-        self.reply: Reply = {}
+        #: Its reply once confirmed (`latency_ms` filled in then), built by `prepare`.
+        self.reply: Reply | None = None
+
+    def prepare(self) -> Reply:
+        self.reply = _delivered(self.message, DELIVERED, self.subject, self.body, self.started)
+        return self.reply
 
     def outcome(self, error: Exception | None, ended: float) -> Reply | Exception:
         if error is not None:
             return _unconfirmed(self.subject, error) if isinstance(error, BusError) else error
-        reply = self.reply
+        reply = self.reply if self.reply is not None else self.prepare()
         reply["latency_ms"] = round((ended - self.started) * 1000.0, 3)
         return reply
 
@@ -265,9 +272,10 @@ class HandoffDeferral:
             _emit(runtime, "error", started, trace_id)
             raise
         self._waiting += 1
-        call = _Parked(answer, subject, started, trace_id)
+        call = _Parked(answer, message, subject, body, started, trace_id)
         self._parked.park(call)  # its PING is on the wire: the rest overlaps the round trip
-        call.reply = _delivered(message, DELIVERED, subject, body, started)
+        if call.reply is None:
+            call.prepare()
         return None
 
     def _done(self, call: _Parked, error: Exception | None, ended: float) -> None:
