@@ -192,7 +192,8 @@ class NatsBus:
         self._published += 1
 
     def publish_nowait(
-        self, subject: str, data: bytes, *, headers: EncodedHeaders | None = None
+        self, subject: str, data: bytes, *, headers: EncodedHeaders | None = None,
+        wake: bool = True,
     ) -> bool:
         """Queue one message (headers, if any, already encoded) for nats-py's flusher
         without waiting.
@@ -200,6 +201,8 @@ class NatsBus:
         Returns False, having sent nothing, when it cannot be done at once (disconnected,
         the outgoing buffer at its bound, or nats-py without the internals: see `_compat`);
         then use `publish`. What is queued goes out in order with every other publish.
+        `wake=False` leaves nats-py's flusher asleep, for a caller that starts a flush
+        (`flush_calling`, `flush`) right after: its PING is written with the queue.
 
         Raises:
             BusClosed: the bus is closed.
@@ -210,7 +213,8 @@ class NatsBus:
         self._check_subject(subject)
         self._check_payload(data)
         block = None if headers is None or not headers.mapping else headers.block
-        if not self._internals.queue_publish(self._client, subject, data, block):
+        queue = self._internals.queue_publish if wake else self._internals.append_publish
+        if not queue(self._client, subject, data, block):
             return False
         self._published += 1
         return True

@@ -130,6 +130,15 @@ class NatsPyInternals(Protocol):
         False (nothing written) when that cannot be done now: the flusher writes it."""
         ...
 
+    def append_publish(
+        self, client: Client, subject: str, payload: bytes, header_block: bytes | None = None
+    ) -> bool:
+        """`queue_publish` without waking nats-py's flusher task, for a caller whose next
+        step writes the queue itself (a `ping_calling` PING): the wake-up would find nothing
+        left to write. Whatever writes the queue next (a PING, `write_queued`, the flusher
+        woken by any other publish) sends it, in order."""
+        ...
+
 
 class _Pong(asyncio.Future[bool]):
     """The PONG a round trip waits for, awaited directly (one wake-up, not `wait_for`'s two).
@@ -276,6 +285,26 @@ class PrivateInternals:
         client._pongs.append(pong)
         return pong
 
+    def append_publish(
+        self, client: Client, subject: str, payload: bytes, header_block: bytes | None = None
+    ) -> bool:
+        # `queue_publish` up to the flusher's wake-up, which it leaves out.
+        queue = client._flush_queue
+        flusher = client._flusher_task
+        if (not client.is_connected or client.is_draining_pubs or queue is None
+                or flusher is None or flusher.done()):
+            return False
+        command = (pub_cmd(subject, "", payload) if header_block is None
+                   else hpub_cmd(subject, "", header_block, payload))
+        limit = client._max_pending_size
+        if limit > 0 and client._pending_data_size + len(command) > limit:
+            return False
+        client._pending.append(command)
+        client._pending_data_size += len(command)
+        client.stats["out_msgs"] += 1
+        client.stats["out_bytes"] += len(payload)
+        return True
+
     def write_queued(self, client: Client) -> bool:
         # What the flusher task does when woken, now; it then finds nothing to write.
         transport = client._transport
@@ -334,6 +363,11 @@ class PublicInternals:
 
     def write_queued(self, client: Client) -> bool:
         return False  # the flusher task writes it
+
+    def append_publish(
+        self, client: Client, subject: str, payload: bytes, header_block: bytes | None = None
+    ) -> bool:
+        return False
 
     async def round_trip(self, client: Client) -> None:
         # `Client.flush()` writes its PING ahead of commands still queued for the flusher

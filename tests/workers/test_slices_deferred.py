@@ -39,6 +39,7 @@ class FlushValve:
     def __init__(self, bus: NatsBus) -> None:
         self._flush = bus.flush
         self._flush_calling = bus.flush_calling
+        self._write_queued = bus.write_queued
         self._open: anyio.Event | None = None
         self._calling: list[Callable[[BusError | None], None]] = []
         self.held = 0
@@ -74,6 +75,7 @@ class FlushValve:
             return self._flush_calling(ended, timeout)
         self.held += 1
         self._calling.append(ended)
+        self._write_queued()  # the PING would have carried the queue: only its PONG is held
         if self._open.is_set():
             self.release()
         return True

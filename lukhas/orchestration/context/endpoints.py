@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from bus import BusError
+from bus import BusError, EncodedHeaders
 from lukhas import subjects
 from lukhas.config import Settings
 from lukhas.endpoint import Answer, Endpoint, Reply
@@ -228,6 +228,7 @@ class HandoffDeferral:
         bus = runtime.bus
         flush_calling = getattr(bus, "flush_calling", None)
         self._write_queued: Callable[[], bool] | None = getattr(bus, "write_queued", None)
+        self._publish_nowait: Callable[..., bool] | None = getattr(bus, "publish_nowait", None)
         self._parked: ParkedConfirmations[_Parked] = ParkedConfirmations(
             bus.flush, self._settle, flush_calling=flush_calling,
             settle_now=self._settle_now if flush_calling is not None else None,
@@ -261,10 +262,12 @@ class HandoffDeferral:
                       (f"reason:{refusal['reason']}",))
                 return refusal
             subject = context_target(message.target)
+            headers = {"traceparent": make_traceparent(trace_id)}
             try:
-                await runtime.bus.publish(
-                    subject, body, headers={"traceparent": make_traceparent(trace_id)}
-                )
+                # Queued without waking nats-py's flusher: parking writes it with its PING.
+                if self._publish_nowait is None or not self._publish_nowait(
+                        subject, body, headers=EncodedHeaders(headers), wake=False):
+                    await runtime.bus.publish(subject, body, headers=headers)
             except BusError as exc:
                 self._gate.leave()
                 raise _unconfirmed(subject, exc) from None
