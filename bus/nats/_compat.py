@@ -33,7 +33,9 @@ the README's bus section gives the figures):
   wait: a timeout, a lost connection), so a confirmed handoff is answered in the same loop
   pass its PONG is read in, with no task woken; `write_queued()` writes what is queued for
   the flusher task at once (as `ping()` does before its PING), so that answer leaves in that
-  pass too instead of one flusher wake-up later.
+  pass too instead of one flusher wake-up later; `append_publish()` is `queue_publish()`
+  without the flusher's wake-up, for a publish whose flush's PING follows at once and
+  carries it (the handoff's), where the wake-up found nothing left to write.
 
 `publish_batch` calls the public `Client.publish` once per message (nats-py coalesces the
 writes in its flusher task).

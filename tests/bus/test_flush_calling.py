@@ -121,3 +121,34 @@ async def test_without_the_internals_it_declines_and_starts_nothing(
         assert bus.write_queued() is False
         assert not bus._flights
         await bus.flush()
+
+
+async def test_a_publish_queued_without_waking_the_flusher_leaves_with_the_next_ping(
+    nats_url: str, subject_root: str
+) -> None:
+    """`publish_nowait(wake=False)` queues the message and leaves nats-py's flusher asleep;
+    the PING `flush_calling` sends next carries it, so the flush confirms it and the
+    subscriber gets it, in order behind what was queued before."""
+    async with open_nats_bus(nats_url) as bus, open_nats_bus(nats_url) as peer:
+        assert isinstance(bus, NatsBus)
+        async with peer.subscribe(f"{subject_root}.quiet") as sub:
+            await peer.flush()
+            await bus.publish(f"{subject_root}.quiet", b"first")
+            await bus.flush()  # a round trip: the flusher has run and sleeps again
+            flush_queue = bus.client._flush_queue
+            assert flush_queue is not None and flush_queue.empty()
+            assert bus.publish_nowait(f"{subject_root}.quiet", b"second", wake=False)
+            assert bus.client._pending and flush_queue.empty()  # queued, nobody woken
+            landed = anyio.Event()
+            ended: list[BusError | None] = []
+
+            def on_end(error: BusError | None) -> None:
+                ended.append(error)
+                landed.set()
+
+            assert bus.flush_calling(on_end)
+            assert not bus.client._pending  # written with the PING
+            with anyio.fail_after(10):
+                await landed.wait()
+                got = [(await anext(aiter(sub))).data for _ in range(2)]
+            assert ended == [None] and got == [b"first", b"second"]
