@@ -148,26 +148,6 @@ class _Queued(NamedTuple):
     env: Envelope
 
 
-class _Answer:
-    """How a deferred call is answered (`Deferral.begin`'s `answer`): awaited, or in place
-    with `nowait(outcome)`, which returns False, having done nothing, when it cannot."""
-
-    __slots__ = ("_env", "_served", "_service", "_started")
-
-    def __init__(self, service: SliceService, served: Served, env: Envelope, started: int
-                 ) -> None:
-        self._service = service
-        self._served = served
-        self._env = env
-        self._started = started
-
-    def __call__(self, outcome: Reply | Exception) -> Awaitable[None]:
-        return self._service._answer(self._served, self._env, self._started, outcome)
-
-    def nowait(self, outcome: Reply | Exception) -> bool:
-        return self._service._answer_nowait(self._served, self._env, self._started, outcome)
-
-
 def endpoint_budgets_ms(
     endpoints: tuple[Served, ...], override_ms: float | None = None
 ) -> dict[str, float]:
@@ -673,3 +653,23 @@ class SliceService:
         if deferral is not None:
             data["parked"] = deferral.parked
         return data
+
+
+class _Answer:
+    """How a deferred call is answered (`Deferral.begin`'s `answer`): awaited, or in place
+    with `nowait(outcome)`, which returns False, having done nothing, when it cannot."""
+
+    __slots__ = ("_env", "_served", "_service", "_started")
+
+    def __init__(self, service: SliceService, served: Served, env: Envelope, started: int
+                 ) -> None:
+        self._service = service
+        self._served = served
+        self._env = env
+        self._started = started
+
+    def __call__(self, outcome: Reply | Exception) -> Awaitable[None]:
+        return self._service._answer(self._served, self._env, self._started, outcome)
+
+    def nowait(self, outcome: Reply | Exception) -> bool:
+        return self._service._answer_nowait(self._served, self._env, self._started, outcome)
