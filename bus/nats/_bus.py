@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -56,12 +57,15 @@ def _expire(pong: asyncio.Future[bool], timeout: float) -> None:
 class _Flight:
     """A flush begun: the PONG it waits for (None: nats-py's own flush) and what it failed."""
 
-    __slots__ = ("pong", "refused")
+    __slots__ = ("deadline", "pong", "refused", "timeout")
 
     def __init__(self, pong: asyncio.Future[bool] | None, refused: PermissionDenied | None
                  ) -> None:
         self.pong = pong
         self.refused = refused
+        #: When (loop time) a `flush_calling` flight's PONG wait fails, and its timeout.
+        self.deadline: float | None = None
+        self.timeout = 0.0
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +125,8 @@ class NatsBus:
         #: has claimed yet (its -ERR came in while none was in flight): see `_refused`.
         self._flights: deque[_Flight] = deque()
         self._unclaimed: PermissionDenied | None = None
+        #: The timer failing `flush_calling` flights at their deadlines (see there).
+        self._expiry: asyncio.TimerHandle | None = None
         self._dropped = 0
         self._reconnects = 0
         self._connect_errors: list[Exception] = []
@@ -186,7 +192,8 @@ class NatsBus:
         self._published += 1
 
     def publish_nowait(
-        self, subject: str, data: bytes, *, headers: EncodedHeaders | None = None
+        self, subject: str, data: bytes, *, headers: EncodedHeaders | None = None,
+        wake: bool = True,
     ) -> bool:
         """Queue one message (headers, if any, already encoded) for nats-py's flusher
         without waiting.
@@ -194,6 +201,8 @@ class NatsBus:
         Returns False, having sent nothing, when it cannot be done at once (disconnected,
         the outgoing buffer at its bound, or nats-py without the internals: see `_compat`);
         then use `publish`. What is queued goes out in order with every other publish.
+        `wake=False` leaves nats-py's flusher asleep, for a caller that starts a flush
+        (`flush_calling`, `flush`) right after: its PING is written with the queue.
 
         Raises:
             BusClosed: the bus is closed.
@@ -204,7 +213,8 @@ class NatsBus:
         self._check_subject(subject)
         self._check_payload(data)
         block = None if headers is None or not headers.mapping else headers.block
-        if not self._internals.queue_publish(self._client, subject, data, block):
+        queue = self._internals.queue_publish if wake else self._internals.append_publish
+        if not queue(self._client, subject, data, block):
             return False
         self._published += 1
         return True
@@ -346,6 +356,87 @@ class NatsBus:
         self._unclaimed = None
         self._flights.append(flight)
         return self._flushed(flight, timeout)
+
+    def flush_calling(
+        self, ended: Callable[[BusError | None], None], timeout: float = 5.0
+    ) -> bool:
+        """`flush()` without a waiter: its end calls `ended` once, in place.
+
+        The PING is sent at the call, as by `flush()`. `ended(None)` is called from
+        nats-py's reader as it reads the PONG (no task is woken; anything `ended` publishes
+        with `publish_nowait` and writes with `write_queued` leaves in that same loop pass),
+        `ended(error)` with what `flush()` would raise: the `PermissionDenied` of a publish
+        it covers, a `RequestTimeout` after `timeout` seconds, a lost connection. `ended`
+        runs inside nats-py's reader: it must be quick and must not raise (it is logged).
+
+        Returns False, having started nothing, when this cannot be done now (nats-py
+        without the internals, or disconnected): then use `flush()`.
+
+        Raises:
+            BusClosed: the bus is closed.
+        """
+        self._check_open()
+        flight = _Flight(None, self._unclaimed)
+        pong = self._internals.ping_calling(
+            self._client, functools.partial(self._landed, flight, ended)
+        )
+        if pong is None:
+            return False
+        self._unclaimed = None
+        flight.pong = pong
+        loop = pong.get_loop()
+        flight.deadline = deadline = loop.time() + timeout
+        flight.timeout = timeout
+        self._flights.append(flight)
+        # One timer for every such flight, not one each: a timer cancelled at each PONG
+        # stays in the loop's heap until its time, and at thousands of handoffs a second
+        # those made most of the garbage collections on the handoff path.
+        expiry = self._expiry
+        if expiry is None or deadline < expiry.when():
+            if expiry is not None:
+                expiry.cancel()
+            self._expiry = loop.call_at(deadline, self._expire_calling)
+        return True
+
+    def _expire_calling(self) -> None:
+        """Fail the `flush_calling` flights past their deadline; wake again for the next."""
+        self._expiry = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        soonest: float | None = None
+        for flight in list(self._flights):
+            deadline = flight.deadline
+            if deadline is None or flight.pong is None:
+                continue
+            if deadline <= now:
+                _expire(flight.pong, flight.timeout)  # its PONG calls `_landed`
+            elif soonest is None or deadline < soonest:
+                soonest = deadline
+        if soonest is not None:
+            self._expiry = loop.call_at(soonest, self._expire_calling)
+
+    def _landed(
+        self, flight: _Flight, ended: Callable[[BusError | None], None],
+        error: BaseException | None,
+    ) -> None:
+        """A `flush_calling` flight's PONG is in (or its wait failed): tell its caller."""
+        try:
+            self._flights.remove(flight)
+        except ValueError:
+            pass  # `_refused` already dropped it once its PONG was in
+        if flight.refused is not None:  # a refusal beats a timeout, and fails a PONG
+            ended(flight.refused)
+        elif error is None or isinstance(error, BusError):
+            ended(error)
+        else:
+            ended(BusError(f"flush failed: {error}"))
+
+    def write_queued(self) -> bool:
+        """Write everything queued for nats-py's flusher task (`publish_nowait`) to the
+        socket now rather than at the flusher's next wake-up; False: the flusher will."""
+        if self._client.is_closed:
+            return False
+        return self._internals.write_queued(self._client)
 
     async def _flushed(self, flight: _Flight, timeout: float) -> None:  # noqa: ASYNC109
         pong = flight.pong

@@ -30,6 +30,15 @@ the README's bus section gives the figures):
   load). Only while connected and under the pending-buffer bound: else it declines and the
   caller publishes the ordinary way.
 
+- **Acting on a PONG in place.** `ping_calling()` is `ping()` whose PONG calls a function
+  synchronously, from nats-py's reader as it parses the PONG (and from whoever fails the
+  wait: a timeout, a lost connection), so a confirmed handoff is answered in the same loop
+  pass its PONG is read in, with no task woken; `write_queued()` writes what is queued for
+  the flusher task at once (as `ping()` does before its PING), so that answer leaves in that
+  pass too instead of one flusher wake-up later; `append_publish()` is `queue_publish()`
+  without the flusher's wake-up, for a publish whose flush's PING follows at once and
+  carries it (the handoff's), where the wake-up found nothing left to write.
+
 `publish_batch` calls the public `Client.publish` once per message (nats-py coalesces the
 writes in its flusher task).
 
@@ -44,7 +53,7 @@ import asyncio
 import inspect
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import nats.errors
@@ -118,6 +127,29 @@ class NatsPyInternals(Protocol):
         """
         ...
 
+    def ping_calling(
+        self, client: Client, ended: Callable[[BaseException | None], None]
+    ) -> asyncio.Future[bool] | None:
+        """`ping()`, whose end calls `ended` once, in place: with None from nats-py's reader
+        as it parses the matching PONG (before it parses what follows), or with the exception
+        the future is failed with (`set_exception`: a timeout, a lost connection). Nobody
+        need await the future. None when it cannot be sent now (nothing will be called)."""
+        ...
+
+    def write_queued(self, client: Client) -> bool:
+        """Write what is queued for nats-py's flusher task to the socket now, in order;
+        False (nothing written) when that cannot be done now: the flusher writes it."""
+        ...
+
+    def append_publish(
+        self, client: Client, subject: str, payload: bytes, header_block: bytes | None = None
+    ) -> bool:
+        """`queue_publish` without waking nats-py's flusher task, for a caller whose next
+        step writes the queue itself (a `ping_calling` PING): the wake-up would find nothing
+        left to write. Whatever writes the queue next (a PING, `write_queued`, the flusher
+        woken by any other publish) sends it, in order."""
+        ...
+
 
 class _Pong(asyncio.Future[bool]):
     """The PONG a round trip waits for, awaited directly (one wake-up, not `wait_for`'s two).
@@ -130,6 +162,45 @@ class _Pong(asyncio.Future[bool]):
     def set_result(self, result: bool) -> None:
         if not self.done():
             super().set_result(result)
+
+
+class _CallingPong(_Pong):
+    """A `_Pong` that calls `ended` in place when it completes (see `ping_calling`).
+
+    nats-py's reader calls `set_result` as it parses the PONG: `ended` runs there, so it
+    must be cheap and must not raise (an exception would end nats-py's read loop; it is
+    logged and dropped here).
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, ended: Callable[[BaseException | None], None]
+    ) -> None:
+        super().__init__(loop=loop)
+        self._ended = ended
+
+    def set_result(self, result: bool) -> None:
+        if not self.done():
+            super().set_result(result)
+            self._call(None)
+
+    def set_exception(self, exception: type | BaseException) -> None:
+        if not self.done():
+            super().set_exception(exception)
+            error = self.exception()  # retrieved: nobody need await this future
+            self._call(error if error is not None else RuntimeError("PONG wait failed"))
+
+    def _call(self, error: BaseException | None) -> None:
+        # Dropped once called: the callback usually refers back to this future (the bus's
+        # flight holds it), a cycle only the garbage collector would otherwise reclaim.
+        ended, self._ended = self._ended, _ended_already
+        try:
+            ended(error)
+        except Exception:
+            logger.exception("a PONG's callback failed")
+
+
+def _ended_already(error: BaseException | None) -> None:
+    return None
 
 
 class PrivateInternals:
@@ -222,6 +293,57 @@ class PrivateInternals:
         client._pongs.append(pong)  # PONGs come back in order: this one answers our PING
         return pong
 
+    def ping_calling(
+        self, client: Client, ended: Callable[[BaseException | None], None]
+    ) -> asyncio.Future[bool] | None:
+        # `ping()`, with a future that calls `ended` as nats-py's reader completes it.
+        transport = client._transport
+        if not client.is_connected or transport is None:
+            return None
+        pong = _CallingPong(asyncio.get_running_loop(), ended)
+        pending = client._pending
+        if pending:
+            client._pending = []
+            client._pending_data_size = 0
+            pending.append(PING_PROTO)
+            transport.writelines(pending)
+        else:
+            transport.write(PING_PROTO)
+        client._pongs.append(pong)
+        return pong
+
+    def append_publish(
+        self, client: Client, subject: str, payload: bytes, header_block: bytes | None = None
+    ) -> bool:
+        # `queue_publish` up to the flusher's wake-up, which it leaves out.
+        queue = client._flush_queue
+        flusher = client._flusher_task
+        if (not client.is_connected or client.is_draining_pubs or queue is None
+                or flusher is None or flusher.done()):
+            return False
+        command = (pub_cmd(subject, "", payload) if header_block is None
+                   else hpub_cmd(subject, "", header_block, payload))
+        limit = client._max_pending_size
+        if limit > 0 and client._pending_data_size + len(command) > limit:
+            return False
+        client._pending.append(command)
+        client._pending_data_size += len(command)
+        client.stats["out_msgs"] += 1
+        client.stats["out_bytes"] += len(payload)
+        return True
+
+    def write_queued(self, client: Client) -> bool:
+        # What the flusher task does when woken, now; it then finds nothing to write.
+        transport = client._transport
+        if not client.is_connected or transport is None:
+            return False
+        pending = client._pending
+        if pending:
+            client._pending = []
+            client._pending_data_size = 0
+            transport.writelines(pending)
+        return True
+
     async def round_trip(self, client: Client) -> None:
         pong = self.ping(client)
         if pong is not None:
@@ -263,6 +385,19 @@ class PublicInternals:
 
     def ping(self, client: Client) -> asyncio.Future[bool] | None:
         return None  # nothing public sends a PING without waiting for it
+
+    def ping_calling(
+        self, client: Client, ended: Callable[[BaseException | None], None]
+    ) -> asyncio.Future[bool] | None:
+        return None
+
+    def write_queued(self, client: Client) -> bool:
+        return False  # the flusher task writes it
+
+    def append_publish(
+        self, client: Client, subject: str, payload: bytes, header_block: bytes | None = None
+    ) -> bool:
+        return False
 
     async def round_trip(self, client: Client) -> None:
         # `Client.flush()` writes its PING ahead of commands still queued for the flusher

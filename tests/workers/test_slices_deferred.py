@@ -9,7 +9,7 @@ and releasing the flush answers every parked handoff with one grouped confirmati
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -17,7 +17,8 @@ import anyio
 import msgspec
 import pytest
 
-from bus import Bus, RequestTimeout, open_nats_bus
+from bus import Bus, BusError, RequestTimeout, open_nats_bus
+from bus.nats import NatsBus
 from lukhas import subjects
 from lukhas.orchestration.context.endpoints import HandoffDeferral
 from lukhas.ratelimit import Grant, MemoryLeaseStore, TokenLeaseStore, use_lease_store
@@ -32,14 +33,18 @@ HANDOFF = msgspec.json.encode({"ctx": {"step": 1}, "target": "deferred"})
 
 
 class FlushValve:
-    """Wraps a bus's `flush`: passes through until `hold()`, then waits for `release()`."""
+    """Wraps a bus's `flush` and `flush_calling`: they pass through until `hold()`; held,
+    `flush` waits for `release()`, and `flush_calling` keeps its callback until then."""
 
-    def __init__(self, flush: Callable[[], Awaitable[None]]) -> None:
-        self._flush = flush
+    def __init__(self, bus: NatsBus) -> None:
+        self._flush = bus.flush
+        self._flush_calling = bus.flush_calling
+        self._write_queued = bus.write_queued
         self._open: anyio.Event | None = None
+        self._calling: list[Callable[[BusError | None], None]] = []
         self.held = 0
         #: Raised by the held flushes once released (a flush that timed out).
-        self.fail: Exception | None = None
+        self.fail: BusError | None = None
 
     def hold(self) -> None:
         self._open = anyio.Event()
@@ -50,6 +55,12 @@ class FlushValve:
     def release(self) -> None:
         if self._open is not None:
             self._open.set()
+        calling, self._calling = self._calling, []
+        for ended in calling:  # as a flush that starts now ends
+            if self.fail is not None:
+                ended(self.fail)
+            else:
+                assert self._flush_calling(ended)
 
     async def __call__(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
         if self._open is not None:
@@ -58,6 +69,16 @@ class FlushValve:
             if self.fail is not None:
                 raise self.fail
         await self._flush()
+
+    def calling(self, ended: Callable[[BusError | None], None], timeout: float = 5.0) -> bool:
+        if self._open is None:
+            return self._flush_calling(ended, timeout)
+        self.held += 1
+        self._calling.append(ended)
+        self._write_queued()  # the PING would have carried the queue: only its PONG is held
+        if self._open.is_set():
+            self.release()
+        return True
 
 
 @asynccontextmanager
@@ -71,8 +92,10 @@ async def serving(
         open_nats_bus(nats_url) as client,
         open_test_runtime(dry_run_settings(**overrides), bus=service_bus) as (runtime, matriz),
     ):
-        valve = FlushValve(service_bus.flush)
+        assert isinstance(service_bus, NatsBus)
+        valve = FlushValve(service_bus)
         monkeypatch.setattr(service_bus, "flush", valve)
+        monkeypatch.setattr(service_bus, "flush_calling", valve.calling)
         if store is not None:
             use_lease_store(runtime, store)
         service = SliceService(runtime, concurrency=2, **({"clock": clock} if clock else {}))

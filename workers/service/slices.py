@@ -16,14 +16,13 @@ Only replies to a requester's inbox are sent (`_overload.reply_allowed`).
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import math
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any, NamedTuple
 
@@ -566,7 +565,7 @@ class SliceService:
                     reply = await endpoint.handler(message)
                 else:
                     answered = await deferral.begin(
-                        message, functools.partial(self._answer, served, env, started)
+                        message, _Answer(self, served, env, started)
                     )
                     if answered is None:
                         return  # parked: `_answer` completes it once confirmed
@@ -589,15 +588,38 @@ class SliceService:
         else:
             await self._finish(served, env, started, outcome, None)
 
+    def _answer_nowait(
+        self, served: Served, env: Envelope, started: int, outcome: Reply | Exception
+    ) -> bool:
+        """`_answer` a reply in place, queued with `publish_nowait` (a deferred call
+        confirmed from the bus's reader); False, having done nothing, when it cannot be:
+        no such bus, the bus declined, or an error to answer (then `_answer`)."""
+        publish = self._publish_nowait
+        if publish is None or isinstance(outcome, Exception):
+            return False
+        if env.reply is not None:
+            try:
+                if not publish(env.reply, _encoder.encode(outcome)):
+                    return False
+            except BusError:
+                return False  # e.g. an inbox the bus refuses: `_answer` says why
+        self._account(served, started, None)
+        return True
+
     async def _finish(
         self, served: Served, env: Envelope, started: int, reply: Reply, error_code: str | None
     ) -> None:
-        self._in_flight -= 1
-        endpoint = served.endpoint
         headers = None if error_code is None else {
             ERROR_HEADER: reply["error"]["message"],
             ERROR_CODE_HEADER: _HTTP_LIKE_CODES.get(error_code, "400"),
         }
+        self._account(served, started, error_code)
+        await self._respond(env, reply, headers)
+
+    def _account(self, served: Served, started: int, error_code: str | None) -> None:
+        """Count an answered request (the reply is on its way)."""
+        self._in_flight -= 1
+        endpoint = served.endpoint
         elapsed = time.perf_counter_ns() - started
         self._counters[endpoint.subject].record(elapsed, error_code)
         self._handled += 1
@@ -607,7 +629,6 @@ class SliceService:
             "handled subject=%s outcome=%s duration_ms=%.3f",
             endpoint.subject, error_code or "ok", elapsed / 1e6,
         )
-        await self._respond(env, reply, headers)
 
     async def _respond(
         self, env: Envelope, reply: Reply, headers: dict[str, str] | None = None
@@ -692,3 +713,23 @@ class SliceService:
         if deferral is not None:
             data["parked"] = deferral.parked
         return data
+
+
+class _Answer:
+    """How a deferred call is answered (`Deferral.begin`'s `answer`): awaited, or in place
+    with `nowait(outcome)`, which returns False, having done nothing, when it cannot."""
+
+    __slots__ = ("_env", "_served", "_service", "_started")
+
+    def __init__(self, service: SliceService, served: Served, env: Envelope, started: int
+                 ) -> None:
+        self._service = service
+        self._served = served
+        self._env = env
+        self._started = started
+
+    def __call__(self, outcome: Reply | Exception) -> Awaitable[None]:
+        return self._service._answer(self._served, self._env, self._started, outcome)
+
+    def nowait(self, outcome: Reply | Exception) -> bool:
+        return self._service._answer_nowait(self._served, self._env, self._started, outcome)

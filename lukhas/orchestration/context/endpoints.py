@@ -7,32 +7,29 @@ mode, a JetStream acknowledgement in feature mode. So `ok: true` means the serve
 
 The slice service answers handoffs deferred when the builtin bus publisher serves every
 call (`HandoffDeferral`): a handoff parked on its flush holds its in-flight slot and a
-little memory, not a task, and one task answers every handoff a flush confirmed. The
-public API (and a real provider) awaits the same steps in `handoff`.
+little memory, not a task, and on NATS the flush's PONG answers every handoff it confirmed
+in place, from nats-py's reader (else one task does). The public API (and a real provider)
+awaits the same steps in `handoff`.
 """
 
 from __future__ import annotations
 
-import functools
+import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
-from bus import BusError
+from bus import BusError, EncodedHeaders
 from lukhas import subjects
 from lukhas.config import Settings
 from lukhas.endpoint import Answer, Endpoint, Reply
 from lukhas.errors import PayloadTooLarge, Unavailable
-from lukhas.observability.matriz_decorators import (
-    EmitPoint,
-    annotate,
-    emit_call,
-    instrument,
-    outcome_of,
-)
+from lukhas.observability.matriz_decorators import EmitPoint, annotate, instrument, outcome_of
+from lukhas.observability.matriz_emit import Outcome, make_node
 from lukhas.observability.tracing import current_trace_id, make_traceparent, new_trace_id
 from lukhas.orchestration.context.messages import (
     HANDOFF_REPLY,
@@ -52,6 +49,8 @@ ENVELOPE_BYTES = 1024
 _CAPABILITY = "handoff_context"
 _SALIENCE = 0.4
 _URGENCY = 0.7
+
+logger = logging.getLogger(__name__)
 
 _encoder = msgspec.json.Encoder()
 _STATE_KEY = "orchestration.context"
@@ -163,11 +162,47 @@ async def handoff(cmd: HandoffContext) -> Reply:
 _POINT: EmitPoint = handoff.__matriz_emit_point__  # type: ignore[attr-defined]
 
 
-def _emit(outcome: Any, started: float, trace_id: str, labels: tuple[str, ...] = ()) -> None:
-    emit_call(
-        _POINT, capability=_CAPABILITY, salience=_SALIENCE, urgency=_URGENCY, outcome=outcome,
-        latency_ms=(time.perf_counter() - started) * 1000.0, trace_id=trace_id, labels=labels,
-    )
+def _emit(
+    runtime: Runtime, outcome: Outcome, started: float, trace_id: str,
+    labels: tuple[str, ...] = (), ended: float | None = None,
+) -> None:
+    """The MATRIZ node `handoff`'s `@instrument` would emit, emitted to `runtime` as named:
+    a deferred handoff may be answered from a task (nats-py's reader) with none bound."""
+    latency_ms = ((time.perf_counter() if ended is None else ended) - started) * 1000.0
+    runtime.emitter.emit(make_node(
+        _POINT.node_type, _POINT.label, outcome=outcome, latency_ms=latency_ms,
+        trace_id=trace_id, producer=f"{runtime.producer}:{_POINT.module}",
+        capability=_CAPABILITY, tenant=runtime.settings.tenant, salience=_SALIENCE,
+        urgency=_URGENCY, confidence=0.0 if outcome == "error" else 1.0, labels=labels,
+    ))
+
+
+class _Parked:
+    """A handoff published and waiting for the flush covering it."""
+
+    __slots__ = ("answer", "body", "message", "reply", "started", "subject", "trace_id")
+
+    def __init__(self, answer: Answer, message: HandoffContext, subject: str, body: bytes,
+                 started: float, trace_id: str) -> None:
+        self.answer = answer
+        self.message = message
+        self.subject = subject
+        self.body = body
+        self.started = started
+        self.trace_id = trace_id
+        #: Its reply once confirmed (`latency_ms` filled in then), built by `prepare`.
+        self.reply: Reply | None = None
+
+    def prepare(self) -> Reply:
+        self.reply = _delivered(self.message, DELIVERED, self.subject, self.body, self.started)
+        return self.reply
+
+    def outcome(self, error: Exception | None, ended: float) -> Reply | Exception:
+        if error is not None:
+            return _unconfirmed(self.subject, error) if isinstance(error, BusError) else error
+        reply = self.reply if self.reply is not None else self.prepare()
+        reply["latency_ms"] = round((ended - self.started) * 1000.0, 3)
+        return reply
 
 
 class HandoffDeferral:
@@ -175,15 +210,29 @@ class HandoffDeferral:
 
     `begin` runs the steps of `handoff` up to the core publish, refusing at once where
     `handoff` would (an in-flight slot is not waited for: there is no task to wait in), and
-    parks the call, which starts the flush covering it (see `ParkedConfirmations`);
-    `confirm` awaits the flushes and answers each handoff they covered. The same reply,
-    the same MATRIZ node, and `ok: true` still means the server has the context.
+    parks the call, which sends the PING of the flush covering it (see
+    `ParkedConfirmations`); the reply is built while that round trip is under way. On the
+    NATS bus the PONG answers each handoff its flush covered in place, from nats-py's
+    reader (`NatsBus.flush_calling`): an `answer` with a `nowait(outcome) -> bool` method
+    (the slice service's) queues the reply there and then, each MATRIZ node is emitted
+    behind it, and the queue is written to the socket at once (`NatsBus.write_queued`), so
+    no task switch sits between the PONG and the reply. Otherwise
+    `confirm` awaits the flushes and answers each handoff they covered. The same reply, the
+    same MATRIZ node for every call, and `ok: true` still means the server has the context:
+    a refused publish's -ERR arrives before the PONG, and fails its flush.
     """
 
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
         self._gate = handoff_controls(runtime).gate
-        self._parked = ParkedConfirmations(runtime.bus.flush)
+        bus = runtime.bus
+        flush_calling = getattr(bus, "flush_calling", None)
+        self._write_queued: Callable[[], bool] | None = getattr(bus, "write_queued", None)
+        self._publish_nowait: Callable[..., bool] | None = getattr(bus, "publish_nowait", None)
+        self._parked: ParkedConfirmations[_Parked] = ParkedConfirmations(
+            bus.flush, self._settle, flush_calling=flush_calling,
+            settle_now=self._settle_now if flush_calling is not None else None,
+        )
         self._waiting = 0
 
     @property
@@ -209,37 +258,72 @@ class HandoffDeferral:
             body = _envelope(message, runtime, trace_id)
             refusal = await _admit(message, runtime, started, wait=False)
             if refusal is not None:
-                _emit(outcome_of(refusal), started, trace_id, (f"reason:{refusal['reason']}",))
+                _emit(runtime, outcome_of(refusal), started, trace_id,
+                      (f"reason:{refusal['reason']}",))
                 return refusal
             subject = context_target(message.target)
+            headers = {"traceparent": make_traceparent(trace_id)}
             try:
-                await runtime.bus.publish(
-                    subject, body, headers={"traceparent": make_traceparent(trace_id)}
-                )
+                # Queued without waking nats-py's flusher: parking writes it with its PING.
+                if self._publish_nowait is None or not self._publish_nowait(
+                        subject, body, headers=EncodedHeaders(headers), wake=False):
+                    await runtime.bus.publish(subject, body, headers=headers)
             except BusError as exc:
                 self._gate.leave()
                 raise _unconfirmed(subject, exc) from None
         except Exception:
-            _emit("error", started, trace_id)
+            _emit(runtime, "error", started, trace_id)
             raise
         self._waiting += 1
-        self._parked.park(functools.partial(
-            self._confirmed, message, subject, body, started, trace_id, answer
-        ))
+        call = _Parked(answer, message, subject, body, started, trace_id)
+        self._parked.park(call)  # its PING is on the wire: the rest overlaps the round trip
+        if call.reply is None:
+            call.prepare()
         return None
 
-    async def _confirmed(
-        self, message: HandoffContext, subject: str, body: bytes, started: float,
-        trace_id: str, answer: Answer, error: Exception | None,
-    ) -> None:
+    def _done(self, call: _Parked, error: Exception | None, ended: float) -> None:
         self._gate.leave()
         self._waiting -= 1
-        if error is None:
-            _emit("ok", started, trace_id)
-            await answer(_delivered(message, DELIVERED, subject, body, started))
-            return
-        _emit("error", started, trace_id)
-        await answer(_unconfirmed(subject, error) if isinstance(error, BusError) else error)
+        _emit(self._runtime, "ok" if error is None else "error", call.started, call.trace_id,
+              ended=ended)
+
+    def _settle_now(self, batch: list[_Parked], error: Exception | None) -> list[_Parked]:
+        """Answer in place what can be (called from the bus's reader at the PONG): the
+        replies are queued, then the MATRIZ nodes (a node costs ~2 µs to build, so it
+        barely delays its reply, and the two share the one write, as before: a write after
+        the reply's cost the worker a syscall and nats-server a wake-up per handoff), then
+        the queue is written at once. Returns the rest (errors, and replies the bus would
+        not take now), for `_settle`. Never raises."""
+        ended = time.perf_counter()
+        answered: list[_Parked] = []
+        rest: list[_Parked] = []
+        for call in batch:
+            nowait = getattr(call.answer, "nowait", None)
+            try:
+                done = nowait is not None and nowait(call.outcome(error, ended))
+            except Exception:
+                logger.exception("answering a confirmed handoff in place failed")
+                done = False
+            (answered if done else rest).append(call)
+        for call in answered:
+            try:
+                self._done(call, error, ended)
+            except Exception:
+                logger.exception("finishing a confirmed handoff failed")
+        if answered and self._write_queued is not None:
+            try:
+                self._write_queued()
+            except Exception:  # the flusher task writes it
+                logger.exception("writing handoff replies at once failed")
+        return rest
+
+    async def _settle(self, batch: list[_Parked], error: Exception | None) -> None:
+        for call in batch:
+            ended = time.perf_counter()
+            try:
+                await call.answer(call.outcome(error, ended))
+            finally:
+                self._done(call, error, ended)
 
     async def confirm(self) -> None:
         await self._parked.run()

@@ -10,9 +10,10 @@ for callers awaiting it (`FlushConfirmer`) and for calls parked without a task o
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import NamedTuple
+from typing import Generic, NamedTuple, TypeVar
 
 import anyio
 
@@ -22,6 +23,8 @@ __all__ = [
     "Clock", "Decision", "FlushConfirmer", "GateStatistics", "HandoffLimiter", "InflightGate",
     "ParkedConfirmations", "TokenBucket",
 ]
+
+T = TypeVar("T")
 
 #: The handoff limiter is the shared keyed limiter (global bucket plus one per source).
 HandoffLimiter = KeyedLimiter
@@ -159,42 +162,63 @@ class FlushConfirmer:
             gen.done.set()
 
 
-#: Called once the flush covering a parked call ended: with None, or the flush's error.
-Confirmed = Callable[[Exception | None], Awaitable[None]]
+#: Answers parked calls once the flush covering them ended: with None, or the flush's error.
+Settle = Callable[[list[T], Exception | None], Awaitable[None]]
+#: The same in place (from the bus's reader, no task): answers what it can now and returns
+#: the calls it could not, which `Settle` then answers from a confirming task.
+SettleNow = Callable[[list[T], Exception | None], list[T]]
+#: Starts a flush whose end calls the function given, in place (`NatsBus.flush_calling`);
+#: False when it cannot now (then `flush`).
+FlushCalling = Callable[[Callable[[Exception | None], None]], bool]
 
 
-class ParkedConfirmations:
+class ParkedConfirmations(Generic[T]):
     """Calls parked until a flush covers their publish, confirmed in groups.
 
-    `park(done)` records a call whose publish is already made. While fewer than
+    `park(call)` records a call whose publish is already made. While fewer than
     `max_flushes` flushes are running it starts one for the call at once: a flush that
     sends its PING when called (`NatsBus.flush`) has it on the wire before `park` returns,
     so the call waits one round trip, no task hop and no other call's flush. PINGs are
     answered in order, so the flushes pipeline on the connection. At the bound, calls
     gather and the first flush to end starts one for all of them: under heavy load the
-    groups grow instead of the flushes. An idle confirming task (`run()` keeps
-    `max_flushes` of them) awaits each flush started and then each covered call's `done`
-    in order, so a parked call costs no task of its own and every flush covers every call
-    it confirms. `close()` lets `run()` return once nothing is parked or in flight. Bound
-    the number parked upstream (the in-flight gate).
+    groups grow instead of the flushes.
+
+    With `flush_calling` and `settle_now` (the NATS bus), a flush's end answers the calls
+    it covered in place, as its PONG is read (`settle_now`): no task is woken between the
+    PONG and the replies. Otherwise (or for the calls `settle_now` hands back) an idle
+    confirming task (`run()` keeps `max_flushes` of them) awaits each flush started and
+    then `settle`s the calls it covered, so a parked call costs no task of its own and
+    every flush covers every call it confirms. `close()` lets `run()` return once nothing
+    is parked or in flight. Bound the number parked upstream (the in-flight gate).
     """
 
     __slots__ = (
-        "_closed", "_flush", "_flushing", "_idle", "_max_flushes", "_parked", "_started",
-        "flushes",
+        "_closed", "_flush", "_flush_calling", "_flushing", "_idle", "_max_flushes", "_parked",
+        "_settle", "_settle_now", "_started", "flushes",
     )
 
     def __init__(
-        self, flush: Callable[[], Awaitable[object]], *, max_flushes: int = 4,
+        self,
+        flush: Callable[[], Awaitable[object]],
+        settle: Settle[T],
+        *,
+        flush_calling: FlushCalling | None = None,
+        settle_now: SettleNow[T] | None = None,
+        max_flushes: int = 4,
     ) -> None:
         self._flush = flush
+        self._settle = settle
+        self._flush_calling = flush_calling if settle_now is not None else None
+        self._settle_now = settle_now
         self._max_flushes = max_flushes
         #: Flushes started and not yet ended.
         self._flushing = 0
-        #: Flushes started, each with the calls it covers, not yet taken by a task.
-        self._started: deque[tuple[list[Confirmed], Awaitable[object] | Exception]] = deque()
+        #: Work for the confirming tasks, oldest first: a flush started, with the calls it
+        #: covers (`running` True), or calls whose flush ended with the error given.
+        self._started: deque[tuple[list[T], Awaitable[object] | Exception | None, bool]] = (
+            deque())
         #: Calls waiting for a flush to start (every flush slot was taken).
-        self._parked: list[Confirmed] = []
+        self._parked: list[T] = []
         #: The wake-up events of the confirming tasks waiting for work.
         self._idle: list[anyio.Event] = []
         self._closed = False
@@ -206,22 +230,54 @@ class ParkedConfirmations:
         """Calls parked and not yet covered by a flush."""
         return len(self._parked)
 
-    def park(self, done: Confirmed) -> None:
+    def park(self, call: T) -> None:
         if self._flushing < self._max_flushes:
-            self._start([done])
+            self._start([call])
         else:
-            self._parked.append(done)
+            self._parked.append(call)
 
-    def _start(self, batch: list[Confirmed]) -> None:
+    def _start(self, batch: list[T]) -> None:
         self._flushing += 1
         self.flushes += 1
+        flushed: Awaitable[object] | Exception
         try:
-            flushed: Awaitable[object] | Exception = self._flush()
+            if self._flush_calling is not None and self._flush_calling(
+                    functools.partial(self._ended, batch)):
+                return
+            flushed = self._flush()
         except Exception as exc:  # e.g. the bus is closed: its calls answer with it
             flushed = exc
-        self._started.append((batch, flushed))
+        self._hand_over(batch, flushed, True)
+
+    def _hand_over(
+        self, batch: list[T], flushed: Awaitable[object] | Exception | None, running: bool
+    ) -> None:
+        self._started.append((batch, flushed, running))
         if self._idle:
             self._idle.pop().set()
+
+    def _ended(self, batch: list[T], error: Exception | None) -> None:
+        """A `flush_calling` flush ended (called in place, from the bus's reader)."""
+        self._flushing -= 1
+        self._start_gathered()
+        assert self._settle_now is not None
+        try:
+            rest = self._settle_now(batch, error)
+        except Exception as exc:  # never lose a call: the tasks answer what is left
+            rest = batch
+            error = error or exc
+        if rest:
+            self._hand_over(rest, error, False)
+        self._close_if_done()
+
+    def _start_gathered(self) -> None:
+        if self._parked:  # gathered while every flush slot was taken
+            gathered, self._parked = self._parked, []
+            self._start(gathered)
+
+    def _close_if_done(self) -> None:
+        if self._closed and not self._flushing:
+            self.close()  # wake the idle tasks: nothing more will come
 
     def close(self) -> None:
         self._closed = True
@@ -243,20 +299,19 @@ class ParkedConfirmations:
                 self._idle.append(wake)
                 await wake.wait()
                 continue
-            batch, flushed = self._started.popleft()
+            batch, flushed, running = self._started.popleft()
             error: Exception | None = None
-            try:
-                if isinstance(flushed, Exception):
-                    raise flushed
-                await flushed
-            except Exception as exc:  # each call it covered answers with it
-                error = exc
-            finally:
-                self._flushing -= 1
-                if self._parked:  # gathered while every flush slot was taken
-                    gathered, self._parked = self._parked, []
-                    self._start(gathered)
-                elif self._closed and not self._flushing:
-                    self.close()  # wake the idle tasks: nothing more will come
-            for done in batch:
-                await done(error)
+            if not running:
+                error = flushed if isinstance(flushed, Exception) else None
+            else:
+                try:
+                    if isinstance(flushed, Exception):
+                        raise flushed
+                    await flushed  # type: ignore[misc]
+                except Exception as exc:  # each call it covered answers with it
+                    error = exc
+                finally:
+                    self._flushing -= 1
+                    self._start_gathered()
+                    self._close_if_done()
+            await self._settle(batch, error)

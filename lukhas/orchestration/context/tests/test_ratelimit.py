@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.lowlevel
@@ -215,13 +215,16 @@ async def test_parked_calls_are_confirmed_in_groups_without_a_task_each() -> Non
                 raise outcome
         return ended()
 
-    parked = ParkedConfirmations(flush, max_flushes=2)
     answered: dict[int, Exception | None] = {}
 
-    def done(n: int):  # type: ignore[no-untyped-def]
-        async def record(error: Exception | None) -> None:
+    async def settle(batch: list[int], error: Exception | None) -> None:
+        for n in batch:
             answered[n] = error
-        return record
+
+    parked: ParkedConfirmations[int] = ParkedConfirmations(flush, settle, max_flushes=2)
+
+    def done(n: int) -> int:
+        return n
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(parked.run)
@@ -251,15 +254,15 @@ async def test_a_flush_that_cannot_start_answers_its_calls_with_the_error() -> N
     def flush() -> Awaitable[None]:
         raise BusClosed("closed")
 
-    parked = ParkedConfirmations(flush)
     answered: list[Exception | None] = []
 
-    async def record(error: Exception | None) -> None:
-        answered.append(error)
+    async def settle(batch: list[str], error: Exception | None) -> None:
+        answered.extend(error for _ in batch)
 
+    parked: ParkedConfirmations[str] = ParkedConfirmations(flush, settle)
     async with anyio.create_task_group() as tg:
         tg.start_soon(parked.run)
-        parked.park(record)
+        parked.park("call")
         await anyio.wait_all_tasks_blocked()
         parked.close()
     assert len(answered) == 1 and isinstance(answered[0], BusClosed)
@@ -328,3 +331,49 @@ async def test_concurrent_shared_callers_never_exceed_the_burst() -> None:
         for _ in range(200):
             tg.start_soon(caller)
     assert results.count(True) == 50
+
+
+async def test_flushes_that_call_back_settle_in_place_and_hand_the_rest_to_a_task() -> None:
+    """With `flush_calling`, a flush's end settles its calls in place (`settle_now`, no task),
+    what `settle_now` hands back is settled by a confirming task with the same error, calls
+    gathered at the flush bound get one flush when one ends, and `close()` ends `run()`."""
+    ends: list[Callable[[Exception | None], None]] = []
+    in_place: list[tuple[list[int], Exception | None]] = []
+    by_task: list[tuple[list[int], Exception | None]] = []
+
+    def flush() -> Awaitable[None]:
+        raise AssertionError("flush_calling serves every flush here")
+
+    def flush_calling(ended: Callable[[Exception | None], None]) -> bool:
+        ends.append(ended)
+        return True
+
+    def settle_now(batch: list[int], error: Exception | None) -> list[int]:
+        in_place.append((batch, error))
+        return [n for n in batch if n % 2]  # the odd ones cannot be answered in place
+
+    async def settle(batch: list[int], error: Exception | None) -> None:
+        by_task.append((batch, error))
+
+    parked: ParkedConfirmations[int] = ParkedConfirmations(
+        flush, settle, flush_calling=flush_calling, settle_now=settle_now, max_flushes=2)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(parked.run)
+        await anyio.wait_all_tasks_blocked()
+        parked.park(0)
+        parked.park(1)
+        for n in range(2, 5):  # both flushes in flight: these gather
+            parked.park(n)
+        assert len(ends) == 2 and parked.parked == 3 and in_place == []
+        ends[0](None)  # as nats-py's reader reads the first PONG
+        assert in_place == [([0], None)] and len(ends) == 3 and parked.parked == 0
+        refused = RuntimeError("refused")
+        ends[1](refused)
+        assert in_place[-1] == ([1], refused)
+        await anyio.wait_all_tasks_blocked()
+        assert by_task == [([1], refused)]  # handed back: a task settled it, same error
+        parked.close()
+        ends[2](None)  # the last flush in flight ends: `run()` returns
+    assert in_place[-1] == ([2, 3, 4], None)
+    assert by_task == [([1], refused), ([3], None)]
+    assert parked.flushes == 3
