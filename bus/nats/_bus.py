@@ -682,10 +682,13 @@ class NatsBus:
             raise BusClosed()
 
     def _check_subject(self, subject: str) -> None:
-        """`validate_subject`, remembered: hot subjects (MATRIZ, handoffs) repeat."""
+        """`validate_subject`, remembered: hot subjects (MATRIZ, handoffs) repeat. A reply
+        inbox (`_INBOX...`) is used once: remembering it would only push the hot ones out."""
         if subject in self._valid_subjects:
             return
         validate_subject(subject)
+        if subject.startswith("_INBOX"):
+            return
         if len(self._valid_subjects) >= _VALID_SUBJECTS_KEPT:
             self._valid_subjects.clear()
         self._valid_subjects.add(subject)
