@@ -250,25 +250,12 @@ class PrivateInternals:
         self, client: Client, subject: str, payload: bytes, header_block: bytes | None = None
     ) -> bool:
         # What `Client.publish` does, minus the await (and, with headers already encoded,
-        # minus encoding them again): append the PUB or HPUB to `_pending` and, if the
-        # flusher has no wake-up queued, queue one (a future it completes). Declined while
-        # not connected (reconnect buffering has its own rules), past the pending bound
-        # (`publish` would wait for a flush) or without a flusher.
+        # minus encoding them again): `append_publish`, then, if the flusher has no wake-up
+        # queued, queue one (a future it completes).
+        if not self.append_publish(client, subject, payload, header_block):
+            return False
         queue = client._flush_queue
-        flusher = client._flusher_task
-        if (not client.is_connected or client.is_draining_pubs or queue is None
-                or flusher is None or flusher.done()):
-            return False
-        command = (pub_cmd(subject, "", payload) if header_block is None
-                   else hpub_cmd(subject, "", header_block, payload))
-        limit = client._max_pending_size
-        if limit > 0 and client._pending_data_size + len(command) > limit:
-            return False
-        client._pending.append(command)
-        client._pending_data_size += len(command)
-        client.stats["out_msgs"] += 1
-        client.stats["out_bytes"] += len(payload)
-        if queue.empty():
+        if queue is not None and queue.empty():
             queue.put_nowait(asyncio.get_running_loop().create_future())
         return True
 
@@ -278,10 +265,23 @@ class PrivateInternals:
         # and the PING together, now (what the flusher would write, in the same order: no
         # task hop, one send), and let the caller wait on the PONG directly. While not
         # connected the queue is kept for the next connection: no PING now.
+        return self._send_ping(client, lambda: _Pong(loop=asyncio.get_running_loop()))
+
+    def ping_calling(
+        self, client: Client, ended: Callable[[BaseException | None], None]
+    ) -> asyncio.Future[bool] | None:
+        # `ping()`, with a future that calls `ended` as nats-py's reader completes it.
+        return self._send_ping(
+            client, lambda: _CallingPong(asyncio.get_running_loop(), ended))
+
+    @staticmethod
+    def _send_ping(
+        client: Client, make_pong: Callable[[], asyncio.Future[bool]]
+    ) -> asyncio.Future[bool] | None:
         transport = client._transport
         if not client.is_connected or transport is None:
             return None
-        pong = _Pong(loop=asyncio.get_running_loop())
+        pong = make_pong()
         pending = client._pending
         if pending:
             client._pending = []
@@ -293,29 +293,12 @@ class PrivateInternals:
         client._pongs.append(pong)  # PONGs come back in order: this one answers our PING
         return pong
 
-    def ping_calling(
-        self, client: Client, ended: Callable[[BaseException | None], None]
-    ) -> asyncio.Future[bool] | None:
-        # `ping()`, with a future that calls `ended` as nats-py's reader completes it.
-        transport = client._transport
-        if not client.is_connected or transport is None:
-            return None
-        pong = _CallingPong(asyncio.get_running_loop(), ended)
-        pending = client._pending
-        if pending:
-            client._pending = []
-            client._pending_data_size = 0
-            pending.append(PING_PROTO)
-            transport.writelines(pending)
-        else:
-            transport.write(PING_PROTO)
-        client._pongs.append(pong)
-        return pong
-
     def append_publish(
         self, client: Client, subject: str, payload: bytes, header_block: bytes | None = None
     ) -> bool:
-        # `queue_publish` up to the flusher's wake-up, which it leaves out.
+        # Append the PUB or HPUB to `_pending`, leaving the flusher asleep (`queue_publish`
+        # wakes it). Declined while not connected (reconnect buffering has its own rules),
+        # past the pending bound (`publish` would wait for a flush) or without a flusher.
         queue = client._flush_queue
         flusher = client._flusher_task
         if (not client.is_connected or client.is_draining_pubs or queue is None
