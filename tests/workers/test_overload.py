@@ -21,7 +21,7 @@ from tests.workers.test_slices import (
     FakeClock,
     call,
     held_passkey_verify,
-    verify_with_deadline,
+    verifies_behind_a_held_one,
 )
 from workers.service._overload import Lane, overloaded_body, service_budget_ns
 from workers.service.slices import SliceService, freeze_heap
@@ -112,27 +112,15 @@ async def test_a_request_read_12_ms_late_is_refused_on_a_30_ms_budget_and_served
     """Half of 30 ms (15 ms) would have let it wait; the service keeps only a quarter
     (7.5 ms), so it gets `overloaded`, while a 40 ms deadline (15 ms share) is served."""
     clock = FakeClock()
-    replies: dict[str, Envelope] = {}
     async with (
         held_passkey_verify(monkeypatch) as release,
         open_test_runtime() as (runtime, _),
     ):
-        bus = runtime.bus
         service = SliceService(runtime, concurrency=2, clock=clock)
         async with anyio.create_task_group() as tg:
             await tg.start(service.run)
-
-            async def client(name: str, deadline_ms: str | None = None) -> None:
-                replies[name] = await verify_with_deadline(bus, deadline_ms)
-
-            async with anyio.create_task_group() as clients:
-                clients.start_soon(client, "held")  # holds the handler
-                await anyio.wait_all_tasks_blocked()
-                clients.start_soon(client, "tight", "30")
-                clients.start_soon(client, "looser", "40")
-                await anyio.wait_all_tasks_blocked()
-                clock.now += 12 * MS
-                release.set()
+            replies = await verifies_behind_a_held_one(
+                runtime.bus, clock, release, "held", {"tight": "30", "looser": "40"}, 12 * MS)
             await service.stop()
     tight = replies["tight"]
     assert msgspec.json.decode(tight.data)["reason"] == "overloaded"

@@ -275,12 +275,34 @@ async def verify_with_deadline(bus: Bus, deadline_ms: str | None = None) -> Enve
     )
 
 
+async def verifies_behind_a_held_one(
+    bus: Bus, clock: FakeClock, release: anyio.Event, held: str,
+    deadlines: dict[str, str | None], waited_ns: int,
+) -> dict[str, Envelope]:
+    """Send the verify `held` (its handler waits for `release`), then one verify per
+    `deadlines` entry (name: its `Lukhas-Deadline-Ms`) queued behind it; once they have
+    waited `waited_ns` on `clock`, release the handler. Their replies, by name."""
+    replies: dict[str, Envelope] = {}
+
+    async def client(name: str, deadline_ms: str | None) -> None:
+        replies[name] = await verify_with_deadline(bus, deadline_ms)
+
+    async with anyio.create_task_group() as clients:
+        clients.start_soon(client, held, None)
+        await anyio.wait_all_tasks_blocked()
+        for name, deadline_ms in deadlines.items():
+            clients.start_soon(client, name, deadline_ms)
+        await anyio.wait_all_tasks_blocked()
+        clock.now += waited_ns
+        release.set()
+    return replies
+
+
 async def test_a_request_past_its_queue_budget_is_refused_overloaded_not_silence(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The handler is held while a request waits; past its budget it gets `overloaded`."""
     clock = FakeClock()
-    replies: dict[str, Envelope] = {}
     async with (
         held_passkey_verify(monkeypatch) as release,
         open_test_runtime() as (runtime, matriz),
@@ -289,18 +311,10 @@ async def test_a_request_past_its_queue_budget_is_refused_overloaded_not_silence
         service = SliceService(runtime, concurrency=2, clock=clock)
         async with anyio.create_task_group() as tg:
             await tg.start(service.run)
-
-            async def client(name: str, deadline_ms: str | None = None) -> None:
-                replies[name] = await verify_with_deadline(bus, deadline_ms)
-
-            async with anyio.create_task_group() as clients:
-                clients.start_soon(client, "served")  # held in the handler
-                await anyio.wait_all_tasks_blocked()
-                clients.start_soon(client, "late", "20")
-                clients.start_soon(client, "patient", "600000")
-                await anyio.wait_all_tasks_blocked()
-                clock.now += 15_000_000  # 15 ms queued: past half of the 20 ms budget
-                release.set()
+            # "served" is held in the handler; the others wait 15 ms: past half of 20 ms.
+            replies = await verifies_behind_a_held_one(
+                bus, clock, release, "served", {"late": "20", "patient": "600000"},
+                15_000_000)
             stats = await call(bus, f"$SRV.STATS.{subjects.SERVICE_NAME}", b"")
             await service.stop()
         nodes = await matriz.take(3)
