@@ -17,9 +17,9 @@ import signal
 import anyio
 import pytest
 
-from bus import BusError, NatsServer, RequestTimeout, open_nats_bus
+from bus import BusError, RequestTimeout, open_nats_bus
 from bus.nats import NatsBus, _compat
-from tests.bus.test_flush_lost import _stop
+from tests.bus.test_flush_lost import _stop, bus_on_own_server
 
 pytestmark = pytest.mark.nats
 
@@ -54,61 +54,43 @@ async def test_the_pong_calls_back_in_nats_pys_reader_and_a_reply_written_there_
 
 
 async def test_a_timed_out_flush_calls_back_once_and_its_late_pong_harms_nothing() -> None:
-    server = NatsServer(jetstream=False)
-    server.start()
-    try:
-        async with open_nats_bus(server.url) as bus:
-            assert isinstance(bus, NatsBus)
-            pid = server.pid
-            assert pid is not None
-            await _stop(pid)
-            ended: list[BusError | None] = []
-            timed_out = anyio.Event()
+    async with bus_on_own_server() as (bus, pid):
+        await _stop(pid)
+        ended: list[BusError | None] = []
+        timed_out = anyio.Event()
 
-            def on_end(error: BusError | None) -> None:
-                ended.append(error)
-                timed_out.set()
+        def on_end(error: BusError | None) -> None:
+            ended.append(error)
+            timed_out.set()
 
-            try:
-                assert bus.flush_calling(on_end, timeout=0.2)
-                with anyio.fail_after(10):
-                    await timed_out.wait()
-            finally:
-                os.kill(pid, signal.SIGCONT)  # the PONG now comes back, late
-            await bus.flush()  # behind the late PONG: it has been read
-            assert len(ended) == 1 and isinstance(ended[0], RequestTimeout)
-            assert not bus._flights
-    finally:
-        server.stop()
+        try:
+            assert bus.flush_calling(on_end, timeout=0.2)
+            with anyio.fail_after(10):
+                await timed_out.wait()
+        finally:
+            os.kill(pid, signal.SIGCONT)  # the PONG now comes back, late
+        await bus.flush()  # behind the late PONG: it has been read
+        assert len(ended) == 1 and isinstance(ended[0], RequestTimeout)
+        assert not bus._flights
 
 
 async def test_a_flush_whose_connection_drops_calls_back_at_once() -> None:
-    server = NatsServer(jetstream=False)
-    server.start()
-    try:
-        async with open_nats_bus(
-            server.url, max_reconnect_attempts=1, reconnect_wait=0.1
-        ) as bus:
-            assert isinstance(bus, NatsBus)
-            pid = server.pid
-            assert pid is not None
-            await _stop(pid)
-            ended: list[BusError | None] = []
-            dropped = anyio.Event()
+    async with bus_on_own_server(max_reconnect_attempts=1, reconnect_wait=0.1) as (bus, pid):
+        await _stop(pid)
+        ended: list[BusError | None] = []
+        dropped = anyio.Event()
 
-            def on_end(error: BusError | None) -> None:
-                ended.append(error)
-                dropped.set()
+        def on_end(error: BusError | None) -> None:
+            ended.append(error)
+            dropped.set()
 
-            assert bus.flush_calling(on_end, timeout=60)
-            os.kill(pid, signal.SIGKILL)
-            with anyio.fail_after(20):
-                await dropped.wait()
-            ((error,),) = [ended]
-            assert isinstance(error, BusError) and not isinstance(error, RequestTimeout)
-            assert not bus._flights
-    finally:
-        server.stop()
+        assert bus.flush_calling(on_end, timeout=60)
+        os.kill(pid, signal.SIGKILL)
+        with anyio.fail_after(20):
+            await dropped.wait()
+        ((error,),) = [ended]
+        assert isinstance(error, BusError) and not isinstance(error, RequestTimeout)
+        assert not bus._flights
 
 
 async def test_without_the_internals_it_declines_and_starts_nothing(
