@@ -63,6 +63,16 @@ def open_bus(request: pytest.FixtureRequest) -> BusFactory:
     return partial(open_nats_bus, request.getfixturevalue("nats_url"))
 
 
+@pytest.fixture(params=["private", "public"])
+def internals(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which nats-py access `bus/nats/_compat.py` uses for this run of the test: "private"
+    (its checked internals, the default) or "public" (nats-py's public API only, the
+    fallback for a release without them). The name, for tests that assert on it."""
+    if request.param == "public":
+        monkeypatch.setattr(_compat, "INTERNALS", _compat.PublicInternals())
+    return str(request.param)
+
+
 @pytest.fixture
 def subject_root() -> str:
     """A subject prefix no other test uses, so tests sharing one server never cross-talk."""

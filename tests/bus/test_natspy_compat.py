@@ -57,12 +57,9 @@ def test_use_public_api_switches_buses_opened_afterwards() -> None:
     assert isinstance(_compat.INTERNALS, _compat.PrivateInternals)
 
 
-@pytest.mark.parametrize("internals", ["private", "public"])
 async def test_both_paths_serve_requests_and_drain_what_is_buffered(
-    nats_url: str, subject_root: str, internals: str, monkeypatch: pytest.MonkeyPatch
+    nats_url: str, subject_root: str, internals: str
 ) -> None:
-    if internals == "public":
-        monkeypatch.setattr(_compat, "INTERNALS", _compat.PublicInternals())
     async with open_nats_bus(nats_url) as server, open_nats_bus(nats_url) as client:
         assert server.internals == internals
         async with server.subscribe(f"{subject_root}.echo") as sub:
@@ -94,12 +91,9 @@ async def test_both_paths_serve_requests_and_drain_what_is_buffered(
             assert sub.statistics().delivered == 100
 
 
-@pytest.mark.parametrize("internals", ["private", "public"])
 async def test_both_paths_end_a_waiting_consumer_when_the_bus_closes(
-    nats_url: str, subject_root: str, internals: str, monkeypatch: pytest.MonkeyPatch
+    nats_url: str, subject_root: str, internals: str
 ) -> None:
-    if internals == "public":
-        monkeypatch.setattr(_compat, "INTERNALS", _compat.PublicInternals())
     ended = anyio.Event()
     async with open_nats_bus(nats_url) as bus, bus.subscribe(f"{subject_root}.idle") as sub:
         async with anyio.create_task_group() as tg:

@@ -19,7 +19,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, StreamConfig
 
 from bus import BusClosed, open_nats_bus
-from bus.nats import NatsBus, _compat
+from bus.nats import NatsBus
 from bus.nats.pull import (
     ConsumerGone,
     PullConsumer,
@@ -97,12 +97,9 @@ def test_stream_sequence_from_both_ack_subject_forms() -> None:
         assert stream_sequence(junk) is None
 
 
-@pytest.mark.parametrize("internals", ["private", "public"])
 async def test_batches_come_in_stream_order_each_once_and_acks_settle(
-    nats_url: str, internals: str, monkeypatch: pytest.MonkeyPatch
+    nats_url: str, internals: str
 ) -> None:
-    if internals == "public":  # the reader follows the nats-py access its bus uses
-        monkeypatch.setattr(_compat, "INTERNALS", _compat.PublicInternals())
     async with open_nats_bus(nats_url) as bus, stream_and_consumer(bus) as (js, stream, prefix):
         assert bus.internals == internals
         await publish(bus, prefix, 1000)

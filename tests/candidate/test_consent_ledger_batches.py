@@ -15,7 +15,6 @@ import pytest
 from nats.aio.client import Client
 from nats.js.errors import NoStreamResponseError
 
-from bus.nats import _compat
 from candidate._jetstream import ensure_kv
 from candidate.governance.consent_ledger import _state
 from candidate.governance.consent_ledger._pipeline import Pipeline
@@ -39,12 +38,9 @@ def _entry(uid: str, trace_id: str, scope: str = "gmail.read") -> ConsentEntry:
                         scope=scope, metadata={})
 
 
-@pytest.mark.parametrize("internals", ["private", "public"])
 async def test_values_published_in_order_are_all_stored_and_the_last_answers(
-    nats_url: str, internals: str, monkeypatch: pytest.MonkeyPatch
+    nats_url: str, internals: str
 ) -> None:
-    if internals == "public":
-        monkeypatch.setattr(_compat, "INTERNALS", _compat.PublicInternals())
     bucket = f"order_{uuid.uuid4().hex[:10]}"
     nc = Client()
     await nc.connect(nats_url)

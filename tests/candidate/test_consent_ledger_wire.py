@@ -125,12 +125,9 @@ HEADERS = [{"Nats-Expected-Stream": "IGNORED", "Nats-Msg-Id": "m1"},
            {"Nats-Msg-Id": "m2"}, {}]
 
 
-@pytest.mark.parametrize("internals", ["private", "public"])
 async def test_an_atomic_batch_carries_the_same_headers_on_both_paths(
-    nats_url: str, internals: str, monkeypatch: pytest.MonkeyPatch
+    nats_url: str, internals: str
 ) -> None:
-    if internals == "public":
-        monkeypatch.setattr(_compat, "INTERNALS", _compat.PublicInternals())
     headers = [{"Nats-Msg-Id": "m1"}, {"Nats-Msg-Id": "m2"}, {}]
     wire, stored, ack = await _publish_and_capture(nats_url, headers, expected_last=0)
 
@@ -166,12 +163,9 @@ async def test_both_paths_write_and_store_byte_identical_headers(
     assert [m.data for m in fast[1]] == [m.data for m in slow[1]]
 
 
-@pytest.mark.parametrize("internals", ["private", "public"])
 async def test_a_batch_whose_condition_fails_stores_nothing(
-    nats_url: str, internals: str, monkeypatch: pytest.MonkeyPatch
+    nats_url: str, internals: str
 ) -> None:
-    if internals == "public":
-        monkeypatch.setattr(_compat, "INTERNALS", _compat.PublicInternals())
     _, stored, outcome = await _publish_and_capture(nats_url, [{}, {}, {}], expected_last=7)
     assert isinstance(outcome, APIError)
     assert "wrong last sequence" in str(outcome.description).lower()
@@ -202,12 +196,9 @@ async def test_queue_hpubs_declines_on_the_public_api_and_when_closed(
     assert queue_hpubs(nc, [frame]) is False  # closed
 
 
-@pytest.mark.parametrize("internals", ["private", "public"])
 async def test_a_batch_sent_in_parts_is_one_batch(
-    nats_url: str, internals: str, monkeypatch: pytest.MonkeyPatch
+    nats_url: str, internals: str
 ) -> None:
-    if internals == "public":
-        monkeypatch.setattr(_compat, "INTERNALS", _compat.PublicInternals())
     async with _stream(nats_url) as (nc, js, name, root):
         messages = [(f"{root}.p.{i}", f"part {i}".encode()) for i in range(5)]
         batch = Pipeline(nc).atomic_batch()

@@ -306,16 +306,11 @@ async def test_the_bus_logs_a_refused_publish(
     ), [r.getMessage() for r in caplog.records]
 
 
-@pytest.mark.parametrize("internals", ["private", "public"])
 async def test_a_flush_waits_behind_every_queued_publish(
-    auth_server: AuthServer, internals: str, monkeypatch: pytest.MonkeyPatch
+    auth_server: AuthServer, internals: str
 ) -> None:
     """One PING must follow thousands of publishes still queued in nats-py: a refused one
     at the end of the queue is reported by the flush, never after it."""
-    from bus.nats import _compat
-
-    if internals == "public":
-        monkeypatch.setattr(_compat, "INTERNALS", _compat.PublicInternals())
     async with connect(auth_server.settings("slices")) as bus:
         for round_ in range(3):
             for _ in range(3000):
