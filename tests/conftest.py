@@ -58,8 +58,7 @@ def open_bus(request: pytest.FixtureRequest) -> BusFactory:
     if request.param == "memory":
         return open_memory_bus
     if request.param == "nats-public":
-        monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
-        monkeypatch.setattr(_compat, "INTERNALS", _compat.PublicInternals())
+        use_public_natspy(request.getfixturevalue("monkeypatch"))
     return partial(open_nats_bus, request.getfixturevalue("nats_url"))
 
 
@@ -69,8 +68,13 @@ def internals(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     (its checked internals, the default) or "public" (nats-py's public API only, the
     fallback for a release without them). The name, for tests that assert on it."""
     if request.param == "public":
-        monkeypatch.setattr(_compat, "INTERNALS", _compat.PublicInternals())
+        use_public_natspy(monkeypatch)
     return str(request.param)
+
+
+def use_public_natspy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For this test, the NATS bus uses nats-py's public API only (`_compat.PublicInternals`)."""
+    monkeypatch.setattr(_compat, "INTERNALS", _compat.PublicInternals())
 
 
 @pytest.fixture
