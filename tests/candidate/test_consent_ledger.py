@@ -303,22 +303,28 @@ async def test_a_forgery_slipped_in_under_the_lease_is_refused_and_the_batch_ret
         assert verdict["length"] == 1 and verdict["tree"]["size"] == 1
 
 
+async def ledger_on_a_stream_before_atomic_batches(bus: Any, names: Names
+                                                  ) -> JetStreamConsentLedger:
+    """A ledger, not yet ensured, whose stream was made as an earlier version made it:
+    without `allow_direct` (batched reads) and `allow_atomic` (atomic batches)."""
+    ledger = JetStreamConsentLedger(bus, Pseudonymizer(PSEUDONYM_KEY),
+                                    LedgerOptions(**names.ledger_options()),
+                                    signer=LEDGER_SIGNER, wrapping_key=WRAPPING)
+    await bus.jetstream().add_stream(dataclasses.replace(
+        ledger.stream_config(), allow_direct=False, allow_atomic=False))
+    return ledger
+
+
 async def test_a_stream_made_before_batched_reads_and_atomic_batches_still_serves(
     nats_url: str, names: Names
 ) -> None:
     """A ledger stream (and state bucket) created by an earlier version, without
     `allow_direct` / `allow_atomic`: the writer reads one subject at a time and publishes
     record by record, with the same answers."""
-    pseudonymize = Pseudonymizer(PSEUDONYM_KEY)
-    options = LedgerOptions(**names.ledger_options())
     async with nats_bus(nats_url, names) as bus:
-        js = bus.jetstream()  # type: ignore[attr-defined]
-        ledger = JetStreamConsentLedger(bus, pseudonymize, options, signer=LEDGER_SIGNER,
-                                        wrapping_key=WRAPPING)
-        old = dataclasses.replace(ledger.stream_config(), allow_direct=False,
-                                  allow_atomic=False)
-        await js.add_stream(old)
-        await js.create_key_value(bucket=names.state_bucket)
+        ledger = await ledger_on_a_stream_before_atomic_batches(bus, names)
+        await bus.jetstream().create_key_value(  # type: ignore[attr-defined]
+            bucket=names.state_bucket)
         await ledger.ensure()
         assert not ledger._direct and not ledger._atomic
         assert not ledger._atomic_kv[names.state_bucket]

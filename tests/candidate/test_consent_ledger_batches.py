@@ -5,7 +5,6 @@ and kept only for what landed (a batch that lands in part, a batch that does not
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 import uuid
 from typing import Any
@@ -26,6 +25,7 @@ from lukhas.governance.consent_ledger.messages import ConsentEntry
 from lukhas.observability.pseudonym import Pseudonymizer
 from lukhas.transparency.bundle import verify_bundle
 from tests.candidate._support import LEDGER_SIGNER, PSEUDONYM_KEY, Names, nats_bus, user
+from tests.candidate.test_consent_ledger import ledger_on_a_stream_before_atomic_batches
 
 pytestmark = pytest.mark.nats
 
@@ -100,14 +100,9 @@ async def test_a_batch_that_lands_in_part_admits_only_what_landed(
     answered as the duplicate it is; the records before it land and are admitted, the ones
     after it are sent again; the tree (worked out ahead for the whole batch) holds exactly
     the records of the stream, and every proof verifies."""
-    pseudonymize = Pseudonymizer(PSEUDONYM_KEY)
-    options = LedgerOptions(**names.ledger_options())
     async with nats_bus(nats_url, names) as bus:
         js = bus.jetstream()  # type: ignore[attr-defined]
-        ledger = JetStreamConsentLedger(bus, pseudonymize, options, signer=LEDGER_SIGNER,
-                                        wrapping_key=WRAPPING)
-        await js.add_stream(dataclasses.replace(ledger.stream_config(), allow_direct=False,
-                                                allow_atomic=False))
+        ledger = await ledger_on_a_stream_before_atomic_batches(bus, names)
         await ledger.ensure()
         assert not ledger._atomic
         repeat = user()
