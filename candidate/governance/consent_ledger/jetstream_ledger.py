@@ -42,9 +42,8 @@ import random
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, TypeVar
 
@@ -225,28 +224,46 @@ class _Opened(NamedTuple):
     problem: str | None
 
 
-@dataclass
 class _Item:
     """One append waiting in the writer's queue."""
 
-    kind: str  # "write" | "erase" | "checkpoint"
-    pseudonym: str = ""
-    versions: tuple[str, ...] = ()
-    fields: dict[str, Any] = field(default_factory=dict)
-    metadata: dict[str, Any] = field(default_factory=dict)
-    msg_id: str | None = None
-    user_id: str = ""
-    attempts: int = 0
-    #: Publish on its own, not in an atomic batch (its idempotency key was seen before).
-    one_by_one: bool = False
-    done: anyio.Event = field(default_factory=anyio.Event)
-    result: Any = None
-    error: BaseException | None = None
+    __slots__ = ("kind", "pseudonym", "versions", "fields", "metadata", "msg_id", "user_id",
+                 "attempts", "one_by_one", "done", "result", "error", "_waiter")
+
+    def __init__(
+        self, kind: str, pseudonym: str = "", versions: tuple[str, ...] = (),
+        fields: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None,
+        msg_id: str | None = None, user_id: str = "",
+    ) -> None:
+        self.kind = kind  # "write" | "erase" | "checkpoint"
+        self.pseudonym = pseudonym
+        self.versions = versions
+        self.fields = {} if fields is None else fields
+        self.metadata = {} if metadata is None else metadata
+        self.msg_id = msg_id
+        self.user_id = user_id
+        self.attempts = 0
+        #: Publish on its own, not in an atomic batch (its idempotency key was seen before).
+        self.one_by_one = False
+        #: Resolved: its outcome is known (whether or not its caller still waits for it).
+        self.done = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+        # What the caller awaits: a bare future (an item is made per append).
+        self._waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
-        if not self.done.is_set():
-            self.result, self.error = result, error
-            self.done.set()
+        if not self.done:
+            self.result, self.error, self.done = result, error, True
+            if not self._waiter.done():  # cancelled when its caller was
+                self._waiter.set_result(None)
+
+    async def outcome(self) -> Any:
+        """Wait until resolved: the result, or the error raised."""
+        await self._waiter
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 @dataclass
@@ -754,10 +771,7 @@ class JetStreamConsentLedger:
         self._wake.set()
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._drive())
-        await item.done.wait()
-        if item.error is not None:
-            raise item.error
-        return item.result
+        return await item.outcome()
 
     async def _drive(self) -> None:
         """The writer: drain the queue under the lease, hand the lease back after
@@ -1036,7 +1050,7 @@ class JetStreamConsentLedger:
             self._retries += 1
             self._tails.clear()
             self._scopes.clear()
-            rerun = [p.item for p in prepared[failed_at:] if not p.item.done.is_set()]
+            rerun = [p.item for p in prepared[failed_at:] if not p.item.done]
             if _is_duplicate_in_batch(failure):
                 # An idempotency key already used: retried one by one, where the stream's
                 # deduplication names the duplicate.
@@ -1046,7 +1060,7 @@ class JetStreamConsentLedger:
                 # Unknown outcome (timeout...): the failed item errs; the stream decides the
                 # tree on catch-up, and a retry with the same idempotency key is deduplicated.
                 prepared[failed_at].item.resolve(error=failure)
-                rerun = [i for i in rerun if not i.done.is_set()]
+                rerun = [i for i in rerun if not i.done]
             await self._catch_up()
             # Their state values went out with the records: put back what the stream says.
             await self._repair_state([p.body for p in prepared[len(admitted):]])
@@ -1054,7 +1068,7 @@ class JetStreamConsentLedger:
                 item.attempts += 1
                 if item.attempts >= self.options.max_append_attempts:
                     item.resolve(error=LedgerContention(item.pseudonym, item.attempts))
-            self._queue[:0] = [i for i in rerun if not i.done.is_set()]
+            self._queue[:0] = [i for i in rerun if not i.done]
         wanted = [item for item in batch if item.kind == "checkpoint"]
         await self._make_checkpoint(force=bool(wanted))
         for item in wanted:
@@ -1771,18 +1785,36 @@ def _state_mismatches(
     return found
 
 
-@contextmanager
-def _unavailable_when_jetstream_is(operation: str) -> Iterator[None]:
-    try:
-        yield
-    except (
-        NatsTimeoutError, NoRespondersError, NoStreamResponseError, ServiceUnavailableError,
-        TimeoutError,
-    ) as exc:
-        raise Unavailable(
-            f"consent ledger {operation}: JetStream did not answer ({type(exc).__name__}); "
-            "retry with the same idempotency key"
-        ) from None
+class _Unanswered:
+    """Turns JetStream not answering into `Unavailable` (a class, not `@contextmanager`:
+    it guards every append, and has no state to make per use)."""
+
+    __slots__ = ("operation",)
+
+    def __init__(self, operation: str) -> None:
+        self.operation = operation
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        if isinstance(exc, _NOT_ANSWERED):
+            raise Unavailable(
+                f"consent ledger {self.operation}: JetStream did not answer "
+                f"({type(exc).__name__}); retry with the same idempotency key"
+            ) from None
+
+
+_NOT_ANSWERED = (NatsTimeoutError, NoRespondersError, NoStreamResponseError,
+                 ServiceUnavailableError, TimeoutError)
+_GUARDS = {operation: _Unanswered(operation) for operation in (
+    "record", "revoke", "status", "history", "verify", "checkpoint", "proof", "erase",
+    "receipt")}
+
+
+def _unavailable_when_jetstream_is(operation: str) -> _Unanswered:
+    return _GUARDS[operation]
 
 
 def _msg_id(pseudonym: str, key: str) -> str:
