@@ -1268,26 +1268,40 @@ class JetStreamConsentLedger:
         wanted_keys = sorted({i.pseudonym for i in batch if i.kind == "write" and i.metadata
                               and self._data_keys.get(i.pseudonym) is None})
         readers = sorted(set(tails) | {p for p, _ in scopes})
-        lasts, found = await _gather(
-            lambda: self._last_records(readers),
-            lambda: _gather(*(lambda p=p: self._data_key(p, create=True)
-                              for p in wanted_keys)),
-        )
-        for p, data_key in zip(wanted_keys, found, strict=True):
-            self._data_keys[p] = data_key
+        if wanted_keys:
+            lasts, found = await _gather(
+                lambda: self._last_records(readers),
+                lambda: _gather(*(lambda p=p: self._data_key(p, create=True)
+                                  for p in wanted_keys)),
+            )
+            for p, data_key in zip(wanted_keys, found, strict=True):
+                self._data_keys[p] = data_key
+        else:
+            lasts = await self._last_records(readers)
         scopes_of: dict[str, list[str]] = {}
         for p, scope in scopes:
             scopes_of.setdefault(p, []).append(scope)
         wanted_tails = set(tails)
         slow: set[str] = set()
         for p in readers:
-            opened = [self._open(m.seq, m.subject, m.data) for m in lasts.get(p, ())]
-            if p not in lasts or any(o.problem is not None for o in opened):
-                slow.add(p)  # a forged last record, or no batched read: read one by one
+            msgs = lasts.get(p)
+            if not msgs:
+                if msgs is None:  # no batched read: read one by one
+                    slow.add(p)
+                    continue
+                # A data subject with no record yet (the common case).
+                if p in wanted_tails:
+                    self._tails[p] = _chain.GENESIS
+                for scope in scopes_of.get(p, ()):
+                    self._scopes[(p, scope)] = None
                 continue
-            last = max(opened, key=lambda o: o.seq, default=None)
+            opened = [self._open(m.seq, m.subject, m.data) for m in msgs]
+            if any(o.problem is not None for o in opened):
+                slow.add(p)  # a forged last record: read one by one
+                continue
+            last = max(opened, key=lambda o: o.seq)
             if p in wanted_tails:
-                self._tails[p] = _chain.GENESIS if last is None else str(last.body["hash"])
+                self._tails[p] = str(last.body["hash"])
             on = {str(o.body["scope"]): (o.seq, o.body) for o in opened if o.body is not None}
             for scope in scopes_of.get(p, ()):
                 self._scopes[(p, scope)] = on.get(scope)
