@@ -8,6 +8,7 @@ because pytest-asyncio sets fixtures up and tears them down in different tasks
 
 from __future__ import annotations
 
+import gc
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager
@@ -81,3 +82,13 @@ def use_public_natspy(monkeypatch: pytest.MonkeyPatch) -> None:
 def subject_root() -> str:
     """A subject prefix no other test uses, so tests sharing one server never cross-talk."""
     return f"test.{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def unfrozen() -> Iterator[None]:
+    """Undo, after the test, a worker's collector settings (`freeze_heap`) it applied in
+    this process: the heap unfrozen, the collection thresholds as they were."""
+    thresholds = gc.get_threshold()
+    yield None
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)

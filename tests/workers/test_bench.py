@@ -36,6 +36,7 @@ def nats_binary() -> None:
         pytest.skip(str(exc))
 
 
+@pytest.mark.usefixtures("unfrozen")  # the bench sets its process up as a worker's
 async def test_quick_bench_reports_every_section(nats_binary: None) -> None:
     printed: list[str] = []
     results = await run_bench(

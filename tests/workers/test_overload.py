@@ -24,7 +24,7 @@ from tests.workers.test_slices import (
     verifies_behind_a_held_one,
 )
 from workers.service._overload import Lane, overloaded_body, service_budget_ns
-from workers.service.slices import SliceService, freeze_heap
+from workers.service.slices import YOUNG_COLLECTION_EVERY, SliceService, freeze_heap
 
 MS = 1_000_000
 
@@ -130,18 +130,13 @@ async def test_a_request_read_12_ms_late_is_refused_on_a_30_ms_budget_and_served
     assert service.statistics().overloaded == 1
 
 
-@pytest.fixture
-def unfrozen() -> object:
-    yield None
-    gc.unfreeze()
-
-
 @pytest.mark.usefixtures("unfrozen")
 def test_freeze_heap_leaves_what_lives_now_out_of_later_collections() -> None:
     gc.unfreeze()
     kept = [[i] for i in range(1000)]  # tracked containers, alive at the freeze
     freeze_heap()
     assert gc.get_freeze_count() >= len(kept)
+    assert gc.get_threshold()[0] == YOUNG_COLLECTION_EVERY
 
 
 @pytest.mark.usefixtures("unfrozen")

@@ -452,7 +452,8 @@ async def ledger_throughput(
     state values and signed checkpoints on; each call returns after its record and state
     value are acked) vs raw `js.publish` of the same bytes, awaited per call and with async
     acks. Appends are measured at the provider (`ledger.record`, what the issue's figure
-    counts) and through the public `record_consent` (validation, registry, MATRIZ node)."""
+    counts), alternating with the async-ack baseline in `plan.rounds` rounds, and through the
+    public `record_consent` (validation, registry, MATRIZ node)."""
     import base64
     import secrets
 
@@ -470,6 +471,26 @@ async def ledger_throughput(
         or base64.b64encode(secrets.token_bytes(32)).decode(),
     )
     users = itertools.count()
+    js = raw.jetstream()
+    await js.add_stream(name=RAW_LEDGER_STREAM, subjects=["bench.raw.ledger.>"])
+    subjects = itertools.count()
+    sample = b"{}"
+
+    async def publish() -> None:
+        await js.publish(f"bench.raw.ledger.{next(subjects) % 1024}", sample)
+
+    async def publish_async() -> None:
+        # As many publishes in flight as the ledger had callers, acks awaited per window.
+        acks = [await js.publish_async(f"bench.raw.ledger.{next(subjects) % 1024}", sample)
+                for _ in range(plan.concurrency)]
+        await asyncio.gather(*acks)
+
+    # One call publishes a window of `concurrency`: warmed up with as many publishes as the
+    # ledger's warm-up appends.
+    async_plan = dataclasses.replace(plan, concurrency=1,
+                                     warmup=max(1, plan.warmup // plan.concurrency))
+    appends: list[ClosedLoopResult] = []
+    publishes_async: list[ClosedLoopResult] = []
     async with (
         open_nats_bus(url, name="lukhas-bench-ledger") as bus,
         open_runtime(ledger_settings, bus=bus, producer="lukhas-bench-ledger") as runtime,
@@ -491,33 +512,23 @@ async def ledger_throughput(
                 if reply.get("ok") is not True or reply.get("provider") != "jetstream":
                     raise UnexpectedReply("record_consent", msgspec.json.encode(reply))
 
-            result = await throughput(append, plan)
+            # Appends and their baseline alternate, in the same minutes of a noisy machine;
+            # the baseline publishes a record the ledger wrote (same bytes).
+            stream = importlib.import_module(LEDGER_MODULE).STREAM
+            for _ in range(plan.rounds):
+                appends.append(await throughput(append, plan, rounds=plan.rounds))
+                if not publishes_async:  # after the first appends
+                    sample = (await bus.jetstream().get_msg(stream, seq=1)).data or sample
+                publishes_async.append(
+                    await throughput(publish_async, async_plan, rounds=plan.rounds))
             api_result = await throughput(record, plan)
             checkpoint = await consent.consent_checkpoint()
         finally:
             unwire_providers()
-        stream = importlib.import_module(LEDGER_MODULE).STREAM
-        js = bus.jetstream()
-        sample = (await js.get_msg(stream, seq=1)).data or b"{}"
-
-    js = raw.jetstream()
-    await js.add_stream(name=RAW_LEDGER_STREAM, subjects=["bench.raw.ledger.>"])
-    subjects = itertools.count()
-
-    async def publish() -> None:
-        await js.publish(f"bench.raw.ledger.{next(subjects) % 1024}", sample)
 
     raw_result = await throughput(publish, plan)
-
-    async def publish_async() -> None:
-        # As many publishes in flight as the ledger had callers, acks awaited per window.
-        acks = [await js.publish_async(f"bench.raw.ledger.{next(subjects) % 1024}", sample)
-                for _ in range(plan.concurrency)]
-        await asyncio.gather(*acks)
-
-    async_plan = dataclasses.replace(plan, concurrency=1)
-    async_result = await throughput(publish_async, async_plan)
-    async_rate = async_result.throughput * plan.concurrency
+    result = combined_closed(appends)
+    async_rate = combined_closed(publishes_async).throughput * plan.concurrency
     return {
         "concurrency": plan.concurrency,
         "appends_per_s": round(result.throughput, 1),
