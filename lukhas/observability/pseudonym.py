@@ -7,6 +7,7 @@ still find what was written under them (`all_versions`). See the README's rotati
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import secrets
@@ -65,7 +66,10 @@ class Pseudonymizer:
                     "pseudonyms will differ between workers and restarts"
                 )
             key = secrets.token_bytes(32)
-        self._keys = tuple(k.encode() if isinstance(k, str) else k for k in (key, *previous))
+        # One keyed HMAC per key, copied per pseudonym: the key is not processed again.
+        self._keys = tuple(
+            hmac.new(k.encode() if isinstance(k, str) else k, digestmod=hashlib.sha256)
+            for k in (key, *previous))
 
     def __call__(self, user_id: str) -> str:
         """The pseudonym under the current key."""
@@ -84,6 +88,7 @@ class Pseudonymizer:
         return f"Pseudonymizer(ephemeral={self.ephemeral}, versions={self.versions})"
 
 
-def _pseudonym(key: bytes, user_id: str) -> str:
-    digest = hmac.digest(key, user_id.encode("utf-8", "surrogatepass"), "sha256")
-    return PREFIX + digest[:16].hex()
+def _pseudonym(keyed: hmac.HMAC, user_id: str) -> str:
+    mac = keyed.copy()
+    mac.update(user_id.encode("utf-8", "surrogatepass"))
+    return PREFIX + mac.digest()[:16].hex()
