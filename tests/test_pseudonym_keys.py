@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hmac
+
 import pytest
 
 from lukhas.config import Settings
@@ -49,3 +51,16 @@ def test_rotation_writes_with_the_new_key_and_still_finds_the_old_pseudonym() ->
     assert after.all_versions("u1") == (after("u1"), before("u1"))
     assert after.versions == 2
     assert OLD not in repr(after) and NEW not in repr(after)
+
+
+def test_a_pseudonym_is_the_keyed_hmac_sha256_of_the_user_id_under_every_key() -> None:
+    current, earlier = "c" * 40, "e" * 40
+    pseudonymize = Pseudonymizer(current, previous=[earlier])
+
+    def expected(key: str, user_id: str) -> str:
+        return "psn_" + hmac.digest(key.encode(), user_id.encode(), "sha256")[:16].hex()
+
+    for user_id in ("alice", "bob", "ünïcode"):
+        assert pseudonymize(user_id) == expected(current, user_id)
+        assert pseudonymize.all_versions(user_id) == (expected(current, user_id),
+                                                      expected(earlier, user_id))
