@@ -729,11 +729,13 @@ class JetStreamConsentLedger:
 
     # -- writing --------------------------------------------------------------------------
 
-    async def _write(self, entry: ConsentEntry, idempotency_key: str | None) -> dict[str, Any]:
+    def _write(self, entry: ConsentEntry, idempotency_key: str | None) -> Awaitable[Any]:
+        """Queue the record; what to await for its reply. (A plain function handing back
+        `_submit`'s awaitable: one coroutine fewer alive per pending append.)"""
         versions = self._versions(entry.user_id)
         pseudonym = versions[0]  # the current key's
-        details = dict(entry.details)
-        expires_at = details.pop("expires_at", None)
+        details = entry.details
+        expires_at = details.get("expires_at")
         event = entry.event or ("withdrawn" if entry.action == "revoke" else "given")
         action = _dpv.EVENTS[event][0]
         ttl = self.options.consent_ttl_s
@@ -748,12 +750,14 @@ class JetStreamConsentLedger:
             "ts": entry.ts,
             "trace_id": entry.trace_id,
             "expires_at": expires_at,
-            **{k: v for k, v in details.items() if k in DETAIL_FIELDS and v is not None},
         }
+        if details:
+            fields.update({k: v for k, v in details.items()
+                           if k in DETAIL_FIELDS and v is not None})
         msg_id = None if idempotency_key is None else _msg_id(pseudonym, idempotency_key)
         item = _Item("write", pseudonym, versions, fields,
                      dict(entry.metadata), msg_id, entry.user_id)
-        return await self._submit(item)
+        return self._submit(item)
 
     async def _erase(self, user_id: str, idempotency_key: str | None) -> dict[str, Any]:
         versions = self._versions(user_id)
@@ -1155,12 +1159,16 @@ class JetStreamConsentLedger:
 
     def _records(
         self, prepared: list[_Prepared], start: int, stop: int
-    ) -> tuple[list[tuple[str, bytes]], list[dict[str, str]]]:
-        """The messages and headers of an atomic batch's records `start:stop`: the first
-        record's conditions cover the batch."""
+    ) -> tuple[list[tuple[str, bytes]], list[dict[str, str]] | None]:
+        """The messages and headers of an atomic batch's records `start:stop` (None: none
+        has any): the first record's conditions cover the batch."""
         chosen = prepared[start:stop]
-        messages = [(self._subject(p.body["pseudonym"], p.body["scope"]), p.leaf)
-                    for p in chosen]
+        prefix = f"{self.options.subject_prefix}."
+        token = _state.scope_token
+        messages = [(f"{prefix}{p.body['pseudonym']}.{token(p.body['scope'])}", p.leaf)
+                    for p in chosen]  # `_subject`, inlined
+        if start > 0 and all(p.item.msg_id is None for p in chosen):
+            return messages, None  # no record of these has headers of its own
         headers = [self._headers(p, self._last_seq) if start + i == 0 else self._batch_headers(p)
                    for i, p in enumerate(chosen)]
         return messages, headers
