@@ -7,6 +7,7 @@ still find what was written under them (`all_versions`). See the README's rotati
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import secrets
@@ -48,7 +49,7 @@ class Pseudonymizer:
     stays reachable.
     """
 
-    __slots__ = ("_keys", "ephemeral")
+    __slots__ = ("_keys", "_macs", "ephemeral")
 
     def __init__(
         self,
@@ -66,14 +67,16 @@ class Pseudonymizer:
                 )
             key = secrets.token_bytes(32)
         self._keys = tuple(k.encode() if isinstance(k, str) else k for k in (key, *previous))
+        # Keyed once: each pseudonym copies a key's HMAC state instead of keying it again.
+        self._macs = tuple(hmac.new(k, digestmod=hashlib.sha256) for k in self._keys)
 
     def __call__(self, user_id: str) -> str:
         """The pseudonym under the current key."""
-        return _pseudonym(self._keys[0], user_id)
+        return _pseudonym(self._macs[0], user_id)
 
     def all_versions(self, user_id: str) -> tuple[str, ...]:
         """The pseudonym under every key, current first, then earlier keys newest first."""
-        return tuple(_pseudonym(key, user_id) for key in self._keys)
+        return tuple([_pseudonym(mac, user_id) for mac in self._macs])
 
     @property
     def versions(self) -> int:
@@ -84,6 +87,7 @@ class Pseudonymizer:
         return f"Pseudonymizer(ephemeral={self.ephemeral}, versions={self.versions})"
 
 
-def _pseudonym(key: bytes, user_id: str) -> str:
-    digest = hmac.digest(key, user_id.encode("utf-8", "surrogatepass"), "sha256")
-    return PREFIX + digest[:16].hex()
+def _pseudonym(keyed: hmac.HMAC, user_id: str) -> str:
+    mac = keyed.copy()
+    mac.update(user_id.encode("utf-8", "surrogatepass"))
+    return PREFIX + mac.digest()[:16].hex()
