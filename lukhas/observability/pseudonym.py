@@ -49,7 +49,7 @@ class Pseudonymizer:
     stays reachable.
     """
 
-    __slots__ = ("_keys", "ephemeral")
+    __slots__ = ("_keys", "_macs", "ephemeral")
 
     def __init__(
         self,
@@ -66,18 +66,17 @@ class Pseudonymizer:
                     "pseudonyms will differ between workers and restarts"
                 )
             key = secrets.token_bytes(32)
-        # One keyed HMAC per key, copied per pseudonym: the key is not processed again.
-        self._keys = tuple(
-            hmac.new(k.encode() if isinstance(k, str) else k, digestmod=hashlib.sha256)
-            for k in (key, *previous))
+        self._keys = tuple(k.encode() if isinstance(k, str) else k for k in (key, *previous))
+        # Keyed once: each pseudonym copies a key's HMAC state instead of keying it again.
+        self._macs = tuple(hmac.new(k, digestmod=hashlib.sha256) for k in self._keys)
 
     def __call__(self, user_id: str) -> str:
         """The pseudonym under the current key."""
-        return _pseudonym(self._keys[0], user_id)
+        return _pseudonym(self._macs[0], user_id)
 
     def all_versions(self, user_id: str) -> tuple[str, ...]:
         """The pseudonym under every key, current first, then earlier keys newest first."""
-        return tuple(_pseudonym(key, user_id) for key in self._keys)
+        return tuple([_pseudonym(mac, user_id) for mac in self._macs])
 
     @property
     def versions(self) -> int:

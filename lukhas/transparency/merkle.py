@@ -26,17 +26,18 @@ from typing import NamedTuple
 from lukhas.transparency.errors import ProofError
 
 HASH_SIZE = 32
+_sha256 = hashlib.sha256
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 
 
 def leaf_hash(data: bytes) -> bytes:
     """SHA-256(0x00 || data): the hash of one leaf."""
-    return hashlib.sha256(b"\x00" + data).digest()
+    return _sha256(b"\x00" + data).digest()
 
 
 def node_hash(left: bytes, right: bytes) -> bytes:
     """SHA-256(0x01 || left || right): the hash of an interior node."""
-    return hashlib.sha256(b"\x01" + left + right).digest()
+    return _sha256(b"\x01" + left + right).digest()
 
 
 class NodeId(NamedTuple):
@@ -211,17 +212,32 @@ class CompactRange:
         """The frontier: each complete subtree with its hash, left to right."""
         return list(zip(range_nodes(0, self._size), self._hashes, strict=True))
 
+    def copy(self) -> CompactRange:
+        """An independent range of the same leaves (appending to it leaves this one as is)."""
+        cr = CompactRange()
+        cr._size = self._size
+        cr._hashes = self._hashes.copy()
+        return cr
+
     def append(self, leaf: bytes) -> list[tuple[NodeId, bytes]]:
         """Add one leaf *hash*; return the nodes completed by it, the leaf first."""
         index = self._size
-        done = [(NodeId(0, index), leaf)]
-        h, level = leaf, 0
+        return [(NodeId(level, index >> level), h) for level, h in enumerate(self.push(leaf))]
+
+    def push(self, leaf: bytes) -> list[bytes]:
+        """`append` without naming the nodes: the hashes of the nodes completed by leaf *hash*
+        `leaf`, by level (the leaf first). Appended as leaf `i` (= the size before), the
+        one of level `l` is `NodeId(l, i >> l)`. (The writer's hot path: no `NodeId` per
+        node.)"""
+        index = self._size
+        hashes = self._hashes
+        done = [leaf]
+        h = leaf
         while index & 1:
-            h = node_hash(self._hashes.pop(), h)
+            h = _sha256(b"\x01" + hashes.pop() + h).digest()  # node_hash, inlined
             index >>= 1
-            level += 1
-            done.append((NodeId(level, index), h))
-        self._hashes.append(h)
+            done.append(h)
+        hashes.append(h)
         self._size += 1
         return done
 

@@ -26,6 +26,7 @@ the data key leaves every leaf, proof and checkpoint valid.
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import hmac
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from typing import Any
 import msgspec
 
 from lukhas.transparency.errors import MalformedRecord, UnauthenticatedRecord
-from lukhas.transparency.note import Signer, b64decode, b64encode
+from lukhas.transparency.note import Signer, b64decode
 
 RECORD_HEADER = "lukhas/consent-record/v2"
 _PURPOSE = b"lukhas/consent-record/v2 HMAC-SHA256"
@@ -55,13 +56,18 @@ class LeafRecord:
 class RecordKey:
     """The writer's record-authentication key, derived from the ledger signing key."""
 
-    __slots__ = ("origin", "_secret")
+    __slots__ = ("origin", "_secret", "_mac", "_head", "_mark")
 
     def __init__(self, origin: str, secret: bytes) -> None:
         if len(secret) != 32:
             raise ValueError("a record key is 32 bytes")
         self.origin = origin
         self._secret = secret
+        # Keyed once: each tag copies this state instead of keying HMAC again.
+        self._mac = hmac.new(secret, digestmod=hashlib.sha256)
+        # What every leaf of this log starts with, and its authentication line up to the tag.
+        self._head = f"{RECORD_HEADER}\n{origin}\n".encode()
+        self._mark = f"{_MARK}{origin} ".encode()
 
     @classmethod
     def of(cls, signer: Signer) -> RecordKey:
@@ -69,7 +75,9 @@ class RecordKey:
         return cls(signer.name, signer.derive_secret(_PURPOSE))
 
     def tag(self, text: bytes) -> bytes:
-        return hmac.digest(self._secret, text, hashlib.sha256)
+        mac = self._mac.copy()
+        mac.update(text)
+        return mac.digest()
 
     def __repr__(self) -> str:
         return f"RecordKey({self.origin!r})"
@@ -85,9 +93,11 @@ def leaf_text(origin: str, index: int, body: dict[str, Any]) -> str:
 
 def make_leaf(key: RecordKey, index: int, body: dict[str, Any]) -> bytes:
     """The leaf data of record `body` at `index`, tagged with the record key."""
-    text = leaf_text(key.origin, index, body).encode()
-    return b"%s%s%s %s\n" % (text, _MARK.encode(), key.origin.encode(),
-                             b64encode(key.tag(text)).encode())
+    if index < 0:
+        raise ValueError("a leaf index is >= 0")
+    # Byte for byte `leaf_text(...).encode()` and its authentication line, laid out as bytes.
+    text = b"%s%d\n%s\n" % (key._head, index, _encoder.encode(body))
+    return b"%s%s%s\n" % (text, key._mark, binascii.b2a_base64(key.tag(text), newline=False))
 
 
 def open_leaf(leaf: bytes, key: RecordKey, *, index: int | None = None) -> LeafRecord:

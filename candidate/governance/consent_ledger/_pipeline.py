@@ -100,11 +100,11 @@ class Pipeline:
             raise ValueError("nothing to publish")
         future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
         reply = await self._register(future)
-        *body, (subject, payload) = messages
-        frames = [(s, "", b"", p) for s, p in body]
-        frames.append((subject, reply, b"", payload))
+        frames = [(s, "", b"", p) for s, p in messages]
+        subject, payload = messages[-1]
+        frames[-1] = (subject, reply, b"", payload)
         if not queue_hpubs(self._nc, frames, write=True):
-            for s, p in body:
+            for s, p in messages[:-1]:
                 await self._nc.publish(s, p)
             await self._nc.publish(subject, payload, reply=reply)
         return future
@@ -237,13 +237,18 @@ class AtomicBatch:
         # The header blocks as nats-py lays them out (`NATS/1.0`, `Name: value` lines, blank
         # line), in the order `Client.publish` would write them: the message's own headers,
         # then the batch's. Every name and value here is ours (constants, numbers, hex).
+        batch = b"Nats-Batch-Id: %s\r\nNats-Batch-Sequence: " % self._id.encode()
+        plain = b"NATS/1.0\r\n" + batch  # a message without headers of its own
         frames: list[tuple[str, str, bytes, bytes]] = []
         for i, (subject, payload) in enumerate(messages):
-            own = "".join(f"{k}: {v}\r\n" for k, v in headers[i].items()) if headers else ""
-            end = "Nats-Batch-Commit: 1\r\n\r\n" if i == last else "\r\n"
-            block = (f"NATS/1.0\r\n{own}Nats-Batch-Id: {self._id}\r\n"
-                     f"Nats-Batch-Sequence: {first + i + 1}\r\n{end}").encode()
-            frames.append((subject, reply if i == last and reply else "", block, payload))
+            own = headers[i] if headers else None
+            start = (b"NATS/1.0\r\n%s%s" % ("".join(f"{k}: {v}\r\n" for k, v in own.items())
+                                             .encode(), batch)) if own else plain
+            if i == last:
+                frames.append((subject, reply or "", b"%s%d\r\nNats-Batch-Commit: 1\r\n\r\n"
+                               % (start, first + i + 1), payload))
+            else:
+                frames.append((subject, "", b"%s%d\r\n\r\n" % (start, first + i + 1), payload))
         nc = self._pipeline._nc
         if queue_hpubs(nc, frames, write=True):
             return

@@ -13,7 +13,7 @@ per batch (one KV put per tile level per batch, not one per node).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from lukhas.transparency.merkle import HASH_SIZE, NodeId
 from lukhas.transparency.merkle import node_hash as merkle_node
@@ -96,6 +96,23 @@ class TileWriter:
             raise ValueError(f"tile {tile} holds {len(data)} bytes, node {node} needs {offset}")
         data += value
         self._dirty.add(tile)
+
+    def add_leaves(self, first: int, hashes: Sequence[bytes]) -> None:
+        """Record the leaf hashes of leaves `first`, `first + 1`, ... (what `add` stores of
+        level 0, a tile's run at a time)."""
+        at, count = 0, len(hashes)
+        while at < count:
+            index = first + at
+            tile = (0, index >> TILE_HEIGHT)
+            slot = index & (TILE_WIDTH - 1)
+            take = min(count - at, TILE_WIDTH - slot)
+            data = self._tiles.setdefault(tile, bytearray())
+            if len(data) != slot * HASH_SIZE:
+                raise ValueError(f"tile {tile} holds {len(data)} bytes, leaf {index} needs "
+                                 f"{slot * HASH_SIZE}")
+            data += b"".join(hashes[at : at + take])
+            self._dirty.add(tile)
+            at += take
 
     def take(self) -> dict[TileId, bytes]:
         """The tiles changed since the last call; full tiles are forgotten after this."""

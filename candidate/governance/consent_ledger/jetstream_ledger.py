@@ -324,7 +324,8 @@ class JetStreamConsentLedger:
         self._checkpoint: tuple[int, bytes] | None = None  # (size, note)
         self._checkpoint_at = 0.0
         self._tails: dict[str, str] = {}
-        self._scopes: dict[tuple[str, str], tuple[int, dict[str, Any]] | None] = {}
+        # (data subject, scope) -> its latest record as `_scope_entry` makes it, or None.
+        self._scopes: dict[tuple[str, str], tuple[int, str, Any] | None] = {}
         self._data_keys: dict[str, tuple[str, bytes] | None] = {}
         self._appended = self._duplicates = self._retries = 0
         self._state_mismatches = self._refused = self._checkpoints = 0
@@ -728,11 +729,13 @@ class JetStreamConsentLedger:
 
     # -- writing --------------------------------------------------------------------------
 
-    async def _write(self, entry: ConsentEntry, idempotency_key: str | None) -> dict[str, Any]:
+    def _write(self, entry: ConsentEntry, idempotency_key: str | None) -> Awaitable[Any]:
+        """Queue the record; what to await for its reply. (A plain function handing back
+        `_submit`'s awaitable: one coroutine fewer alive per pending append.)"""
         versions = self._versions(entry.user_id)
         pseudonym = versions[0]  # the current key's
-        details = dict(entry.details)
-        expires_at = details.pop("expires_at", None)
+        details = entry.details
+        expires_at = details.get("expires_at")
         event = entry.event or ("withdrawn" if entry.action == "revoke" else "given")
         action = _dpv.EVENTS[event][0]
         ttl = self.options.consent_ttl_s
@@ -747,12 +750,14 @@ class JetStreamConsentLedger:
             "ts": entry.ts,
             "trace_id": entry.trace_id,
             "expires_at": expires_at,
-            **{k: v for k, v in details.items() if k in DETAIL_FIELDS and v is not None},
         }
+        if details:
+            fields.update({k: v for k, v in details.items()
+                           if k in DETAIL_FIELDS and v is not None})
         msg_id = None if idempotency_key is None else _msg_id(pseudonym, idempotency_key)
         item = _Item("write", pseudonym, versions, fields,
                      dict(entry.metadata), msg_id, entry.user_id)
-        return await self._submit(item)
+        return self._submit(item)
 
     async def _erase(self, user_id: str, idempotency_key: str | None) -> dict[str, Any]:
         versions = self._versions(user_id)
@@ -1125,33 +1130,45 @@ class JetStreamConsentLedger:
     def _work_ahead(self, prepared: list[_Prepared]) -> _Ahead:
         """The tree after the batch's records (on a copy) and their replies, made while the
         server stores them; `_admit_ahead` keeps what landed."""
-        tree = CompactRange.from_hashes(self._range.size,
-                                        [h for _, h in self._range.nodes()])
+        tree = self._range.copy()
         hashes = [leaf_hash(p.leaf) for p in prepared]
-        nodes = [tree.append(h) for h in hashes]
-        replies = [self._reply(p, self._last_seq_of(p)) for p in prepared]
-        return _Ahead(tree, hashes, nodes, replies)
+        push = tree.push
+        # Level 0 of the tiles is `hashes`; a record completes a node of level 8 (the next
+        # tile level) once in 256: only those records' nodes are kept.
+        high = [(i, done) for i, h in enumerate(hashes)
+                if len(done := push(h)) > _tiles.TILE_HEIGHT]
+        reply = self._reply
+        replies = [reply(p, p.body["_seq"]) for p in prepared]
+        return _Ahead(tree, hashes, high, replies)
 
     def _admit_ahead(self, ahead: _Ahead, landed: int) -> None:
         """Admit the batch's first `landed` records into the tree (all of them, usually:
         then the tree made ahead is the tree)."""
-        for completed in ahead.nodes[:landed]:
-            for node, value in completed:
-                self._tiles.add(node, value)
+        first = self._range.size
+        self._tiles.add_leaves(first, ahead.hashes[:landed])
+        for i, done in ahead.high:
+            if i < landed:
+                index = first + i
+                for level in range(_tiles.TILE_HEIGHT, len(done), _tiles.TILE_HEIGHT):
+                    self._tiles.add(NodeId(level, index >> level), done[level])
         if landed == len(ahead.hashes):
             self._range = ahead.tree
             return
         for h in ahead.hashes[:landed]:
-            self._range.append(h)
+            self._range.push(h)
 
     def _records(
         self, prepared: list[_Prepared], start: int, stop: int
-    ) -> tuple[list[tuple[str, bytes]], list[dict[str, str]]]:
-        """The messages and headers of an atomic batch's records `start:stop`: the first
-        record's conditions cover the batch."""
+    ) -> tuple[list[tuple[str, bytes]], list[dict[str, str]] | None]:
+        """The messages and headers of an atomic batch's records `start:stop` (None: none
+        has any): the first record's conditions cover the batch."""
         chosen = prepared[start:stop]
-        messages = [(self._subject(p.body["pseudonym"], p.body["scope"]), p.leaf)
-                    for p in chosen]
+        prefix = f"{self.options.subject_prefix}."
+        token = _state.scope_token
+        messages = [(f"{prefix}{p.body['pseudonym']}.{token(p.body['scope'])}", p.leaf)
+                    for p in chosen]  # `_subject`, inlined
+        if start > 0 and all(p.item.msg_id is None for p in chosen):
+            return messages, None  # no record of these has headers of its own
         headers = [self._headers(p, self._last_seq) if start + i == 0 else self._batch_headers(p)
                    for i, p in enumerate(chosen)]
         return messages, headers
@@ -1216,8 +1233,8 @@ class JetStreamConsentLedger:
         body["_seq"] = seq
         pseudonym = body["pseudonym"]
         self._tails[pseudonym] = body["hash"]
-        if body.get("action") != "erase":
-            self._scopes[(pseudonym, body["scope"])] = (seq, body)
+        if body["action"] != "erase":
+            self._scopes[(pseudonym, body["scope"])] = _scope_entry(seq, body)
 
     def _prepare(self, item: _Item, index: int, seq: int) -> _Prepared | None:
         fields = dict(item.fields)
@@ -1230,8 +1247,7 @@ class JetStreamConsentLedger:
                 if known is not None and (current is None or known[0] > current[0]):
                     current = known
             event = fields["event"]
-            current_event = _dpv.event_of(current[1]) if current else None
-            expires_at = current[1].get("expires_at") if current else None
+            _, current_event, expires_at = current if current else (None, None, None)
             expired = expires_at is not None and self._now_ms() >= expires_at
             refusal = _dpv.refusal(event, current_event, expired=expired)
             if refusal is not None:
@@ -1252,7 +1268,8 @@ class JetStreamConsentLedger:
         # The stream seq it must land at (publishes are conditional on the last seq), signed:
         # a genuine record copied elsewhere in the stream is refused as a replay.
         fields["seq"] = seq
-        body = _chain.seal(fields)
+        fields["hash"] = _chain.digest(fields)  # `_chain.seal`, on the item's own copy
+        body = fields
         leaf = make_leaf(self._record_key, index, body)
         # Later items of the batch see this one (undone if the batch fails: caches cleared).
         self._remember(seq, body)
@@ -1302,7 +1319,8 @@ class JetStreamConsentLedger:
             last = max(opened, key=lambda o: o.seq)
             if p in wanted_tails:
                 self._tails[p] = str(last.body["hash"])
-            on = {str(o.body["scope"]): (o.seq, o.body) for o in opened if o.body is not None}
+            on = {str(o.body["scope"]): _scope_entry(o.seq, o.body)
+                  for o in opened if o.body is not None}
             for scope in scopes_of.get(p, ()):
                 self._scopes[(p, scope)] = on.get(scope)
         if slow:
@@ -1350,11 +1368,11 @@ class JetStreamConsentLedger:
                     if key[0] == p:
                         self._scopes[key] = None
             elif (p, last[1]["scope"]) in scopes:
-                self._scopes[(p, last[1]["scope"])] = last
+                self._scopes[(p, last[1]["scope"])] = _scope_entry(*last)
         rest = [key for key in scopes if key not in self._scopes]
         latest = await _gather(*(lambda p=p, s=s: self._scope_latest(p, s) for p, s in rest))
         for key, (last, _) in zip(rest, latest, strict=True):
-            self._scopes[key] = last
+            self._scopes[key] = None if last is None else _scope_entry(*last)
 
     async def _chain_tail(
         self, pseudonym: str
@@ -1699,6 +1717,14 @@ class _LeaseBusy(Exception):
     """Another worker holds the ledger lease."""
 
 
+def _scope_entry(seq: int, body: dict[str, Any]) -> tuple[int, str, Any]:
+    """What the writer keeps of a scope's latest record: (seq, DPV event, expires_at), the
+    fields the next record's transition check reads. A tuple of atomic values, which the
+    garbage collector stops tracking: a cache of 65,536 records' bodies would make every
+    full collection walk them."""
+    return seq, _dpv.event_of(body), body.get("expires_at")
+
+
 def _forget_oldest(cache: dict[Any, Any], keep: int) -> None:
     """Drop the oldest entries (insertion order) of `cache` beyond `keep`."""
     excess = len(cache) - keep
@@ -1728,9 +1754,11 @@ class _Ahead(NamedTuple):
     """What a batch makes if it lands, worked out while the server stores it."""
 
     tree: CompactRange
+    #: The records' leaf hashes, in order (the nodes of level 0).
     hashes: list[bytes]
-    #: The tree nodes each record completes (for the tiles), in order.
-    nodes: list[list[tuple[NodeId, bytes]]]
+    #: (position in the batch, `CompactRange.push`'s hashes) of the records that complete
+    #: nodes above level 0 that the tiles store (levels 8, 16...).
+    high: list[tuple[int, list[bytes]]]
     replies: list[dict[str, Any]]
 
 
