@@ -86,9 +86,7 @@ def subject_root() -> str:
 
 @pytest.fixture
 def unfrozen() -> Iterator[None]:
-    """Undo, after the test, a worker's collector settings (`freeze_heap`) it applied in
-    this process: the heap unfrozen, the collection thresholds as they were."""
-    thresholds = gc.get_threshold()
+    """Unfreeze, after the test, a heap it froze in this process as a worker does
+    (`freeze_heap`)."""
     yield None
     gc.unfreeze()
-    gc.set_threshold(*thresholds)

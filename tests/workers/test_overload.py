@@ -24,7 +24,7 @@ from tests.workers.test_slices import (
     verifies_behind_a_held_one,
 )
 from workers.service._overload import Lane, overloaded_body, service_budget_ns
-from workers.service.slices import YOUNG_COLLECTION_EVERY, SliceService, freeze_heap
+from workers.service.slices import SliceService, freeze_heap
 
 MS = 1_000_000
 
@@ -136,7 +136,6 @@ def test_freeze_heap_leaves_what_lives_now_out_of_later_collections() -> None:
     kept = [[i] for i in range(1000)]  # tracked containers, alive at the freeze
     freeze_heap()
     assert gc.get_freeze_count() >= len(kept)
-    assert gc.get_threshold()[0] == YOUNG_COLLECTION_EVERY
 
 
 @pytest.mark.usefixtures("unfrozen")

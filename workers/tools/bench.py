@@ -213,8 +213,8 @@ async def _measure(
         runtime = await stack.enter_async_context(
             open_runtime(settings, bus=service_bus, producer="lukhas-bench-slices")
         )
-        # Set up as a worker process is (its heap frozen and collector settings once it
-        # serves): every section after this one runs under them, as it would in a worker.
+        # Set up as a worker process is (its heap frozen once it serves): every section
+        # after this one runs so, as it would in a worker.
         service = SliceService(runtime, concurrency=plan.concurrency, freeze_heap=True)
         async with anyio.create_task_group() as tg:
             await tg.start(service.run)
