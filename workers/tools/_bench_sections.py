@@ -523,6 +523,10 @@ async def ledger_throughput(
                     await throughput(publish_async, async_plan, rounds=plan.rounds))
             api_result = await throughput(record, plan)
             checkpoint = await consent.consent_checkpoint()
+            # Hand the writer's lease back while the bus is still open.
+            close = getattr(ledger, "aclose", None)
+            if close is not None:
+                await close()
         finally:
             unwire_providers()
 
