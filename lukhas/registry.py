@@ -103,6 +103,16 @@ class ProviderRegistry(Generic[P]):
         self._rollback = None
         self._served = {"baseline": 0, "canary": 0}
 
+    async def aclose(self) -> None:
+        """Close the registered provider where it can be closed (it finishes its queued work
+        and hands back what it holds, e.g. the consent ledger's writer lease), then `reset`."""
+        close = getattr(self._provider, "aclose", None)
+        try:
+            if close is not None:
+                await close()
+        finally:
+            self.reset()
+
     def get(self, settings: Settings) -> P:
         """The provider serving this call.
 

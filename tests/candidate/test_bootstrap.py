@@ -30,7 +30,7 @@ from lukhas.identity.passkey.api import (
 from lukhas.testing import open_test_runtime
 from tests.candidate._support import PSEUDONYM_KEY, Names, Stack, nats_bus, nats_settings, user
 from tests.candidate.authenticator import SoftAuthenticator, b64url, from_b64url
-from workers.service.bootstrap import unwire_providers, wire_providers
+from workers.service.bootstrap import close_providers, unwire_providers, wire_providers
 
 pytestmark = pytest.mark.nats
 
@@ -69,6 +69,25 @@ async def test_flags_on_wire_the_real_providers(wired: Stack, names: Names) -> N
         unwire_providers()
         assert (await record_consent(uid, "gmail.read"))["provider"] == "null"
         assert (await passkey_challenge(uid))["provider"] == "null"
+
+
+async def test_closing_the_providers_hands_the_ledger_lease_back_with_a_checkpoint(
+    wired: Stack, names: Names
+) -> None:
+    """A worker's graceful shutdown: the writer (lingering for an hour here) finishes, signs
+    a checkpoint of what it appended and hands its lease back while the bus is open."""
+    uid = user()
+    async with wired(ledger=True, ledger_options={"linger_s": 3600.0}) as (runtime, _):
+        recorded = await record_consent(uid, "gmail.read")
+        kv = await runtime.bus.jetstream().key_value(names.tree_bucket)  # type: ignore[attr-defined]
+        assert json.loads((await kv.get("lease")).value or b"{}")["owner"] != ""
+
+        await close_providers()
+
+        assert json.loads((await kv.get("lease")).value or b"{}")["owner"] == ""
+        checkpoint = json.loads((await kv.get("checkpoint")).value or b"{}")
+        assert checkpoint["last_seq"] == recorded["seq"] and checkpoint["size"] == 1
+        assert (await record_consent(uid, "gmail.read"))["provider"] == "null"
 
 
 async def test_one_flag_wires_only_its_slice(wired: Stack) -> None:

@@ -161,6 +161,13 @@ def unwire_providers() -> None:
         registry.reset()
 
 
+async def close_providers() -> None:
+    """Close every registered real provider, then forget it (graceful shutdown: while the
+    bus is still open)."""
+    for registry in SLICE_REGISTRIES:
+        await registry.aclose()
+
+
 #: Short alias.
 unwire = unwire_providers
 

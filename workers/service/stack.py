@@ -26,7 +26,7 @@ import anyio
 from bus import Bus, NatsServer, connect
 from lukhas.config import Settings
 from lukhas.runtime import Runtime, open_runtime
-from workers.service.bootstrap import unwire_providers, wire_providers
+from workers.service.bootstrap import close_providers, wire_providers
 from workers.service.gateway.service import Gateway, check_port
 from workers.service.observability import ObservabilityWorker
 from workers.service.slices import SliceService
@@ -262,7 +262,7 @@ async def open_worker_runtime(
             await wire_providers(
                 runtime, passkey_provider=settings.passkey_provider  # type: ignore[arg-type]
             )
-            stack.callback(unwire_providers)
+            stack.push_async_callback(close_providers)
         yield runtime
 
 

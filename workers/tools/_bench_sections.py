@@ -32,7 +32,7 @@ from lukhas.orchestration.context.messages import ContextHandedOff
 from lukhas.ratelimit import MemoryLeaseStore, SharedLimiter
 from lukhas.runtime import open_runtime
 from lukhas.subjects import context_target
-from workers.service.bootstrap import LEDGER_MODULE, unwire_providers, wire_providers
+from workers.service.bootstrap import LEDGER_MODULE, close_providers, wire_providers
 from workers.tools.loadgen import (
     Call,
     ClosedLoopResult,
@@ -523,12 +523,8 @@ async def ledger_throughput(
                     await throughput(publish_async, async_plan, rounds=plan.rounds))
             api_result = await throughput(record, plan)
             checkpoint = await consent.consent_checkpoint()
-            # Hand the writer's lease back while the bus is still open.
-            close = getattr(ledger, "aclose", None)
-            if close is not None:
-                await close()
         finally:
-            unwire_providers()
+            await close_providers()  # the writer's lease handed back while the bus is open
 
     raw_result = await throughput(publish, plan)
     result = combined_closed(appends)
