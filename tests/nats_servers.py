@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -16,7 +17,7 @@ import anyio
 
 from bus.server import NatsServer, NatsServerError, free_port
 
-__all__ = ["ClusterConfig", "FaultServer", "NatsCluster"]
+__all__ = ["ClusterConfig", "FaultServer", "NatsCluster", "stop_server"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,3 +182,20 @@ class NatsCluster:
     async def __aexit__(self, *exc_info: object) -> None:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(self.stop)
+
+
+async def stop_server(pid: int) -> None:
+    """SIGSTOP a server and return once every thread of it is stopped: the signal is only
+    queued when kill() returns, and a server thread still running on the other core could
+    answer a PING (or store a publish) sent in that window."""
+    os.kill(pid, signal.SIGSTOP)
+    with anyio.fail_after(10):
+        # A process state has no event to wait on: poll /proc until the stop has landed.
+        while not all(_thread_state(pid, tid) in ("T", "t")  # noqa: ASYNC110
+                      for tid in os.listdir(f"/proc/{pid}/task")):
+            await anyio.sleep(0.001)
+
+
+def _thread_state(pid: int, tid: str) -> str:
+    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]

@@ -19,7 +19,8 @@ import pytest
 
 from bus import BusError, RequestTimeout, open_nats_bus
 from bus.nats import NatsBus, _compat
-from tests.bus.test_flush_lost import _stop, bus_on_own_server
+from tests.bus.test_flush_lost import bus_on_own_server
+from tests.nats_servers import stop_server
 
 pytestmark = pytest.mark.nats
 
@@ -55,7 +56,7 @@ async def test_the_pong_calls_back_in_nats_pys_reader_and_a_reply_written_there_
 
 async def test_a_timed_out_flush_calls_back_once_and_its_late_pong_harms_nothing() -> None:
     async with bus_on_own_server() as (bus, pid):
-        await _stop(pid)
+        await stop_server(pid)
         ended: list[BusError | None] = []
         timed_out = anyio.Event()
 
@@ -76,7 +77,7 @@ async def test_a_timed_out_flush_calls_back_once_and_its_late_pong_harms_nothing
 
 async def test_a_flush_whose_connection_drops_calls_back_at_once() -> None:
     async with bus_on_own_server(max_reconnect_attempts=1, reconnect_wait=0.1) as (bus, pid):
-        await _stop(pid)
+        await stop_server(pid)
         ended: list[BusError | None] = []
         dropped = anyio.Event()
 

@@ -19,6 +19,7 @@ import pytest
 
 from bus import BusError, NatsServer, RequestTimeout, open_nats_bus
 from bus.nats import NatsBus
+from tests.nats_servers import stop_server
 
 pytestmark = pytest.mark.nats
 
@@ -37,27 +38,10 @@ async def bus_on_own_server(**options: Any) -> AsyncIterator[tuple[NatsBus, int]
         server.stop()
 
 
-async def _stop(pid: int) -> None:
-    """SIGSTOP the server and return once every thread of it is stopped: the signal is
-    only queued when kill() returns, and a server thread still running on the other core
-    could answer a PING sent in that window."""
-    os.kill(pid, signal.SIGSTOP)
-    with anyio.fail_after(10):
-        # A process state has no event to wait on: poll /proc until the stop has landed.
-        while not all(_state(pid, tid) in ("T", "t")  # noqa: ASYNC110
-                      for tid in os.listdir(f"/proc/{pid}/task")):
-            await anyio.sleep(0.001)
-
-
-def _state(pid: int, tid: str) -> str:
-    with open(f"/proc/{pid}/task/{tid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
-
-
 async def test_a_flush_whose_connection_drops_fails_at_once() -> None:
     async with bus_on_own_server(max_reconnect_attempts=1, reconnect_wait=0.1) as (bus, pid):
         await bus.publish("lukhas.context.lost", b"{}")
-        await _stop(pid)  # the server reads nothing more: no PONG
+        await stop_server(pid)  # the server reads nothing more: no PONG
         flushed = bus.flush(timeout=60)  # its PING is on the wire now
         os.kill(pid, signal.SIGKILL)  # and the connection drops with it unanswered
         with anyio.fail_after(20), pytest.raises(BusError) as raised:
@@ -71,7 +55,7 @@ async def test_a_flush_past_its_timeout_fails_and_its_late_pong_harms_nothing() 
     its future already done, which must not end nats-py's reader: later flushes and
     messages still go through the same connection."""
     async with bus_on_own_server() as (bus, pid), bus.subscribe("lukhas.context.late") as sub:
-        await _stop(pid)
+        await stop_server(pid)
         try:
             with pytest.raises(RequestTimeout):
                 await bus.flush(timeout=0.2)

@@ -21,6 +21,7 @@ from bus import NatsServer, open_nats_bus
 from lukhas.orchestration.context.api import handoff_context
 from lukhas.orchestration.context.endpoints import handoff_controls
 from lukhas.testing import dry_run_settings, open_test_runtime
+from tests.nats_servers import stop_server
 from workers.service.bootstrap import unwire_providers, wire_providers
 from workers.service.streams import HANDOFF_STREAM
 
@@ -61,7 +62,9 @@ async def offer_while_stopped(server: NatsServer, offered: int) -> list[dict[str
             refusals.set()
 
     assert server.pid is not None
-    os.kill(server.pid, signal.SIGSTOP)
+    # Stopped for sure before the first offer: a PONG answered in the window after kill()
+    # would free a slot, and one more handoff than BOUND would be let through.
+    await stop_server(server.pid)
     try:
         async with anyio.create_task_group() as tg:
             for i in range(offered):
