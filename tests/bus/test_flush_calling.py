@@ -25,6 +25,19 @@ from tests.nats_servers import stop_server
 pytestmark = pytest.mark.nats
 
 
+class _Ends:
+    """A `flush_calling` callback: the errors it was called with, in order, and an event set
+    at its first call."""
+
+    def __init__(self) -> None:
+        self.errors: list[BusError | None] = []
+        self.called = anyio.Event()
+
+    def __call__(self, error: BusError | None) -> None:
+        self.errors.append(error)
+        self.called.set()
+
+
 async def test_the_pong_calls_back_in_nats_pys_reader_and_a_reply_written_there_arrives(
     nats_url: str, subject_root: str
 ) -> None:
@@ -57,39 +70,27 @@ async def test_the_pong_calls_back_in_nats_pys_reader_and_a_reply_written_there_
 async def test_a_timed_out_flush_calls_back_once_and_its_late_pong_harms_nothing() -> None:
     async with bus_on_own_server() as (bus, pid):
         await stop_server(pid)
-        ended: list[BusError | None] = []
-        timed_out = anyio.Event()
-
-        def on_end(error: BusError | None) -> None:
-            ended.append(error)
-            timed_out.set()
-
+        ends = _Ends()
         try:
-            assert bus.flush_calling(on_end, timeout=0.2)
+            assert bus.flush_calling(ends, timeout=0.2)
             with anyio.fail_after(10):
-                await timed_out.wait()
+                await ends.called.wait()  # timed out
         finally:
             os.kill(pid, signal.SIGCONT)  # the PONG now comes back, late
         await bus.flush()  # behind the late PONG: it has been read
-        assert len(ended) == 1 and isinstance(ended[0], RequestTimeout)
+        assert len(ends.errors) == 1 and isinstance(ends.errors[0], RequestTimeout)
         assert not bus._flights
 
 
 async def test_a_flush_whose_connection_drops_calls_back_at_once() -> None:
     async with bus_on_own_server(max_reconnect_attempts=1, reconnect_wait=0.1) as (bus, pid):
         await stop_server(pid)
-        ended: list[BusError | None] = []
-        dropped = anyio.Event()
-
-        def on_end(error: BusError | None) -> None:
-            ended.append(error)
-            dropped.set()
-
-        assert bus.flush_calling(on_end, timeout=60)
+        ends = _Ends()
+        assert bus.flush_calling(ends, timeout=60)
         os.kill(pid, signal.SIGKILL)
         with anyio.fail_after(20):
-            await dropped.wait()
-        ((error,),) = [ended]
+            await ends.called.wait()  # dropped
+        ((error,),) = [ends.errors]
         assert isinstance(error, BusError) and not isinstance(error, RequestTimeout)
         assert not bus._flights
 
@@ -122,16 +123,10 @@ async def test_a_publish_queued_without_waking_the_flusher_leaves_with_the_next_
             assert flush_queue is not None and flush_queue.empty()
             assert bus.publish_nowait(f"{subject_root}.quiet", b"second", wake=False)
             assert bus.client._pending and flush_queue.empty()  # queued, nobody woken
-            landed = anyio.Event()
-            ended: list[BusError | None] = []
-
-            def on_end(error: BusError | None) -> None:
-                ended.append(error)
-                landed.set()
-
-            assert bus.flush_calling(on_end)
+            ends = _Ends()
+            assert bus.flush_calling(ends)
             assert not bus.client._pending  # written with the PING
             with anyio.fail_after(10):
-                await landed.wait()
+                await ends.called.wait()  # landed
                 got = [(await anext(aiter(sub))).data for _ in range(2)]
-            assert ended == [None] and got == [b"first", b"second"]
+            assert ends.errors == [None] and got == [b"first", b"second"]
