@@ -11,7 +11,8 @@ whose -ERR arrives before the flush covering the publish is even called still fa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,11 @@ import anyio
 import msgspec
 import pytest
 
-from bus import BusError, NatsServer, PermissionDenied, open_nats_bus
+from bus import Bus, BusError, NatsServer, PermissionDenied, Subscription, open_nats_bus
 from bus.nats import NatsBus
 from lukhas import subjects
 from lukhas.observability.tracing import make_traceparent, new_trace_id
-from lukhas.testing import dry_run_settings, open_test_runtime
+from lukhas.testing import MatrizRecorder, dry_run_settings, open_test_runtime
 from workers.service.slices import SliceService
 
 pytestmark = pytest.mark.nats
@@ -103,17 +104,26 @@ async def test_a_calling_flush_over_a_refused_publish_ends_with_the_refusal(
         assert len(ended) == 3
 
 
+@asynccontextmanager
+async def served_handoffs(
+    server: NatsServer,
+) -> AsyncIterator[tuple[SliceService, MatrizRecorder, Bus, Subscription]]:
+    """A slice service (not started yet) on the `service` user, what it emits to MATRIZ, a
+    bus as the `client` user, and the client's subscription to the allowed target."""
+    async with (
+        open_nats_bus(server.url, user="service", password="servicepw") as service_bus,
+        open_nats_bus(server.url, user="client", password="clientpw") as client,
+        open_test_runtime(dry_run_settings(), bus=service_bus) as (runtime, matriz),
+        client.subscribe("lukhas.context.allowed") as target,
+    ):
+        yield SliceService(runtime, concurrency=2), matriz, client, target
+
+
 async def test_a_refused_handoff_is_unavailable_never_ok(server: NatsServer) -> None:
     """Denied and allowed handoffs interleaved, 40 at once: no denied one is ever `ok`, and
     the allowed ones reach their target; alone, an allowed handoff is `ok` and a denied one
     `unavailable` with the error headers."""
-    async with (
-        open_nats_bus(server.url, user="service", password="servicepw") as service_bus,
-        open_nats_bus(server.url, user="client", password="clientpw") as client,
-        open_test_runtime(dry_run_settings(), bus=service_bus) as (runtime, _),
-        client.subscribe("lukhas.context.allowed") as target,
-    ):
-        service = SliceService(runtime, concurrency=2)
+    async with served_handoffs(server) as (service, _, client, target):
         async with anyio.create_task_group() as tg:
             await tg.start(service.run)
             await client.flush()
@@ -167,13 +177,7 @@ async def test_handoffs_answered_in_place_at_their_pong_keep_ok_and_matriz_hones
     at a time and 24 at once, denied and allowed interleaved: a denied handoff is never
     `ok`; every `ok` one was delivered, and answered in place; and MATRIZ has exactly one
     CONTEXT node per call, `ok` for exactly the calls answered `ok`, `error` for the rest."""
-    async with (
-        open_nats_bus(server.url, user="service", password="servicepw") as service_bus,
-        open_nats_bus(server.url, user="client", password="clientpw") as client,
-        open_test_runtime(dry_run_settings(), bus=service_bus) as (runtime, matriz),
-        client.subscribe("lukhas.context.allowed") as target,
-    ):
-        service = SliceService(runtime, concurrency=2)
+    async with served_handoffs(server) as (service, matriz, client, target):
         in_place: list[bool] = []
         answer_nowait = service._answer_nowait
 
